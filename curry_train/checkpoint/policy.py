@@ -1,0 +1,282 @@
+"""Checkpoint policy: which roles are due, what to keep, what to delete. Pure logic, stdlib only.
+
+Names on disk: rollback and recovery checkpoints are ``step-00000500.dcp``; best-K checkpoints are
+``dev-loss-2.341-step-00000450.dcp``, the metric written as ``repr(float)``: the shortest spelling that parses
+back to the same float, so names stay readable and round-trip exactly (``1e-05``, ``-0.5``). A fixed format
+such as ``.4f`` would merge distinct values and change the ranking read back from disk.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import re
+from dataclasses import dataclass
+
+
+class Role(enum.StrEnum):
+    """What a checkpoint is for. StrEnum so that f-strings print the value, not ``Role.ROLLBACK``."""
+
+    ROLLBACK = "rollback"
+    RECOVERY = "recovery"
+    BEST_K = "best_k"
+
+    @property
+    def dirname(self) -> str:
+        """The directory under the run dir that holds this role's checkpoints."""
+        return "best-k" if self is Role.BEST_K else self.value
+
+
+class Direction(enum.StrEnum):
+    """Whether a smaller or a larger best-K metric is better."""
+
+    MINIMIZE = "minimize"
+    MAXIMIZE = "maximize"
+
+
+class RollbackContents(enum.StrEnum):
+    """What a rollback checkpoint holds."""
+
+    FULL = "full"  # parameters + optimizer + RNG + dataloader + step: enough to resume exactly
+    PARAMS = "params"  # parameters only: enough to roll back, not to resume
+
+
+# No leading, trailing or doubled '_': the name becomes '-'-separated and must parse back unambiguously.
+_METRIC_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:_[A-Za-z0-9]+)*")
+_STEP_NAME_RE = re.compile(r"step-(\d{8,})\.dcp")
+_BEST_NAME_RE = re.compile(
+    r"([A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*?)"  # lazy, so a negative value keeps its '-'
+    r"-(-?\d+(?:\.\d+)?(?:e[+-]\d+)?)-step-(\d{8,})\.dcp"
+)
+_RETENTION_KEYS = {"rollback_keep", "recovery_keep"}
+
+
+def _key(field_name: str) -> str:
+    """The config key users type for a Policy field."""
+    group = "checkpoint.retention" if field_name in _RETENTION_KEYS else "checkpoint"
+    return f"{group}.{field_name}"
+
+
+def _check_metric_name(key: str, name: object) -> None:
+    if not isinstance(name, str) or not _METRIC_RE.fullmatch(name):
+        raise ValueError(
+            f"{key}={name!r}: use letters, digits and single '_' between them, starting with a "
+            "letter (the name becomes part of a directory name)"
+        )
+
+
+@dataclass(frozen=True)
+class Policy:
+    """The checkpoint block of the config. A cadence (or best_k) of 0 disables that role."""
+
+    rollback_every: int = 100
+    recovery_every: int = 1000
+    best_k: int = 3
+    best_k_metric: str = "dev_loss"
+    best_k_direction: Direction = Direction.MINIMIZE
+    rollback_keep: int = 5
+    recovery_keep: int = 3
+    rollback_contents: RollbackContents = RollbackContents.FULL
+
+    def __post_init__(self) -> None:
+        for name in ("rollback_every", "recovery_every", "best_k", "rollback_keep", "recovery_keep"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{_key(name)}={value!r}: must be an integer >= 0")
+        for every, keep in (("rollback_every", "rollback_keep"), ("recovery_every", "recovery_keep")):
+            if getattr(self, every) > 0 and getattr(self, keep) == 0:
+                raise ValueError(
+                    f"{_key(keep)}=0 with {every}={getattr(self, every)}: a role that saves "
+                    f"must keep at least 1 checkpoint; set {_key(every)}=0 to disable the role"
+                )
+        _check_metric_name(_key("best_k_metric"), self.best_k_metric)
+        for name, enum_type in (("best_k_direction", Direction), ("rollback_contents", RollbackContents)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, enum_type(value))
+            except ValueError:
+                allowed = ", ".join(repr(member.value) for member in enum_type)
+                raise ValueError(f"{_key(name)}={value!r}: allowed values are {allowed}") from None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed checkpoint, identified by role, step and (best_k only) its metric."""
+
+    role: Role
+    step: int
+    metric: float | None = None
+    metric_name: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "role", Role(self.role))
+        if isinstance(self.step, bool) or not isinstance(self.step, int) or self.step < 0:
+            raise ValueError(f"checkpoint step={self.step!r}: must be an integer >= 0")
+        if self.role is not Role.BEST_K:
+            if self.metric is not None or self.metric_name is not None:
+                raise ValueError(f"a {self.role.value} checkpoint carries no metric")
+            return
+        if self.metric is None or not math.isfinite(self.metric):
+            raise ValueError(f"a best_k checkpoint needs a finite metric, got {self.metric!r}")
+        _check_metric_name("best_k checkpoint metric_name", self.metric_name)
+        # An int metric would be spelled "2" instead of "2.0" and not parse back to the same name.
+        object.__setattr__(self, "metric", float(self.metric))
+
+    @property
+    def name(self) -> str:
+        if self.role is Role.BEST_K:
+            assert self.metric_name is not None
+            return f"{self.metric_name.replace('_', '-')}-{self.metric!r}-step-{self.step:08d}.dcp"
+        return f"step-{self.step:08d}.dcp"
+
+    @property
+    def relpath(self) -> str:
+        return f"{self.role.dirname}/{self.name}"
+
+
+def parse_checkpoint_name(role: Role, name: str) -> Checkpoint | None:
+    """The inverse of ``Checkpoint.name``; None for temporary, foreign or non-canonical names."""
+    role = Role(role)
+    try:
+        if role is Role.BEST_K:
+            match = _BEST_NAME_RE.fullmatch(name)
+            if match is None:
+                return None
+            checkpoint = Checkpoint(role, int(match[3]), float(match[2]), match[1].replace("-", "_"))
+        else:
+            match = _STEP_NAME_RE.fullmatch(name)
+            if match is None:
+                return None
+            checkpoint = Checkpoint(role, int(match[1]))
+    except ValueError:  # e.g. a value that overflows to inf
+        return None
+    # Only the canonical spelling counts, so "2.3410" or a 9-digit zero-padded step is not a second name.
+    return checkpoint if checkpoint.name == name else None
+
+
+def roles_due(policy: Policy, step: int) -> list[Role]:
+    """Rollback and/or recovery, in that order, due after ``step`` completed steps. Never best_k."""
+    if step <= 0:  # nothing trained yet
+        return []
+    cadences = ((Role.ROLLBACK, policy.rollback_every), (Role.RECOVERY, policy.recovery_every))
+    return [role for role, every in cadences if every > 0 and step % every == 0]
+
+
+def is_better(direction: Direction, a: float, b: float) -> bool:
+    """True if ``a`` is strictly better than ``b``; NaN is never better."""
+    return a < b if Direction(direction) is Direction.MINIMIZE else a > b
+
+
+def _metric(checkpoint: Checkpoint) -> float:
+    assert checkpoint.metric is not None  # every BEST_K checkpoint has one (Checkpoint.__post_init__)
+    return checkpoint.metric
+
+
+def rank_best_k(policy: Policy, existing: list[Checkpoint]) -> list[Checkpoint]:
+    """Best-K checkpoints of the policy's metric, best first; equal values rank by earlier step."""
+    sign = 1.0 if policy.best_k_direction is Direction.MINIMIZE else -1.0
+    mine = [c for c in dict.fromkeys(existing) if c.role is Role.BEST_K and c.metric_name == policy.best_k_metric]
+    return sorted(mine, key=lambda c: (sign * _metric(c), c.step))
+
+
+@dataclass(frozen=True)
+class BestKDecision:
+    admit: bool
+    evict: list[Checkpoint]
+    reason: str
+
+
+def best_k_decision(policy: Policy, existing: list[Checkpoint], step: int, value: float) -> BestKDecision:
+    """Whether a dev result at ``step`` enters the top K, and which best-K checkpoints it pushes out."""
+    label = f"{policy.best_k_metric}={value!r} at step {step}"
+    k = policy.best_k
+    if k == 0:
+        return BestKDecision(False, [], "best_k=0: the role is disabled")
+    if not math.isfinite(value):
+        return BestKDecision(False, [], f"{label} is not finite")
+    ranked = rank_best_k(policy, existing)
+    # Existing checkpoints win ties: the candidate goes after everything at least as good as it.
+    position = sum(1 for c in ranked if not is_better(policy.best_k_direction, value, _metric(c)))
+    if position >= k:
+        return BestKDecision(False, [], f"{label} does not beat #{k} ({ranked[k - 1].metric!r})")
+    return BestKDecision(True, ranked[k - 1 :], f"{label} ranks #{position + 1} of best_k={k}")
+
+
+@dataclass(frozen=True)
+class Deletion:
+    checkpoint: Checkpoint
+    reason: str
+
+
+def retention(
+    policy: Policy, committed: list[Checkpoint], protected: set[str] | frozenset[str] = frozenset()
+) -> list[Deletion]:
+    """Checkpoints to delete, oldest (or worst) first.
+
+    Rollback and recovery keep their newest ``*_keep`` by step. A checkpoint whose relpath is in ``protected``
+    (the ``latest`` target) is never deleted: inside the newest ``keep`` it takes one of the slots; outside
+    it is kept in addition, so a role may hold ``keep + 1`` until ``latest`` moves on. A newer checkpoint is
+    never dropped to make room for it. Best-K keeps the top ``best_k`` of its metric.
+    A disabled role (cadence or best_k 0), and best-K checkpoints of another metric, are left alone: they were
+    written by an earlier launch with another config, and deleting is the one thing that cannot be undone.
+    """
+    unique = list(dict.fromkeys(committed))
+    deletions: list[Deletion] = []
+    for role, every, keep in (
+        (Role.ROLLBACK, policy.rollback_every, policy.rollback_keep),
+        (Role.RECOVERY, policy.recovery_every, policy.recovery_keep),
+    ):
+        if every == 0:
+            continue
+        newest_first = sorted((c for c in unique if c.role is role), key=lambda c: c.step, reverse=True)
+        deletions += [
+            Deletion(c, f"{role.value} keep={keep} exceeded")
+            for c in reversed(newest_first[keep:])
+            if c.relpath not in protected
+        ]
+    if policy.best_k > 0:
+        ranked = rank_best_k(policy, unique)
+        deletions += [
+            Deletion(c, f"best_k={policy.best_k} exceeded: {policy.best_k_metric}={c.metric!r} ranks #{rank}")
+            for rank, c in enumerate(ranked, start=1)
+            if rank > policy.best_k and c.relpath not in protected
+        ][::-1]
+    return deletions
+
+
+def exact_resume_candidates(committed: list[Checkpoint], policy: Policy) -> list[Checkpoint]:
+    """Checkpoints a run can resume from exactly, newest first; recovery first among equal steps."""
+    roles = {Role.RECOVERY}
+    if policy.rollback_contents is RollbackContents.FULL:
+        roles.add(Role.ROLLBACK)
+    candidates = [c for c in dict.fromkeys(committed) if c.role in roles]
+    return sorted(candidates, key=lambda c: (-c.step, c.role is not Role.RECOVERY))
+
+
+def rollback_target(committed: list[Checkpoint], policy: Policy, spike_step: int) -> Checkpoint | None:
+    """The newest rollback or recovery checkpoint strictly before ``spike_step``; recovery wins a tie.
+
+    Every rollback checkpoint holds parameters whatever ``policy.rollback_contents`` says, so ``policy`` does
+    not narrow the choice; it is taken for symmetry with ``exact_resume_candidates``. Best-K is never a
+    target: it is chosen by a dev metric, not by recency, and may lie far behind the spike.
+    """
+    candidates = [c for c in committed if c.role in (Role.ROLLBACK, Role.RECOVERY) and c.step < spike_step]
+    return max(candidates, key=lambda c: (c.step, c.role is Role.RECOVERY), default=None)
+
+
+def worst_case_resume(policy: Policy, crash_step: int) -> int:
+    """The step a run resumes from after crashing with ``crash_step`` steps completed, in the worst case.
+
+    Worst case: the crash lands just before the save at ``crash_step`` commits, so only exact-resume saves
+    (recovery, and rollback when it holds FULL state) at steps strictly below ``crash_step`` count. The newest
+    such save always survives retention, since a role that saves keeps at least one. Returns 0 when none
+    exists yet, or the policy writes none: the run starts again from scratch.
+    """
+    if crash_step < 0:
+        raise ValueError(f"crash_step={crash_step}: must be >= 0")
+    cadences = [policy.recovery_every]
+    if policy.rollback_contents is RollbackContents.FULL:
+        cadences.append(policy.rollback_every)
+    if crash_step == 0:
+        return 0
+    return max(((crash_step - 1) // every * every for every in cadences if every > 0), default=0)

@@ -1,0 +1,455 @@
+"""The run directory on disk: atomic commit, manifest, latest link, listing, deletion.
+
+Layout::
+
+    <run>/latest -> recovery/step-00001000.dcp      relative symlink, swapped atomically
+    <run>/{rollback,recovery,best-k}/<name>/       DCP files + manifest.json (written last)
+    <run>/<roledir>/.tmp-<name>/                   a save in progress (never listed)
+    <run>/<roledir>/.trash-<name>-<token>/         a checkpoint being replaced or deleted (never listed)
+
+Nothing is lost: a checkpoint becomes visible only through the rename of its staging directory, and only after
+every file, the manifest and the staging directory itself were fsynced. This module is plain filesystem code
+(no torch); a DCP checkpoint is just a directory of files here.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import uuid
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from curry_train.checkpoint.policy import Checkpoint, Role, parse_checkpoint_name
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+LATEST = "latest"
+TMP_PREFIX = ".tmp-"
+TRASH_PREFIX = ".trash-"
+_BLOCK = 8 * 1024 * 1024
+# Errors after which os.link cannot work here but a plain copy can (cross-device, no hard-link support).
+_NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
+
+
+# --------------------------------------------------------------------------------------------- fsync helpers
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Flush one file's data and metadata to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Flush a directory's entries (creations, renames, unlinks) to stable storage."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def crc32_file(path: str | os.PathLike[str]) -> str:
+    """zlib.crc32 of a file, streamed in 8 MiB blocks, as 8 hex digits."""
+    crc = 0
+    with open(path, "rb", buffering=0) as f:
+        while block := f.read(_BLOCK):
+            crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
+
+
+def _write_json_durably(path: Path, data: dict[str, Any]) -> None:
+    """Write JSON via tmp + fsync + rename, so a reader sees the old file or the whole new one."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _remove(path: Path) -> None:
+    """Remove a directory tree, a file or a (possibly dangling) symlink."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _trash_name(name: str) -> str:
+    # A random token keeps an old leftover of the same name from blocking this rename.
+    return f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+# ------------------------------------------------------------------------------------------------- manifest
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """Size and checksum of one file of a checkpoint."""
+
+    nbytes: int
+    crc32: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"bytes": self.nbytes, "crc32": self.crc32}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileEntry:
+        return cls(nbytes=int(d["bytes"]), crc32=str(d["crc32"]))
+
+
+@dataclass
+class Manifest:
+    """What a committed checkpoint holds; written last, so its presence marks a complete checkpoint."""
+
+    role: Role
+    step: int
+    name: str
+    created: str
+    files: dict[str, FileEntry]
+    metric: float | None = None
+    metric_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+    linked_from: str | None = None
+    version: int = MANIFEST_VERSION
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.files.values())
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        return Checkpoint(self.role, self.step, self.metric, self.metric_name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "role": self.role.value,
+            "step": self.step,
+            "metric": self.metric,
+            "metric_name": self.metric_name,
+            "name": self.name,
+            "created": self.created,
+            "files": {rel: e.to_dict() for rel, e in sorted(self.files.items())},
+            "total_bytes": self.total_bytes,
+            "linked_from": self.linked_from,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        return cls(
+            role=Role(d["role"]),
+            step=int(d["step"]),
+            name=str(d["name"]),
+            created=str(d["created"]),
+            files={rel: FileEntry.from_dict(e) for rel, e in d["files"].items()},
+            metric=None if d.get("metric") is None else float(d["metric"]),
+            metric_name=d.get("metric_name"),
+            extra=dict(d.get("extra") or {}),
+            linked_from=d.get("linked_from"),
+            version=int(d.get("version", MANIFEST_VERSION)),
+        )
+
+    @classmethod
+    def read(cls, ckpt_dir: Path) -> Manifest:
+        with open(ckpt_dir / MANIFEST, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _data_files(root: Path) -> Iterator[Path]:
+    """Every regular file under a checkpoint directory except the manifest (and its tmp)."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for fname in filenames:
+            p = Path(dirpath, fname)
+            if p.parent == root and fname in (MANIFEST, MANIFEST + ".tmp"):
+                continue
+            if p.is_symlink() or not p.is_file():
+                raise ValueError(f"checkpoint may hold only regular files: {p}")
+            yield p
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file, then every directory bottom-up (so each dir entry is durable too)."""
+    for p in _data_files(root):
+        fsync_file(p)
+    for dirpath, _dirnames, _filenames in os.walk(root, topdown=False):
+        fsync_dir(dirpath)
+
+
+def _checksum_tree(root: Path) -> dict[str, FileEntry]:
+    return {
+        p.relative_to(root).as_posix(): FileEntry(p.stat().st_size, crc32_file(p)) for p in sorted(_data_files(root))
+    }
+
+
+# --------------------------------------------------------------------------------------------------- RunDir
+
+
+class RunDir:
+    """One run directory. Mutating methods are meant for rank 0 only, after a barrier."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.path)!r})"
+
+    # -- paths
+
+    def role_dir(self, role: Role) -> Path:
+        return self.path / role.dirname
+
+    def path_of(self, ckpt: Checkpoint) -> Path:
+        return self.path / ckpt.relpath
+
+    def _ensure_role_dir(self, role: Role) -> Path:
+        d = self.role_dir(role)
+        if not d.is_dir():
+            d.mkdir(parents=True, exist_ok=True)
+            # The new role dir's entry must survive a power cut, or the checkpoint inside vanishes with it.
+            fsync_dir(d.parent)
+        return d
+
+    def staging_dir(self, ckpt: Checkpoint) -> Path:
+        """Fresh ``<role>/.tmp-<name>`` for all ranks to write into; an old one from a crash is removed."""
+        staging = self._ensure_role_dir(ckpt.role) / f"{TMP_PREFIX}{ckpt.name}"
+        if staging.exists() or staging.is_symlink():
+            _remove(staging)
+        staging.mkdir()
+        return staging
+
+    # -- commit
+
+    def commit(self, ckpt: Checkpoint, staging: Path, extra: dict[str, Any] | None = None) -> Manifest:
+        """Make a fully written staging dir durable and visible under its final name."""
+        staging = Path(staging)
+        if not staging.is_dir():
+            raise FileNotFoundError(f"staging dir does not exist: {staging}")
+        _fsync_tree(staging)
+        manifest = Manifest(
+            role=ckpt.role,
+            step=ckpt.step,
+            name=ckpt.name,
+            created=_now_iso(),
+            files=_checksum_tree(staging),
+            metric=ckpt.metric,
+            metric_name=ckpt.metric_name,
+            extra=dict(extra or {}),
+        )
+        self._publish(ckpt, staging, manifest)
+        return manifest
+
+    def link(self, src: Checkpoint, dst: Checkpoint) -> Manifest:
+        """The committed ``src`` under a second role, sharing bytes via hard links (copies if impossible)."""
+        src_manifest = self.manifest(src)
+        src_dir = self.path_of(src)
+        staging = self.staging_dir(dst)
+        for rel in src_manifest.files:
+            target = staging / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not _link_or_copy(src_dir / rel, target):
+                fsync_file(target)  # a copy holds new data; a hard link shares data already durable
+        for dirpath, _dirnames, _filenames in os.walk(staging, topdown=False):
+            fsync_dir(dirpath)
+        manifest = Manifest(
+            role=dst.role,
+            step=dst.step,
+            name=dst.name,
+            created=_now_iso(),
+            files=dict(src_manifest.files),
+            metric=dst.metric,
+            metric_name=dst.metric_name,
+            extra=dict(src_manifest.extra),
+            linked_from=src.relpath,
+        )
+        self._publish(dst, staging, manifest)
+        return manifest
+
+    def _publish(self, ckpt: Checkpoint, staging: Path, manifest: Manifest) -> None:
+        """Manifest last, then rename into place; the rename is the moment the checkpoint exists."""
+        _write_json_durably(staging / MANIFEST, manifest.to_dict())
+        fsync_dir(staging)
+        final = self.path_of(ckpt)
+        self._ensure_role_dir(ckpt.role)
+        trash = self._move_to_trash(final) if final.exists() else None
+        os.rename(staging, final)
+        fsync_dir(final.parent)
+        if staging.parent != final.parent:
+            fsync_dir(staging.parent)
+        if trash is not None:
+            shutil.rmtree(trash)
+            fsync_dir(trash.parent)
+
+    def _move_to_trash(self, ckpt_dir: Path) -> Path:
+        # rename() cannot replace a non-empty directory. Moving the old one aside first means a crash leaves
+        # it under a .trash- name (cleaned on start) rather than a half-deleted dir that still lists.
+        trash = ckpt_dir.with_name(_trash_name(ckpt_dir.name))
+        os.rename(ckpt_dir, trash)
+        fsync_dir(ckpt_dir.parent)
+        return trash
+
+    # -- reading
+
+    def list(self, role: Role | None = None) -> list[Checkpoint]:
+        """Committed checkpoints (name parses and manifest present), sorted by (role, step)."""
+        roles = [role] if role is not None else list(Role)
+        found = [c for r in roles for c in self._list_role(r)]
+        return sorted(found, key=lambda c: (c.role.value, c.step, c.name))
+
+    def _list_role(self, role: Role) -> Iterator[Checkpoint]:
+        d = self.role_dir(role)
+        if not d.is_dir():
+            return
+        for entry in os.scandir(d):
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            ckpt = parse_checkpoint_name(role, entry.name)
+            if ckpt is not None and os.path.isfile(os.path.join(entry.path, MANIFEST)):
+                yield ckpt
+
+    def is_committed(self, ckpt: Checkpoint) -> bool:
+        return (self.path_of(ckpt) / MANIFEST).is_file()
+
+    def manifest(self, ckpt: Checkpoint) -> Manifest:
+        """The manifest of a committed checkpoint (FileNotFoundError if it is not committed)."""
+        return Manifest.read(self.path_of(ckpt))
+
+    # -- latest link
+
+    def set_latest(self, ckpt: Checkpoint) -> None:
+        """Point ``latest`` at a committed checkpoint: relative symlink, swapped in with one os.replace."""
+        if not self.is_committed(ckpt):
+            raise ValueError(f"refusing to point latest at an uncommitted checkpoint: {ckpt.relpath}")
+        tmp = self.path / (LATEST + ".tmp")
+        tmp.unlink(missing_ok=True)
+        os.symlink(ckpt.relpath, tmp)
+        os.replace(tmp, self.path / LATEST)
+        fsync_dir(self.path)
+
+    def latest(self) -> Checkpoint | None:
+        """The checkpoint ``latest`` points to, if the link exists and its target is committed."""
+        link = self.path / LATEST
+        if not link.is_symlink():
+            return None
+        ckpt = self._parse_relpath(os.readlink(link))
+        if ckpt is None or not self.is_committed(ckpt):
+            return None
+        return ckpt
+
+    @staticmethod
+    def _parse_relpath(relpath: str) -> Checkpoint | None:
+        parts = PurePosixPath(relpath).parts
+        if len(parts) != 2:
+            return None
+        role = next((r for r in Role if r.dirname == parts[0]), None)
+        return None if role is None else parse_checkpoint_name(role, parts[1])
+
+    # -- deletion and cleanup
+
+    def delete(self, ckpt: Checkpoint) -> int:
+        """Delete a committed checkpoint (never the one ``latest`` points to); returns its manifest bytes."""
+        current = self.latest()
+        if current is not None and current.relpath == ckpt.relpath:
+            raise ValueError(f"refusing to delete the checkpoint latest points to: {ckpt.relpath}")
+        freed = self.manifest(ckpt).total_bytes
+        trash = self._move_to_trash(self.path_of(ckpt))
+        shutil.rmtree(trash)
+        fsync_dir(trash.parent)
+        return freed
+
+    def clean_leftovers(self) -> list[Path]:
+        """Remove interrupted saves and deletes and a stale ``latest.tmp``; call on start, before any save."""
+        removed: list[Path] = []
+        for role in Role:
+            d = self.role_dir(role)
+            if not d.is_dir():
+                continue
+            stale = [Path(e.path) for e in os.scandir(d) if e.name.startswith((TMP_PREFIX, TRASH_PREFIX))]
+            for p in sorted(stale):
+                _remove(p)
+                removed.append(p)
+            if stale:
+                fsync_dir(d)
+        tmp_link = self.path / (LATEST + ".tmp")
+        if tmp_link.is_symlink() or tmp_link.exists():
+            _remove(tmp_link)
+            removed.append(tmp_link)
+            fsync_dir(self.path)
+        return removed
+
+    # -- integrity and accounting
+
+    def verify(self, ckpt_or_path: Checkpoint | str | os.PathLike[str]) -> list[str]:
+        """Re-read every file and compare size and crc32 with the manifest; returns problems (empty = OK)."""
+        d = self.path_of(ckpt_or_path) if isinstance(ckpt_or_path, Checkpoint) else Path(ckpt_or_path)
+        if not d.is_dir():
+            return [f"{d}: checkpoint directory does not exist"]
+        try:
+            manifest = Manifest.read(d)
+        except FileNotFoundError:
+            return [f"{d}: {MANIFEST} missing (checkpoint was never committed)"]
+        except (ValueError, KeyError, TypeError) as e:
+            return [f"{d}: {MANIFEST} unreadable: {e!r}"]
+        problems = [p for rel, e in sorted(manifest.files.items()) if (p := _check_file(d, rel, e))]
+        try:
+            on_disk = {p.relative_to(d).as_posix() for p in _data_files(d)}
+        except ValueError as e:
+            return [*problems, str(e)]
+        problems += [f"{rel}: file not in manifest" for rel in sorted(on_disk - manifest.files.keys())]
+        return problems
+
+    def disk_usage(self) -> int:
+        """Bytes of committed checkpoints on disk, counting each hard-linked file once (by inode)."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for ckpt in self.list():
+            for dirpath, _dirnames, filenames in os.walk(self.path_of(ckpt)):
+                for fname in filenames:
+                    st = os.lstat(os.path.join(dirpath, fname))
+                    if (st.st_dev, st.st_ino) not in seen:
+                        seen.add((st.st_dev, st.st_ino))
+                        total += st.st_size
+        return total
+
+
+def _check_file(ckpt_dir: Path, rel: str, entry: FileEntry) -> str | None:
+    """One human-readable problem with a checkpoint file, or None if size and crc32 match."""
+    p = ckpt_dir / rel
+    if not p.is_file():
+        return f"{rel}: missing"
+    size = p.stat().st_size
+    if size != entry.nbytes:
+        return f"{rel}: size {size} bytes, manifest says {entry.nbytes} (truncated or overwritten)"
+    crc = crc32_file(p)
+    if crc != entry.crc32:
+        return f"{rel}: crc32 {crc}, manifest says {entry.crc32} (corrupted)"
+    return None
+
+
+def _link_or_copy(src: Path, dst: Path) -> bool:
+    """Hard-link src to dst; copy where the filesystem refuses links. True if a hard link was made."""
+    try:
+        os.link(src, dst)
+        return True
+    except OSError as e:
+        if e.errno not in _NO_LINK_ERRNOS:
+            raise
+    shutil.copy2(src, dst)
+    return False

@@ -1,0 +1,267 @@
+"""The config schema: one dataclass per config group, registered in Hydra's ConfigStore.
+
+Hydra merges each group's YAML file into its typed node, so a misspelt key or a value of the wrong type fails
+at composition, before any process group, data or model is touched. Checks that types cannot express live in
+`__post_init__` and `validate`, with messages that name the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
+
+
+class ConfigError(ValueError):
+    """A config value that composes but is not allowed; the message names the key."""
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _one_of(value: str, key: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, f"got {value!r}, allowed: {', '.join(allowed)}")
+
+
+@dataclass
+class ModelConfig:
+    """A Llama-architecture decoder (RMSNorm, rotary embeddings, SwiGLU, no biases)."""
+
+    name: str = "tiny"
+    dim: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: int | None = None  # None: same as n_heads (no grouped-query attention)
+    ffn_dim: int = 384  # hidden size of the SwiGLU feed-forward
+    vocab_size: int = 256
+    max_seq_len: int = 2048  # rotary table length; the data's seq_len must not exceed it
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for key in ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+            _require(getattr(self, key) > 0, f"model.{key}", f"must be positive, got {getattr(self, key)}")
+        _require(
+            self.dim % self.n_heads == 0,
+            "model.dim",
+            f"{self.dim} is not divisible by n_heads={self.n_heads}",
+        )
+        kv = self.n_kv_heads or self.n_heads
+        _require(self.n_heads % kv == 0, "model.n_kv_heads", f"{kv} does not divide n_heads={self.n_heads}")
+        _require(
+            (self.dim // self.n_heads) % 2 == 0,
+            "model.dim",
+            "head dimension must be even for rotary embeddings",
+        )
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW; `lr` is the peak learning rate of the schedule."""
+
+    name: str = "adamw"
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "optimizer.name", ("adamw",))
+        _require(self.lr > 0, "optimizer.lr", f"must be positive, got {self.lr}")
+        _require(len(self.betas) == 2, "optimizer.betas", f"needs two values, got {list(self.betas)}")
+
+
+@dataclass
+class SchedulerConfig:
+    """Linear warmup to the peak lr, then cosine decay to `min_lr_ratio * lr` at the last step."""
+
+    name: str = "warmup_cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "scheduler.name", ("warmup_cosine", "constant"))
+        _require(self.warmup_steps >= 0, "scheduler.warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        _require(
+            0.0 <= self.min_lr_ratio <= 1.0,
+            "scheduler.min_lr_ratio",
+            f"must be in [0, 1], got {self.min_lr_ratio}",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Where samples come from.
+
+    `stdlib`: the running interpreter's standard-library sources as bytes (vocab 256), present on every machine.
+    `text`: user files or folders (`path`, comma-separated), as bytes. `tokens`: flat uint16/uint32 token files as
+    nanoGPT writes them (`path` for train, `dev_path` for dev), memory-mapped.
+    """
+
+    name: str = "stdlib"
+    path: str | None = None
+    dev_path: str | None = None
+    token_dtype: str = "uint16"
+    seq_len: int = 128
+    dev_fraction: float = 0.05  # share of files (stdlib, text) held out as dev, chosen by a hash of the file name
+    num_workers: int = 0
+    max_bytes: int = 0  # 0: all of the corpus; else the first max_bytes of it (sorted file order)
+
+    def __post_init__(self) -> None:
+        _one_of(self.name, "data.name", ("stdlib", "text", "tokens"))
+        _one_of(self.token_dtype, "data.token_dtype", ("uint16", "uint32"))
+        _require(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
+        _require(0.0 < self.dev_fraction < 1.0, "data.dev_fraction", f"must be in (0, 1), got {self.dev_fraction}")
+        _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        if self.name in ("text", "tokens"):
+            _require(bool(self.path), "data.path", f"data={self.name} needs data.path=FILE_OR_DIR")
+
+
+@dataclass
+class RetentionConfig:
+    rollback_keep: int = 5
+    recovery_keep: int = 3
+
+
+@dataclass
+class CheckpointConfig:
+    """The checkpoint policy: three roles, each with a cadence (0 disables it), contents and retention."""
+
+    rollback_every: int = 100
+    recovery_every: int = 1000
+    best_k: int = 3
+    best_k_metric: str = "dev_loss"
+    best_k_direction: str = "minimize"
+    rollback_contents: str = "full"  # full: parameters + optimizer + RNG + data position; params: parameters only
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
+    async_save: bool = False
+    check_storage: bool = True  # refuse to start when the committed storage does not fit the free space
+
+    def __post_init__(self) -> None:
+        _one_of(self.best_k_direction, "checkpoint.best_k_direction", ("minimize", "maximize"))
+        _one_of(self.rollback_contents, "checkpoint.rollback_contents", ("full", "params"))
+        for key in ("rollback_every", "recovery_every", "best_k"):
+            _require(
+                getattr(self, key) >= 0,
+                f"checkpoint.{key}",
+                f"must be >= 0 (0 disables), got {getattr(self, key)}",
+            )
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # disabled, offline (files under the run directory) or online
+    project: str = "curry-train"
+    entity: str | None = None
+
+    def __post_init__(self) -> None:
+        _one_of(self.mode, "logger.wandb.mode", ("disabled", "offline", "online"))
+
+
+@dataclass
+class LoggerConfig:
+    console_every: int = 10  # progress bar refresh cadence, in steps; metrics.jsonl gets every step regardless
+    progress_bar: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    seed: int = 1337
+    batch_size: int = 16  # sequences per optimizer step, across all ranks
+    grad_accum: int = 1  # micro-batches per optimizer step on each rank
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    eval_every: int = 100  # 0 disables evaluation
+    eval_batches: int = 4
+    device: str = "auto"  # auto (cuda when available), cpu, cuda
+    mixed_precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp32
+
+    def __post_init__(self) -> None:
+        _require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
+        _require(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
+        _require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
+        _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables), got {self.eval_every}")
+        _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
+        _one_of(self.mixed_precision, "train.mixed_precision", ("auto", "bf16", "fp32"))
+
+
+@dataclass
+class RunConfig:
+    root: str = "runs"
+    # None: derived from the config (a hash of everything but `run` and `resume`), so the same command names the
+    # same run directory after a crash without the user naming it.
+    id: str | None = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    optimizer: OptimizerConfig = MISSING
+    scheduler: SchedulerConfig = MISSING
+    data: DataConfig = MISSING
+    checkpoint: CheckpointConfig = MISSING
+    logger: LoggerConfig = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def validate(cfg: Config, world_size: int) -> None:
+    """Checks across groups, and those that need the world size."""
+    t = cfg.train
+    per_step = world_size * t.grad_accum
+    _require(
+        t.batch_size % per_step == 0,
+        "train.batch_size",
+        f"{t.batch_size} is not divisible by world_size * grad_accum = {world_size} * {t.grad_accum}",
+    )
+    _require(
+        cfg.data.seq_len <= cfg.model.max_seq_len,
+        "data.seq_len",
+        f"{cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
+    )
+    if cfg.data.name in ("stdlib", "text"):
+        _require(
+            cfg.model.vocab_size >= 256,
+            "model.vocab_size",
+            f"byte data needs >= 256, got {cfg.model.vocab_size}",
+        )
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+
+
+register_configs()
+
+
+def default_run_id(raw: DictConfig) -> str:
+    """`<model>-<data>-<hash>`: the hash covers every setting but `run` and `resume`, so the same command
+    (with or without `+resume=...`) always names the same run directory, on every rank, with no coordination."""
+    settings = OmegaConf.to_container(raw, resolve=True)
+    assert isinstance(settings, dict)
+    settings = {k: v for k, v in settings.items() if k not in ("run", "resume", "hydra")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return f"{raw.model.name}-{raw.data.name}-{digest}"
+
+
+def resolve(raw: DictConfig) -> tuple[Config, str | None]:
+    """The typed, validated config and the `+resume=` value (None when absent).
+
+    `OmegaConf.to_object` instantiates the dataclasses, which runs their `__post_init__` checks on the final values.
+    """
+    raw = raw.copy()
+    with open_dict(raw):
+        resume = raw.pop("resume", None)
+    if raw.run.id is None:
+        raw.run.id = default_run_id(raw)
+    cfg = OmegaConf.to_object(raw)
+    assert isinstance(cfg, Config)
+    return cfg, None if resume is None else str(resume)

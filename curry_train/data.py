@@ -1,0 +1,203 @@
+"""Corpora, world-size-invariant sampling, and the StatefulDataLoader.
+
+The global order of samples is a function of (seed, global sample index) alone: optimizer step `s` consumes
+global samples `[s * B, (s + 1) * B)` and rank `r` of `W` takes its contiguous slice of them. A run can therefore
+resume on another number of ranks from a single number, the global sample cursor, and see the same batches.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from curry_train.config import DataConfig
+
+TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".yaml", ".yml", ".toml", ".c", ".h", ".html", ".csv")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Token ids of the train and dev splits (numpy arrays, possibly memory-mapped)."""
+
+    train: np.ndarray
+    dev: np.ndarray
+    vocab_size: int
+    description: str
+
+
+def _is_dev(relpath: str, dev_fraction: float) -> bool:
+    # A hash of the file's name, not its position, so adding a file does not move the others between splits.
+    h = int.from_bytes(hashlib.sha256(relpath.encode()).digest()[:8], "little")
+    return h / 2**64 < dev_fraction
+
+
+def _list_files(root: Path, suffixes: tuple[str, ...], skip_dirs: frozenset[str] = frozenset()) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if d not in skip_dirs and not d.startswith("."))
+        found.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(suffixes))
+    return sorted(found)
+
+
+def _bytes_corpus(files: list[tuple[str, Path]], cfg: DataConfig, description: str) -> Corpus:
+    train, dev, total = [], [], 0
+    for rel, path in files:
+        data = path.read_bytes()
+        if cfg.max_bytes and total + len(data) > cfg.max_bytes:
+            data = data[: cfg.max_bytes - total]
+        (dev if _is_dev(rel, cfg.dev_fraction) else train).append(data)
+        total += len(data)
+        if cfg.max_bytes and total >= cfg.max_bytes:
+            break
+    sep = b"\n\n"
+    arrays = [np.frombuffer(sep.join(part), dtype=np.uint8) for part in (train, dev)]
+    return Corpus(arrays[0], arrays[1], 256, description)
+
+
+def stdlib_files() -> list[tuple[str, Path]]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = _list_files(root, (".py",), frozenset({"site-packages", "dist-packages", "__pycache__"}))
+    return [(p.relative_to(root).as_posix(), p) for p in files]
+
+
+def text_files(spec: str) -> list[tuple[str, Path]]:
+    out: list[tuple[str, Path]] = []
+    for part in (s.strip() for s in spec.split(",") if s.strip()):
+        p = Path(part).expanduser()
+        if p.is_dir():
+            out.extend((f.relative_to(p).as_posix(), f) for f in _list_files(p, TEXT_SUFFIXES))
+        elif p.is_file():
+            out.append((p.name, p))
+        else:
+            raise FileNotFoundError(f"data.path: {part!r} is neither a file nor a directory")
+    if not out:
+        raise FileNotFoundError(f"data.path: no text files ({', '.join(TEXT_SUFFIXES)}) under {spec!r}")
+    return out
+
+
+def _token_file(path: str, dtype: str) -> np.ndarray:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"data.path: token file {str(p)!r} does not exist")
+    return np.memmap(p, dtype=np.dtype(dtype), mode="r")
+
+
+def load_corpus(cfg: DataConfig) -> Corpus:
+    if cfg.name == "stdlib":
+        files = stdlib_files()
+        return _bytes_corpus(files, cfg, f"Python {sysconfig.get_python_version()} standard library, bytes")
+    if cfg.name == "text":
+        return _bytes_corpus(text_files(cfg.path or ""), cfg, f"text files under {cfg.path}, bytes")
+    train = _token_file(cfg.path or "", cfg.token_dtype)
+    if cfg.dev_path:
+        dev = _token_file(cfg.dev_path, cfg.token_dtype)
+    else:
+        # No dev file: hold out the tail of the train file.
+        cut = int(len(train) * (1 - cfg.dev_fraction))
+        train, dev = train[:cut], train[cut:]
+    vocab = int(max(train.max(initial=0), dev.max(initial=0))) + 1
+    return Corpus(train, dev, vocab, f"token file {cfg.path} ({cfg.token_dtype})")
+
+
+class WindowDataset(Dataset):
+    """Global sample `i` -> the `i`-th window of a seeded per-epoch permutation of non-overlapping windows."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, seed: int) -> None:
+        self.tokens = tokens
+        self.seq_len = seq_len
+        self.seed = seed
+        self.windows = (len(tokens) - 1) // seq_len
+        if self.windows < 1:
+            raise ValueError(f"data: {len(tokens)} tokens cannot fill one window of seq_len={seq_len} + 1")
+        self._perm_epoch = -1
+        self._perm = np.empty(0, dtype=np.int64)
+
+    def window_of(self, index: int) -> int:
+        epoch, pos = divmod(index, self.windows)
+        if epoch != self._perm_epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+            self._perm_epoch = epoch
+        return int(self._perm[pos])
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        start = self.window_of(index) * self.seq_len
+        chunk = torch.from_numpy(np.asarray(self.tokens[start : start + self.seq_len + 1], dtype=np.int64))
+        return {"input": chunk[:-1], "target": chunk[1:], "index": torch.tensor(index)}
+
+    def __len__(self) -> int:
+        return self.windows
+
+
+@dataclass(frozen=True)
+class Slicing:
+    """How one optimizer step's global batch is cut across ranks and micro-batches."""
+
+    batch_size: int  # global, per optimizer step
+    world_size: int
+    rank: int
+    grad_accum: int
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch_size // (self.world_size * self.grad_accum)
+
+    def indices(self, step: int, micro: int) -> list[int]:
+        """Global sample ids of micro-batch `micro` of rank `rank` in optimizer step `step` (0-based)."""
+        per_rank = self.batch_size // self.world_size
+        start = step * self.batch_size + self.rank * per_rank + micro * self.micro_batch
+        return list(range(start, start + self.micro_batch))
+
+
+class StepBatchSampler:
+    """Yields this rank's micro-batches, step after step, from `start_step` on (endless).
+
+    Deliberately not `Stateful`: StatefulDataLoader then restores it by counting the batches it yielded, and a
+    resume on another world size rebuilds it from the step alone.
+    """
+
+    def __init__(self, slicing: Slicing, start_step: int = 0) -> None:
+        self.slicing = slicing
+        self.start_step = start_step
+
+    def __iter__(self) -> Iterator[list[int]]:
+        step = self.start_step
+        while True:
+            for micro in range(self.slicing.grad_accum):
+                yield self.slicing.indices(step, micro)
+            step += 1
+
+
+def build_train_loader(
+    tokens: np.ndarray, cfg: DataConfig, slicing: Slicing, seed: int, start_step: int = 0
+) -> StatefulDataLoader:
+    dataset = WindowDataset(tokens, cfg.seq_len, seed)
+    # The loader's own generator: without it, creating an iterator draws from torch's global RNG, and a
+    # resumed run that restores that RNG before creating its iterator would drift from the uninterrupted one.
+    generator = torch.Generator().manual_seed(seed)
+    return StatefulDataLoader(
+        dataset,
+        batch_sampler=StepBatchSampler(slicing, start_step),
+        num_workers=cfg.num_workers,
+        generator=generator,
+        persistent_workers=False,
+        multiprocessing_context="fork" if cfg.num_workers > 0 else None,
+    )
+
+
+def dev_batches(tokens: np.ndarray, cfg: DataConfig, slicing: Slicing, seed: int, n_batches: int) -> list[dict]:
+    """The same dev micro-batches at every evaluation (a fixed sample of dev), this rank's slice of them."""
+    dataset = WindowDataset(tokens, cfg.seq_len, seed + 1)
+    batches = []
+    for b in range(n_batches):
+        items = [dataset[i] for i in slicing.indices(b, 0)]
+        batches.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
+    return batches

@@ -1,0 +1,103 @@
+"""Process group, ranks, device and FSDP2 wrapping.
+
+One code path for every launch: `python -m curry_train.train` runs as a world of one (gloo on CPU, NCCL on CUDA),
+`torchrun` as a world of N, so the loop never branches on "distributed or not".
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+from curry_train.config import ModelConfig
+from curry_train.model import Transformer, init_value
+
+
+@dataclass
+class Dist:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh
+    # Checkpointing gets a group of its own: an async DCP save issuing collectives on the default group while
+    # FSDP trains on it deadlocks on gloo (two threads, one group).
+    checkpoint_group: dist.ProcessGroup
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(preference: str) -> torch.device:
+    if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_distributed(device_preference: str = "auto") -> Dist:
+    device = pick_device(device_preference)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mesh = init_device_mesh(device.type, (world,))
+    return Dist(rank, world, int(os.environ.get("LOCAL_RANK", 0)), device, mesh, dist.new_group(backend="gloo"))
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> nn.Module:
+    """FSDP2: each block, then the root (embeddings, final norm, output)."""
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    kwargs = {"mesh": mesh, "mp_policy": mp} if mp else {"mesh": mesh}
+    for block in model.layers:
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@torch.no_grad()
+def materialize(model: Transformer, cfg: ModelConfig, device: torch.device, seed: int) -> None:
+    """Allocate the sharded parameters on `device` and fill each rank's shard of the initial values."""
+    model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        full = init_value(name, param.shape, cfg, seed)
+        if isinstance(param, DTensor):
+            local = param.to_local()
+            shard = local_shard(full, param.device_mesh.size(), param.device_mesh.get_local_rank())
+            local.copy_(shard.to(local.dtype))
+        else:
+            param.copy_(full)
+    model.reset_rotary()
+
+
+def local_shard(full: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
+    """This rank's piece of `full` under FSDP2's dim-0 sharding (torch.chunk semantics, possibly empty)."""
+    chunks = torch.chunk(full, world_size, dim=0)
+    if rank < len(chunks):
+        return chunks[rank]
+    return full.new_empty((0, *full.shape[1:]))
+
+
+def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return (t / dist.get_world_size()).tolist()

@@ -1,0 +1,202 @@
+"""Append-only JSONL event journal: one JSON object a line, each line fsynced before ``append`` returns."""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import json
+import math
+import os
+import threading
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Self
+
+EVENTS: frozenset[str] = frozenset(
+    {
+        "run_start",
+        "policy",
+        "save",
+        "delete",
+        "best_k",
+        "resume",
+        "rollback",
+        "preempt",
+        "world_size_change",
+        "error",
+        "run_end",
+    }
+)
+_REQUIRED = ("event", "time", "step")
+
+
+def _jsonable(value: object) -> object:
+    """Turn paths, enums and non-finite floats into what json.dumps(allow_nan=False) accepts."""
+    if isinstance(value, enum.Enum):  # before str: StrEnum members are str too
+        return _jsonable(value.value)
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # NaN/inf are not JSON; other readers (jq, pandas) choke on them
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class Journal:
+    """Writer for ``journal.jsonl``. With ``enabled=False`` (non-zero ranks) ``append`` writes nothing."""
+
+    def __init__(self, path: str | os.PathLike[str], enabled: bool = True) -> None:
+        self.path = Path(path)
+        self.enabled = enabled
+        self._file: IO[str] | None = None
+        self._lock = threading.Lock()  # async saves may journal from their own thread
+
+    def append(self, event: str, step: int, **fields: object) -> dict[str, object]:
+        """Write one event line, flush and fsync it; return the record as written."""
+        if event not in EVENTS:
+            raise ValueError(f"unknown journal event {event!r}; allowed: {', '.join(sorted(EVENTS))}")
+        if isinstance(step, bool) or not isinstance(step, int):
+            raise TypeError(f"journal step must be an int, got {step!r}")
+        if "time" in fields:
+            raise ValueError("journal field 'time' is reserved: append sets it")
+        record = {"event": event, "time": datetime.now(UTC).isoformat(timespec="milliseconds"), "step": step}
+        record.update({key: _jsonable(value) for key, value in fields.items()})
+        try:
+            line = json.dumps(record, allow_nan=False) + "\n"
+        except TypeError as err:
+            raise TypeError(f"journal event {event!r}: a field is not JSON-serialisable: {err}") from None
+        if not self.enabled:
+            return record
+        with self._lock:
+            handle = self._open()
+            handle.write(line)
+            handle.flush()
+            os.fsync(handle.fileno())
+        return record
+
+    def _open(self) -> IO[str]:
+        if self._file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            created = not self.path.exists()
+            _repair_torn_tail(self.path)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 (held until close())
+            if created:
+                # The new directory entry must be durable too, or a power cut can lose the whole journal.
+                dir_fd = os.open(self.path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        return self._file
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _repair_torn_tail(path: Path) -> None:
+    """Before appending, end a final line that a crash left without its newline.
+
+    Otherwise the next record would be glued onto it, leaving a corrupt line in the middle, which
+    ``read_journal`` rightly refuses. A fragment that is a complete record only lacks its newline and gets
+    one; anything else was never acknowledged (append had not returned) and is cut off.
+    """
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return
+    cut = data.rfind(b"\n") + 1
+    with open(path, "r+b") as handle:
+        if _parse_line(data[cut:]) is not None:
+            handle.seek(0, os.SEEK_END)
+            handle.write(b"\n")
+        else:
+            handle.truncate(cut)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _parse_line(raw: bytes) -> dict[str, object] | None:
+    """The record on a line, or None if it is not one."""
+    try:
+        record = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or any(key not in record for key in _REQUIRED):
+        return None
+    return record
+
+
+def read_journal(path: str | os.PathLike[str]) -> list[dict[str, object]]:
+    """All records in order. A final line without its newline that does not parse (a crash mid-write) is
+    skipped; any other bad line raises ValueError naming its line number."""
+    lines = Path(path).read_bytes().split(b"\n")
+    # After split, the last element is what followed the last newline: empty, or a line whose write was cut.
+    torn = lines.pop()
+    records = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        record = _parse_line(raw)
+        if record is None:
+            raise ValueError(
+                f"{path}: line {number} is not a journal record (JSON object with {', '.join(_REQUIRED)}): {raw[:80]!r}"
+            )
+        records.append(record)
+    if torn.strip() and (record := _parse_line(torn)) is not None:
+        records.append(record)
+    return records
+
+
+def _human_bytes(count: float) -> str:
+    """Decimal units, as disks and cloud quotas count them."""
+    if count < 1000:
+        return f"{count:g} B"
+    for unit in ("KB", "MB", "GB", "TB"):
+        count /= 1000
+        if round(count, 1) < 1000 or unit == "TB":
+            return f"{count:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def _format_value(value: object) -> str:
+    if isinstance(value, str) and value and not any(ch.isspace() for ch in value):
+        return value
+    return json.dumps(value)
+
+
+def format_event(record: dict[str, object]) -> str:
+    """One readable line for ``curry-train journal``; fields without a column follow as key=value."""
+    time = str(record.get("time", "?"))
+    with contextlib.suppress(ValueError):  # show whatever was written rather than hide the event
+        time = datetime.fromisoformat(time).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    parts = [time, f"step {record.get('step', '?'):>7}", f"{record.get('event', '?'):<8}"]
+    shown = {"time", "step", "event"}
+    for key in ("role", "path"):
+        if isinstance(record.get(key), str):
+            parts.append(str(record[key]))
+            shown.add(key)
+    timing = []
+    size, seconds = record.get("bytes"), record.get("seconds")
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        timing.append(_human_bytes(size))
+        shown.add("bytes")
+    if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
+        timing.append(f"{seconds:.2f} s")
+        shown.add("seconds")
+    if timing:
+        parts.append(" in ".join(timing))
+    parts += [f"{key}={_format_value(value)}" for key, value in record.items() if key not in shown]
+    return "  ".join(parts)

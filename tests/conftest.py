@@ -1,0 +1,92 @@
+"""Shared test helpers: compose configs without Hydra's command line, and launch real torchrun jobs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+# Every end-to-end test runs the real entry point with these settings: wandb off (one test turns it on), short
+# sequences, and a console line per step so failures show the loss history.
+FAST = [
+    "logger.wandb.mode=disabled",
+    "logger.console_every=1",
+    "data.seq_len=64",
+    "data.max_bytes=2000000",
+    "train.batch_size=8",
+]
+
+
+def compose_config(overrides: list[str] | None = None):
+    with initialize_config_module("curry_train.conf", version_base="1.3"):
+        return compose("config", overrides=overrides or [])
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONWARNINGS"] = "ignore"
+    return env
+
+
+def run_train(
+    args: list[str], cwd: Path, nproc: int = 1, timeout: float = 300, check: bool = True
+) -> subprocess.CompletedProcess:
+    """The real entry point: `python -m curry_train.train` for one process, `torchrun` for more."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "curry_train.train", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "curry_train.train",
+            *args,
+        ]
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        pytest.fail(
+            f"{' '.join(cmd)} exited {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def popen_train(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.Popen:
+    """Like run_train, but returns the running job (in its own process group, so a test can kill all of it)."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "curry_train.train", *args]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "curry_train.train",
+            *args,
+        ]
+    return subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def only_run_dir(root: Path) -> Path:
+    dirs = [p for p in root.iterdir() if p.is_dir()]
+    assert len(dirs) == 1, f"expected one run directory under {root}, found {dirs}"
+    return dirs[0]

@@ -1,0 +1,122 @@
+"""Every config file composes; typos and wrong types fail at start-up, naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import curry_train
+from curry_train.config import Config, ConfigError, default_run_id, resolve, validate
+from tests.conftest import compose_config
+
+CONF = Path(curry_train.__file__).parent / "conf"
+GROUP_OPTIONS = sorted((group.name, f.stem) for group in CONF.iterdir() if group.is_dir() for f in group.glob("*.yaml"))
+
+
+@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+def test_every_config_file_composes(group: str, option: str) -> None:
+    overrides = [f"{group}={option}"]
+    if group == "data" and option in ("text", "tokens"):
+        overrides.append("data.path=somewhere")
+    cfg, resume = resolve(compose_config(overrides))
+    assert isinstance(cfg, Config)
+    assert getattr(cfg, group).name == option if hasattr(getattr(cfg, group), "name") else True
+    assert resume is None
+
+
+def test_checkpoint_7b_default_holds_the_documented_policy() -> None:
+    cfg, _ = resolve(compose_config(["checkpoint=7b_default"]))
+    c = cfg.checkpoint
+    assert (c.rollback_every, c.recovery_every, c.best_k) == (100, 1000, 3)
+    assert (c.retention.rollback_keep, c.retention.recovery_keep) == (5, 3)
+    assert (c.best_k_metric, c.best_k_direction) == ("dev_loss", "minimize")
+
+
+def test_resume_is_added_with_plus_and_returned_separately() -> None:
+    cfg, resume = resolve(compose_config(["+resume=latest"]))
+    assert resume == "latest"
+    assert not hasattr(cfg, "resume")
+
+
+def test_misspelt_key_fails_composition() -> None:
+    with pytest.raises(ConfigCompositionException, match="rollbak_every"):
+        compose_config(["checkpoint.rollbak_every=5"])
+
+
+def test_wrong_type_fails_composition() -> None:
+    with pytest.raises(ConfigCompositionException, match="train.steps"):
+        compose_config(["train.steps=abc"])
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("checkpoint.best_k_direction=upwards", "checkpoint.best_k_direction"),
+        ("checkpoint.rollback_contents=everything", "checkpoint.rollback_contents"),
+        ("checkpoint.rollback_every=-1", "checkpoint.rollback_every"),
+        ("logger.wandb.mode=cloud", "logger.wandb.mode"),
+        ("model.n_heads=5", "model.dim"),
+        ("train.steps=0", "train.steps"),
+    ],
+)
+def test_disallowed_values_name_the_key_and_the_allowed_values(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        resolve(compose_config([override]))
+
+
+def test_validate_checks_batch_divisibility_against_world_size() -> None:
+    cfg, _ = resolve(compose_config(["train.batch_size=6", "train.grad_accum=2"]))
+    validate(cfg, world_size=1)
+    with pytest.raises(ConfigError, match="train.batch_size"):
+        validate(cfg, world_size=2)
+
+
+def test_run_id_is_stable_and_ignores_run_and_resume() -> None:
+    base = default_run_id(compose_config(["checkpoint.rollback_every=50"]))
+    assert base == default_run_id(compose_config(["checkpoint.rollback_every=50", "+resume=latest"]))
+    assert base == default_run_id(compose_config(["checkpoint.rollback_every=50", "run.root=elsewhere"]))
+    assert base != default_run_id(compose_config(["checkpoint.rollback_every=51"]))
+    assert base.startswith("tiny-stdlib-")
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("checkpoint.rollbak_every=5", "rollbak_every"), ("train.steps=abc", "train.steps")],
+)
+def test_cli_rejects_bad_config_at_once(tmp_path: Path, override: str, expected: str) -> None:
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "curry_train.train", override],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert not (tmp_path / "runs").exists(), "nothing may be created for a config that does not compose"
+    assert time.monotonic() - started < 60
+
+
+def test_cli_config_error_names_key_and_exits_2(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "curry_train.train", "checkpoint.best_k_direction=up"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "checkpoint.best_k_direction" in proc.stderr and "minimize, maximize" in proc.stderr
+
+
+def test_config_yaml_roundtrips_through_omegaconf() -> None:
+    cfg, _ = resolve(compose_config([]))
+    again = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.structured(cfg)))
+    assert again == cfg
