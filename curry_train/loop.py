@@ -1,4 +1,4 @@
-"""The training loop: build in dependency order, then step, evaluate, save, repeat."""
+"""The training loop: build in dependency order, resume if asked, then step, evaluate, save, repeat."""
 
 from __future__ import annotations
 
@@ -6,17 +6,30 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from torch import nn
 
 from curry_train import distributed
-from curry_train.config import Config, validate
+from curry_train.checkpoint.checkpointer import Checkpointer
+from curry_train.checkpoint.plan import committed_bytes, human_bytes, role_estimates
+from curry_train.checkpoint.policy import Policy, Role, roles_due
+from curry_train.checkpoint.state import Contents, app_state
+from curry_train.checkpoint.store import Manifest, RunDir
+from curry_train.config import Config, ConfigError, validate
 from curry_train.data import Slicing, build_train_loader, dev_batches, load_corpus
+from curry_train.journal import Journal, read_journal
 from curry_train.metrics import MetricsLogger
 from curry_train.model import Transformer, build_model, count_params
 from curry_train.optim import build_optimizer, lr_at, set_lr
+
+
+class ResumeError(RuntimeError):
+    """`+resume=...` cannot be honoured; the message names the run directory or path."""
 
 
 @dataclass
@@ -27,10 +40,35 @@ class TrainResult:
     last_loss: float | None
 
 
+@dataclass
+class ResumePoint:
+    path: Path
+    step: int
+    contents: Contents
+    world_size: int
+
+
 def use_bf16(cfg: Config, device: torch.device) -> bool:
     if cfg.train.mixed_precision == "auto":
         return device.type == "cuda"
     return cfg.train.mixed_precision == "bf16"
+
+
+def build_policy(cfg: Config) -> Policy:
+    c = cfg.checkpoint
+    try:
+        return Policy(
+            c.rollback_every,
+            c.recovery_every,
+            c.best_k,
+            c.best_k_metric,
+            c.best_k_direction,
+            c.retention.rollback_keep,
+            c.retention.recovery_keep,
+            c.rollback_contents,
+        )
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def train_step(
@@ -81,26 +119,119 @@ def build_sharded_model(cfg: Config, env: distributed.Dist) -> tuple[Transformer
     return model, n_params
 
 
+def find_resume_point(resume: str | None, store: RunDir) -> ResumePoint | None:
+    """Where `+resume=latest|auto|PATH` continues from (rank 0 reads the disk)."""
+    if resume is None:
+        if (store.path / "journal.jsonl").exists():
+            raise ResumeError(
+                f"run directory {store.path} already holds a run; continue it with +resume=latest "
+                "(or +resume=auto), or start a new one with run.id=NAME"
+            )
+        return None
+    if resume in ("latest", "auto"):
+        latest = store.latest()
+        if latest is None:
+            if resume == "auto":
+                return None
+            raise ResumeError(
+                f"+resume=latest: run directory {store.path} has no committed checkpoint with full state to resume "
+                "from; start without +resume, or use +resume=auto to start fresh when there is none"
+            )
+        path = store.path_of(latest)
+    else:
+        path = Path(resume).expanduser()
+    try:
+        manifest = Manifest.read(path)
+    except FileNotFoundError:
+        raise ResumeError(f"+resume={resume}: {path} is not a committed curry-train checkpoint (no manifest)") from None
+    return ResumePoint(path, manifest.step, Contents(manifest.extra["contents"]), int(manifest.extra["world_size"]))
+
+
+def agree(value: Any, group: dist.ProcessGroup) -> Any:
+    """Rank 0's value (or the exception it raised), on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def print_policy(log: MetricsLogger, journal: Journal, policy: Policy, cfg: Config, n_params: int, world: int) -> None:
+    estimates = role_estimates(n_params, policy, world)
+    total = committed_bytes(estimates, cfg.checkpoint.async_save)
+    lines = ["checkpoint policy:"]
+    for e in estimates:
+        cadence = "off" if e.every == 0 else ("on dev improvement" if e.role == "best_k" else f"every {e.every} steps")
+        lines.append(
+            f"  {e.role:<9} {cadence:<20} contents {e.contents:<7} keep {e.keep}  ~{human_bytes(e.bytes_each)} each"
+        )
+    lines.append(
+        f"  commits ~{human_bytes(total)} of storage"
+        + (" (incl. one in-flight async save)" if cfg.checkpoint.async_save else "")
+    )
+    log.print("\n".join(lines))
+    journal.append(
+        "policy",
+        0,
+        params=n_params,
+        committed_bytes=total,
+        roles={
+            e.role: {"every": e.every, "contents": e.contents, "keep": e.keep, "bytes": e.bytes_each} for e in estimates
+        },
+    )
+
+
 def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None = None) -> TrainResult:
     validate(cfg, env.world_size)
+    policy = build_policy(cfg)
     t = cfg.train
+    store = RunDir(run_dir)
+    point = agree(_try(find_resume_point, resume, store) if env.is_main else None, env.checkpoint_group)
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-    log = MetricsLogger(run_dir, cfg.logger, t.steps, env.is_main, wandb_config=asdict(cfg), run_id=run_dir.name)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
+    attempt = count_launches(journal.path) if env.is_main else 0
+    log = MetricsLogger(
+        run_dir, cfg.logger, t.steps, env.is_main, attempt=attempt, wandb_config=asdict(cfg), run_id=run_dir.name
+    )
+    journal.append(
+        "run_start",
+        point.step if point else 0,
+        attempt=attempt,
+        world_size=env.world_size,
+        resume=resume,
+        config=asdict(cfg),
+    )
 
     corpus = load_corpus(cfg.data)
     model, n_params = build_sharded_model(cfg, env)
     optimizer = build_optimizer(model, cfg.optimizer)
-    slicing = Slicing(t.batch_size, env.world_size, env.rank, t.grad_accum)
-    loader = build_train_loader(corpus.train, cfg.data, slicing, t.seed)
-    dev = dev_batches(corpus.dev, cfg.data, Slicing(t.batch_size, env.world_size, env.rank, 1), t.seed, t.eval_batches)
     log.print(
         f"curry-train: model {cfg.model.name} with {n_params:,} parameters ({n_params:.3g}), "
         f"world size {env.world_size} on {env.device.type}, data: {corpus.description} "
         f"({len(corpus.train):,} train / {len(corpus.dev):,} dev tokens), run directory {run_dir}"
     )
+    print_policy(log, journal, policy, cfg, n_params, env.world_size)
+    ckpt = Checkpointer(store, policy, journal, env.checkpoint_group, env.rank, cfg.checkpoint.async_save)
+    ckpt.clean_leftovers(point.step if point else 0)
 
-    start_step = 0
+    progress: dict[str, int | float] = {"step": 0, "samples_seen": 0, "world_size": env.world_size}
+    scheduler: dict[str, int | float] = {"step": 0, "lr": 0.0}
+    slicing = Slicing(t.batch_size, env.world_size, env.rank, t.grad_accum)
+    # The loader's own saved position is exact on the same world size; on another, the global sample cursor
+    # (the step) rebuilds it.
+    same_world = point is None or point.world_size == env.world_size
+    loader = build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_step=0 if same_world else point.step)
+    dev = dev_batches(corpus.dev, cfg.data, Slicing(t.batch_size, env.world_size, env.rank, 1), t.seed, t.eval_batches)
+
+    def state(contents: Contents) -> dict:
+        return app_state(contents, model, optimizer, progress, scheduler, env.rank, loader, env.device)
+
+    if point is not None:
+        resume_from(point, ckpt, state, same_world, env, journal, log)
+
+    start_step = int(progress["step"])
     batches = iter(loader)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     first_loss = last_loss = None
@@ -110,12 +241,10 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
         set_lr(optimizer, lr)
         loss, grad_norm = train_step(model, optimizer, batches, t.grad_accum, t.grad_clip, env.device)
         done = step + 1  # completed optimizer steps
+        progress.update(step=done, samples_seen=done * t.batch_size, world_size=env.world_size)
+        scheduler.update(step=done, lr=lr)
         loss_value = distributed.all_reduce_mean([loss.item()], env.device)[0]
-        values = {
-            "loss": loss_value,
-            "lr": lr,
-            "tokens_per_s": tokens_per_step / (time.perf_counter() - started),
-        }
+        values = {"loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
         if grad_norm is not None:
             values["grad_norm"] = (
                 grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
@@ -123,9 +252,80 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             values["dev_loss"] = evaluate(model, dev, env.device)
         log.log(done, values)
+        save_checkpoint(ckpt, policy, done, values, state, env.world_size)
         first_loss = loss_value if first_loss is None else first_loss
         last_loss = loss_value
 
-    log.print(f"curry-train: finished {t.steps} steps; first loss {first_loss:.4f}, last loss {last_loss:.4f}")
+    ckpt.wait()
+    journal.append("run_end", t.steps, last_loss=last_loss)
+    if first_loss is not None:
+        log.print(f"curry-train: finished {t.steps} steps; first loss {first_loss:.4f}, last loss {last_loss:.4f}")
     log.close()
+    journal.close()
     return TrainResult(run_dir, t.steps, first_loss, last_loss)
+
+
+def save_checkpoint(
+    ckpt: Checkpointer, policy: Policy, step: int, values: dict[str, float], state: Any, world_size: int
+) -> None:
+    """Save what the policy says is due after `step`: the cadence roles, then best-K on a new dev metric."""
+    ckpt.poll()
+    extra = {"world_size": world_size, "step": step}
+    roles = roles_due(policy, step)
+    if roles:
+        needs_full = Role.RECOVERY in roles or policy.rollback_contents.value == "full"
+        contents = Contents.FULL if needs_full else Contents.PARAMS
+        ckpt.save(step, roles, contents, state(contents), extra)
+    metric = values.get(policy.best_k_metric)
+    if metric is not None:
+        ckpt.consider_best_k(step, metric, lambda: state(Contents.PARAMS), extra)
+
+
+def resume_from(
+    point: ResumePoint,
+    ckpt: Checkpointer,
+    state: Any,
+    same_world: bool,
+    env: distributed.Dist,
+    journal: Journal,
+    log: MetricsLogger,
+) -> None:
+    wanted = state(point.contents)
+    if not same_world:
+        # Per-rank states belong to the old layout of ranks; the data position comes from the step instead.
+        wanted.pop("dataloader", None)
+        wanted.pop("rng", None)
+    ckpt.load(point.path, wanted)
+    try:
+        relpath = point.path.resolve().relative_to(ckpt.store.path.resolve()).as_posix()
+    except ValueError:  # a checkpoint of another run directory
+        relpath = str(point.path)
+    journal.append(
+        "resume",
+        point.step,
+        path=str(relpath),
+        contents=point.contents,
+        exact=point.contents is Contents.FULL and same_world,
+        world_size=env.world_size,
+        saved_world_size=point.world_size,
+    )
+    if not same_world:
+        journal.append("world_size_change", point.step, old=point.world_size, new=env.world_size)
+    log.print(
+        f"curry-train: resumed from step {point.step} of {relpath}"
+        + ("" if same_world else f" (world size {point.world_size} -> {env.world_size})")
+        + ("" if point.contents is Contents.FULL else " (parameters only: optimizer state starts fresh)")
+    )
+
+
+def count_launches(journal_path: Path) -> int:
+    if not journal_path.exists():
+        return 0
+    return sum(1 for e in read_journal(journal_path) if e["event"] == "run_start")
+
+
+def _try(fn: Any, *args: Any) -> Any:
+    try:
+        return fn(*args)
+    except ResumeError as err:
+        return err

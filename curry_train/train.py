@@ -28,6 +28,9 @@ def main(raw: DictConfig) -> None:
     except ConfigError as err:
         print(f"curry-train: invalid config: {err}", file=sys.stderr)
         sys.exit(2)
+    except loop.ResumeError as err:
+        print(f"curry-train: cannot resume: {err}", file=sys.stderr)
+        sys.exit(2)
     finally:
         distributed.shutdown()
 

@@ -1,0 +1,209 @@
+"""Carries out the policy: save through DCP, commit, link, move `latest`, apply retention, journal each event.
+
+Every rank calls `save` (DCP is collective); only rank 0 touches the run directory and the journal. Decisions
+(which roles, best-K admission) are pure functions of values every rank has, so ranks agree without talking.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+from torch.distributed.checkpoint.stateful import Stateful
+
+from curry_train.checkpoint import io
+from curry_train.checkpoint.policy import Checkpoint, Policy, Role, best_k_decision, retention
+from curry_train.checkpoint.state import Contents
+from curry_train.checkpoint.store import RunDir
+from curry_train.journal import Journal
+
+
+@dataclass
+class PendingSave:
+    """A save whose bytes are being written (asynchronously) and that is not committed yet."""
+
+    checkpoints: list[Checkpoint]  # the first is written; the others become hard links of it
+    contents: Contents
+    staging: Path
+    started: float
+    extra: dict[str, Any]
+    future: Future | None = None
+    blocking_seconds: float = 0.0
+    evict: list[Checkpoint] = field(default_factory=list)
+
+
+class Checkpointer:
+    def __init__(
+        self,
+        store: RunDir,
+        policy: Policy,
+        journal: Journal,
+        group: dist.ProcessGroup,
+        rank: int,
+        async_save: bool = False,
+    ) -> None:
+        self.store = store
+        self.policy = policy
+        self.journal = journal
+        self.group = group
+        self.is_main = rank == 0
+        self.async_save = async_save
+        self.pending: PendingSave | None = None
+        self.best: list[Checkpoint] = self._shared_listing(Role.BEST_K)
+
+    def _shared_listing(self, role: Role) -> list[Checkpoint]:
+        """Rank 0's view of the committed checkpoints of `role`, given to every rank."""
+        box = [self.store.list(role) if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return list(box[0] or [])
+
+    def clean_leftovers(self, step: int) -> None:
+        if self.is_main:
+            for path in self.store.clean_leftovers():
+                self.journal.append(
+                    "delete",
+                    step,
+                    path=str(path.relative_to(self.store.path)),
+                    reason="uncommitted leftover of an interrupted save or delete",
+                )
+
+    # ------------------------------------------------------------------------------------------------ saving
+
+    def save(
+        self, step: int, roles: list[Role], contents: Contents, state: dict[str, Stateful], extra: dict[str, Any]
+    ) -> None:
+        """Save one set of bytes for `roles` at `step` (the first role is written, the others linked)."""
+        self.wait()
+        # Recovery is written and the other role linked to it: recovery is kept longest, and `latest` names it.
+        ordered = sorted(roles, key=lambda role: role is not Role.RECOVERY)
+        checkpoints = [Checkpoint(role, step) for role in ordered]
+        self._start(PendingSave(checkpoints, contents, Path(), time.perf_counter(), extra), state)
+
+    def consider_best_k(
+        self, step: int, value: float, state_factory: Callable[[], dict[str, Stateful]], extra: dict[str, Any]
+    ) -> bool:
+        """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k."""
+        if self.policy.best_k == 0:
+            return False
+        # Rounded so the checkpoint's name stays readable (dev-loss-2.341-step-...); ties keep the earlier one.
+        value = round(value, 4)
+        decision = best_k_decision(self.policy, self.best, step, value)
+        if not decision.admit:
+            return False
+        self.wait()
+        ckpt = Checkpoint(Role.BEST_K, step, metric=value, metric_name=self.policy.best_k_metric)
+        self.best = [c for c in self.best if c not in decision.evict] + [ckpt]
+        pending = PendingSave([ckpt], Contents.PARAMS, Path(), time.perf_counter(), extra, evict=decision.evict)
+        if self.is_main:
+            self.journal.append(
+                "best_k",
+                step,
+                metric=self.policy.best_k_metric,
+                value=value,
+                reason=decision.reason,
+                evict=[c.relpath for c in decision.evict],
+            )
+        self._start(pending, state_factory())
+        return True
+
+    def _start(self, pending: PendingSave, state: dict[str, Stateful]) -> None:
+        first = pending.checkpoints[0]
+        # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name)
+        # before DCP's planning collective lets the other ranks write into it.
+        pending.staging = self.store.staging_dir(first) if self.is_main else self.store.path_of(first)
+        box = [str(pending.staging)]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        pending.staging = Path(box[0])
+        started = time.perf_counter()
+        if self.async_save:
+            pending.future = io.async_save(state, pending.staging, self.group)
+            pending.blocking_seconds = time.perf_counter() - started
+            self.pending = pending
+        else:
+            io.save(state, pending.staging, self.group)
+            pending.blocking_seconds = time.perf_counter() - started
+            self._finish(pending)
+
+    def poll(self) -> None:
+        """Commit an asynchronous save whose bytes are all written (rank 0); cheap when nothing is pending."""
+        if self.pending is not None and self.pending.future is not None and self.pending.future.done():
+            self.wait()
+
+    def wait(self) -> None:
+        """Block until the pending asynchronous save (if any) is written, then commit it."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        assert pending.future is not None
+        try:
+            pending.future.result()
+        except Exception as err:  # the write failed: keep every existing checkpoint, say what happened
+            if self.is_main:
+                self.journal.append(
+                    "error",
+                    pending.checkpoints[0].step,
+                    role=pending.checkpoints[0].role,
+                    reason=f"asynchronous save failed: {err!r}",
+                )
+            raise
+        self._finish(pending)
+
+    def _finish(self, pending: PendingSave) -> None:
+        if self.is_main:
+            self._commit(pending)
+
+    def _commit(self, pending: PendingSave) -> None:
+        first = pending.checkpoints[0]
+        extra = {**pending.extra, "contents": pending.contents.value}
+        manifest = self.store.commit(first, pending.staging, extra=extra)
+        seconds = time.perf_counter() - pending.started
+        self.journal.append(
+            "save",
+            first.step,
+            role=first.role,
+            path=first.relpath,
+            bytes=manifest.total_bytes,
+            seconds=round(seconds, 4),
+            blocking_seconds=round(pending.blocking_seconds, 4),
+            contents=pending.contents,
+        )
+        for ckpt in pending.checkpoints[1:]:
+            linked = self.store.link(first, ckpt)
+            self.journal.append(
+                "save",
+                ckpt.step,
+                role=ckpt.role,
+                path=ckpt.relpath,
+                bytes=linked.total_bytes,
+                seconds=0.0,
+                linked_from=first.relpath,
+                contents=pending.contents,
+            )
+        if pending.contents is Contents.FULL:
+            self.store.set_latest(first)
+        self._apply_retention(first.step)
+
+    def _apply_retention(self, step: int) -> None:
+        latest = self.store.latest()
+        protected = {latest.relpath} if latest else set()
+        for deletion in retention(self.policy, self.store.list(), protected):
+            freed = self.store.delete(deletion.checkpoint)
+            self.journal.append(
+                "delete",
+                deletion.checkpoint.step,
+                role=deletion.checkpoint.role,
+                path=deletion.checkpoint.relpath,
+                bytes=freed,
+                reason=deletion.reason,
+            )
+
+    # ------------------------------------------------------------------------------------------------ loading
+
+    def load(self, path: Path, state: dict[str, Stateful]) -> None:
+        """Load the keys of `state` that the checkpoint at `path` holds (all ranks)."""
+        io.load(state, path, self.group)

@@ -1,0 +1,143 @@
+"""What each role's checkpoint holds, as `Stateful` objects under fixed keys for DCP.
+
+Keys of a checkpoint (each a top-level key of the DCP state dict):
+    model       parameters (every role)
+    optim       optimizer state (recovery; rollback with rollback_contents=full)
+    progress    the harness's counters: step, global sample cursor, world size, ... (every role)
+    scheduler   the schedule's position: step and the lr it gives (full state)
+    dataloader  each rank's StatefulDataLoader state, under `rank<r>` (full state)
+    rng         each rank's Python, NumPy and torch RNG states, under `rank<r>` (full state)
+
+Per-rank states are pickled into one bytes object per rank: DCP keeps one copy of a non-tensor value per key,
+so keying by rank is what keeps rank 1's data position from being overwritten by rank 0's.
+"""
+
+from __future__ import annotations
+
+import enum
+import pickle
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+
+
+class Contents(enum.StrEnum):
+    FULL = "full"  # everything that decides the next step: exact resume
+    PARAMS = "params"  # parameters (and the step they belong to) only
+
+
+FULL_KEYS = ("model", "optim", "progress", "scheduler", "dataloader", "rng")
+PARAMS_KEYS = ("model", "progress")
+
+
+def keys_for(contents: Contents) -> tuple[str, ...]:
+    return FULL_KEYS if contents is Contents.FULL else PARAMS_KEYS
+
+
+class ModelState(Stateful):
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
+
+
+class OptimState(Stateful):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+class DictState(Stateful):
+    """A flat dict of numbers shared by all ranks (the progress counters, the schedule position)."""
+
+    def __init__(self, values: dict[str, int | float]) -> None:
+        self.values = values
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.values)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.values.update(state_dict)
+
+
+class PerRankState(Stateful):
+    """One rank's opaque state, pickled under `rank<r>` so every rank keeps its own."""
+
+    def __init__(self, rank: int, get: Callable[[], Any], put: Callable[[Any], None]) -> None:
+        self.key = f"rank{rank}"
+        self.get = get
+        self.put = put
+
+    def state_dict(self) -> dict[str, Any]:
+        return {self.key: pickle.dumps(self.get())}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.put(pickle.loads(state_dict[self.key]))
+
+
+def capture_rng(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: torch.device) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def rng_digest(device: torch.device) -> str:
+    """A short fingerprint of this rank's RNG states, for the resume-fidelity check."""
+    import hashlib
+
+    return hashlib.sha256(pickle.dumps(capture_rng(device))).hexdigest()[:16]
+
+
+def app_state(
+    contents: Contents,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    progress: dict[str, int | float],
+    scheduler: dict[str, int | float],
+    rank: int,
+    loader: Any,
+    device: torch.device,
+) -> dict[str, Stateful]:
+    """The DCP state dict of a checkpoint with `contents`: Stateful objects that DCP saves and loads in place."""
+    state: dict[str, Stateful] = {"model": ModelState(model), "progress": DictState(progress)}
+    if contents is Contents.FULL:
+        state["optim"] = OptimState(model, optimizer)
+        state["scheduler"] = DictState(scheduler)
+        state["dataloader"] = PerRankState(rank, loader.state_dict, loader.load_state_dict)
+        state["rng"] = PerRankState(rank, lambda: capture_rng(device), lambda s: restore_rng(s, device))
+    return state
