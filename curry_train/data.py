@@ -59,7 +59,14 @@ def _bytes_corpus(files: list[tuple[str, Path]], cfg: DataConfig, description: s
         if cfg.max_bytes and total >= cfg.max_bytes:
             break
     sep = b"\n\n"
-    arrays = [np.frombuffer(sep.join(part), dtype=np.uint8) for part in (train, dev)]
+    train_bytes, dev_bytes = sep.join(train), sep.join(dev)
+    if len(train_bytes) <= 2 * cfg.seq_len or len(dev_bytes) <= 2 * cfg.seq_len:
+        # Too few files for a split by file (one book, or a small max_bytes): hold out the tail instead.
+        everything = sep.join(part for part in (train_bytes, dev_bytes) if part)
+        cut = int(len(everything) * (1 - cfg.dev_fraction))
+        train_bytes, dev_bytes = everything[:cut], everything[cut:]
+        description += f", the last {cfg.dev_fraction:.0%} held out as dev"
+    arrays = [np.frombuffer(part, dtype=np.uint8) for part in (train_bytes, dev_bytes)]
     return Corpus(arrays[0], arrays[1], 256, description)
 
 
@@ -84,10 +91,10 @@ def text_files(spec: str) -> list[tuple[str, Path]]:
     return out
 
 
-def _token_file(path: str, dtype: str) -> np.ndarray:
+def _token_file(path: str, dtype: str, key: str) -> np.ndarray:
     p = Path(path).expanduser()
     if not p.is_file():
-        raise FileNotFoundError(f"data.path: token file {str(p)!r} does not exist")
+        raise FileNotFoundError(f"{key}: token file {str(p)!r} does not exist")
     return np.memmap(p, dtype=np.dtype(dtype), mode="r")
 
 
@@ -97,9 +104,9 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         return _bytes_corpus(files, cfg, f"Python {sysconfig.get_python_version()} standard library, bytes")
     if cfg.name == "text":
         return _bytes_corpus(text_files(cfg.path or ""), cfg, f"text files under {cfg.path}, bytes")
-    train = _token_file(cfg.path or "", cfg.token_dtype)
+    train = _token_file(cfg.path or "", cfg.token_dtype, "data.path")
     if cfg.dev_path:
-        dev = _token_file(cfg.dev_path, cfg.token_dtype)
+        dev = _token_file(cfg.dev_path, cfg.token_dtype, "data.dev_path")
     else:
         # No dev file: hold out the tail of the train file.
         cut = int(len(train) * (1 - cfg.dev_fraction))

@@ -205,6 +205,11 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
     )
 
     corpus = load_corpus(cfg.data)
+    if corpus.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
+            f"({corpus.vocab_size} token ids in {cfg.data.name} data)"
+        )
     model, n_params = build_sharded_model(cfg, env)
     optimizer = build_optimizer(model, cfg.optimizer)
     log.print(

@@ -212,6 +212,13 @@ def summarize(times: list[float], tokens_per_step: int) -> dict[str, float]:
     }
 
 
+def round_ratios(times: dict[str, list[float]], steps: int) -> list[float]:
+    """harness/plain of each round's block medians: adjacent blocks, so slow drift cancels within a round."""
+    h, p = times["harness"], times["plain"]
+    blocks = range(0, len(h), steps)
+    return [statistics.median(h[i : i + steps]) / statistics.median(p[i : i + steps]) for i in blocks]
+
+
 # --- report ------------------------------------------------------------------------------------------------------
 
 
@@ -234,6 +241,8 @@ def print_report(result: dict) -> None:
     print("harness phases, median ms/step (slowest rank):")
     for name, seconds in result["harness_phases_s"].items():
         print(f"  {name:<16}{seconds * 1e3:>10.3f}")
+    rounds = ", ".join(f"{r:.3f}" for r in result["round_ratios"])
+    print(f"per-round harness/plain ratios: {rounds} (median {statistics.median(result['round_ratios']):.3f})")
     print(f"harness/plain ratio: {result['ratio']:.3f}")
 
 
@@ -273,6 +282,7 @@ def main() -> None:
             "variants": stats,
             "harness_phases_s": phases,
             "ratio": stats["harness"]["median_s"] / stats["plain"]["median_s"],
+            "round_ratios": round_ratios(times, args.steps),
             "step_times_s": times,
         }
         if env.is_main:

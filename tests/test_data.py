@@ -202,11 +202,6 @@ def test_text_comma_separated_paths(tmp_path: Path) -> None:
     assert all(data in everything for data in one.values())
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug in data.py: a single text file lands wholly in train or dev, so the other split is empty and "
-    "dev_batches/WindowDataset raise ValueError for `data=text data.path=FILE`",
-)
 def test_text_single_file_gives_train_and_dev(tmp_path: Path) -> None:
     book = tmp_path / "book.txt"
     book.write_bytes(b"It was a dark and stormy night. " * 2000)
@@ -261,7 +256,6 @@ def test_tokens_missing_file_names_data_path(tmp_path: Path) -> None:
         load_corpus(DataConfig(name="tokens", path=str(tmp_path / "missing.bin")))
 
 
-@pytest.mark.xfail(strict=True, reason="bug in data.py: a missing data.dev_path is reported as `data.path: ...`")
 def test_tokens_missing_dev_file_names_data_dev_path(tmp_path: Path) -> None:
     write_tokens(tmp_path / "train.bin", np.arange(100, dtype=np.uint16))
     cfg = DataConfig(name="tokens", path=str(tmp_path / "train.bin"), dev_path=str(tmp_path / "missing.bin"))

@@ -196,6 +196,31 @@ def test_logits_at_t_do_not_depend_on_later_tokens(n_kv_heads: int | None) -> No
             assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :]), "later logits must see the change"
 
 
+@pytest.mark.parametrize("n_kv_heads", [None, 2, 1])
+def test_attention_matches_a_reference_with_hugging_face_head_grouping(n_kv_heads: int | None) -> None:
+    # Query head h attends with key/value head h // (n_heads / n_kv_heads), as Hugging Face's repeat_kv does.
+    cfg = ModelConfig(dim=64, n_layers=1, n_heads=4, n_kv_heads=n_kv_heads, ffn_dim=128, vocab_size=256, max_seq_len=16)
+    model = materialised(cfg, seed=1)
+    attn = model.layers[0].attention
+    b, t, h, hd = 2, 12, 4, 16
+    kv = n_kv_heads or h
+    x = torch.randn(b, t, cfg.dim, generator=torch.Generator().manual_seed(0)).double()
+    pos = torch.arange(t)
+    q = reference_rotary((x @ attn.wq.weight.double().T).view(b, t, h, hd).transpose(1, 2), pos, cfg.rope_theta)
+    k = reference_rotary((x @ attn.wk.weight.double().T).view(b, t, kv, hd).transpose(1, 2), pos, cfg.rope_theta)
+    v = (x @ attn.wv.weight.double().T).view(b, t, kv, hd).transpose(1, 2)
+    future = torch.triu(torch.ones(t, t, dtype=torch.bool), diagonal=1)
+    heads = []
+    for head in range(h):
+        g = head // (h // kv)
+        scores = (q[:, head] @ k[:, g].transpose(-1, -2)) / math.sqrt(hd)
+        heads.append(scores.masked_fill(future, float("-inf")).softmax(-1) @ v[:, g])
+    want = torch.cat(heads, dim=-1) @ attn.wo.weight.double().T
+    with torch.no_grad():
+        got = attn(x.float(), model.rope_cos[:t], model.rope_sin[:t])
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+
 def test_materialised_model_is_a_function_of_the_seed() -> None:
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, ffn_dim=128, vocab_size=256, max_seq_len=64)
     tokens = torch.arange(16).view(1, 16)

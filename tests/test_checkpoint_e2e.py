@@ -1,0 +1,196 @@
+"""End to end: real torchrun jobs on CPU write the checkpoints the policy promises, and nothing else."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+from curry_train.checkpoint.policy import Checkpoint, Role
+from curry_train.checkpoint.store import RunDir
+from curry_train.journal import read_journal
+from curry_train.metrics import read_metrics
+from tests.conftest import FAST, only_run_dir, popen_train, run_train
+
+CADENCES = [
+    "train.steps=12",
+    "train.eval_every=3",
+    "checkpoint.rollback_every=2",
+    "checkpoint.recovery_every=4",
+    "checkpoint.best_k=2",
+    "checkpoint.retention.rollback_keep=2",
+    "checkpoint.retention.recovery_keep=2",
+    "data.num_workers=2",
+]
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cwd = tmp_path_factory.mktemp("cadences")
+    run_train([*FAST, *CADENCES], cwd, nproc=2)
+    return only_run_dir(cwd / "runs")
+
+
+def dcp_keys(path: Path, tmp_path: Path) -> dict:
+    out = tmp_path / f"{path.parent.name}-{path.name}.pt"
+    dcp_to_torch_save(path, out)
+    return torch.load(out, weights_only=False)
+
+
+def test_directories_hold_exactly_the_expected_checkpoints(two_rank_run: Path) -> None:
+    store = RunDir(two_rank_run)
+    steps = {role: sorted(c.step for c in store.list(role)) for role in Role}
+    assert steps[Role.ROLLBACK] == [10, 12]
+    assert steps[Role.RECOVERY] == [8, 12]
+    # best-K: the two lowest dev losses among the evaluations at steps 3, 6, 9, 12.
+    dev = {s: m["dev_loss"] for s, m in read_metrics(two_rank_run / "metrics.jsonl").items() if "dev_loss" in m}
+    assert sorted(dev) == [3, 6, 9, 12]
+    best_two = sorted(sorted(dev, key=lambda s: (round(dev[s], 4), s))[:2])
+    assert steps[Role.BEST_K] == best_two
+    assert os.readlink(two_rank_run / "latest") == "recovery/step-00000012.dcp"
+    leftovers = [p for p in two_rank_run.rglob("*") if p.name.startswith((".tmp-", ".trash-"))]
+    assert leftovers == []
+    for ckpt in store.list():
+        assert store.verify(ckpt) == [], ckpt
+
+
+def test_step_due_in_two_roles_is_written_once_and_hard_linked(two_rank_run: Path) -> None:
+    store = RunDir(two_rank_run)
+    a = store.path_of(Checkpoint(Role.RECOVERY, 12))
+    b = store.path_of(Checkpoint(Role.ROLLBACK, 12))
+    for name in (".metadata", "__0_0.distcp", "__1_0.distcp"):
+        assert (a / name).stat().st_ino == (b / name).stat().st_ino
+
+
+def test_journal_lists_every_save_and_delete(two_rank_run: Path) -> None:
+    events = read_journal(two_rank_run / "journal.jsonl")
+    saves = {(e["role"], e["step"]) for e in events if e["event"] == "save"}
+    expected_cadence = {("rollback", s) for s in range(2, 13, 2)} | {("recovery", s) for s in (4, 8, 12)}
+    assert expected_cadence <= saves
+    deletes = {(e["role"], e["step"]) for e in events if e["event"] == "delete"}
+    assert {("rollback", s) for s in (2, 4, 6, 8)} <= deletes
+    assert ("recovery", 4) in deletes
+    # What is on disk is exactly what was saved and not deleted.
+    on_disk = {(c.role.value, c.step) for c in RunDir(two_rank_run).list()}
+    assert on_disk == saves - deletes
+    for e in events:
+        if e["event"] == "save":
+            assert e["bytes"] > 0 and e["seconds"] >= 0 and e["path"].endswith(".dcp")
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "run_start" and "policy" in kinds and kinds[-1] == "run_end"
+
+
+def test_checkpoints_load_with_pytorchs_own_tools(two_rank_run: Path, tmp_path: Path) -> None:
+    store = RunDir(two_rank_run)
+    recovery = dcp_keys(store.path_of(store.list(Role.RECOVERY)[-1]), tmp_path)
+    assert {"model", "optim", "progress", "scheduler", "dataloader", "rng"} <= set(recovery)
+    assert set(recovery["dataloader"]) == {"rank0", "rank1"}  # each rank's data position, kept apart
+    assert recovery["progress"]["step"] == 12
+    assert "layers.0.attention.wq.weight" in recovery["model"]
+    rollback = dcp_keys(store.path_of(store.list(Role.ROLLBACK)[0]), tmp_path)
+    assert {"model", "optim", "rng"} <= set(rollback)
+    best = dcp_keys(store.path_of(store.list(Role.BEST_K)[0]), tmp_path)
+    assert set(best) == {"model", "progress"}, "a best-K checkpoint holds parameters only"
+
+
+def test_metrics_have_a_line_per_step_and_loss_falls(two_rank_run: Path) -> None:
+    metrics = read_metrics(two_rank_run / "metrics.jsonl")
+    assert sorted(metrics) == list(range(1, 13))
+    for m in metrics.values():
+        assert isinstance(m["loss"], float) and isinstance(m["lr"], float)
+    assert metrics[12]["loss"] < metrics[1]["loss"] - 0.5
+
+
+def test_parameters_only_rollback(tmp_path: Path) -> None:
+    run_train(
+        [
+            *FAST,
+            "train.steps=4",
+            "train.eval_every=0",
+            "checkpoint.rollback_every=1",
+            "checkpoint.recovery_every=0",
+            "checkpoint.rollback_contents=params",
+        ],
+        tmp_path,
+    )
+    run_dir = only_run_dir(tmp_path / "runs")
+    store = RunDir(run_dir)
+    assert [c.step for c in store.list(Role.ROLLBACK)] == [1, 2, 3, 4]
+    keys = dcp_keys(store.path_of(store.list(Role.ROLLBACK)[-1]), tmp_path)
+    assert set(keys) == {"model", "progress"}
+    # Nothing to resume exactly from: `latest` is never made to point at a parameters-only checkpoint.
+    assert not (run_dir / "latest").exists()
+
+
+def test_kill_during_save_keeps_previous_checkpoints_and_latest(tmp_path: Path) -> None:
+    # model=small makes a full checkpoint ~0.7 GB, so the save lasts long enough to be killed in the middle.
+    args = [
+        "model=small",
+        *FAST,
+        "train.steps=3",
+        "train.eval_every=0",
+        "checkpoint.rollback_every=1",
+        "checkpoint.recovery_every=0",
+        "checkpoint.best_k=0",
+    ]
+    job = popen_train(args, tmp_path)
+    staging = None
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and job.poll() is None:
+            runs = tmp_path / "runs"
+            found = list(runs.glob("*/rollback/.tmp-step-00000002.dcp/*")) if runs.exists() else []
+            if any(p.stat().st_size > 0 for p in found if p.is_file()):
+                staging = found[0].parent
+                break
+            time.sleep(0.005)
+        assert staging is not None, "the second save never started"
+        os.killpg(job.pid, signal.SIGKILL)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+    run_dir = only_run_dir(tmp_path / "runs")
+    store = RunDir(run_dir)
+    assert [c.step for c in store.list()] == [1], "the interrupted save must not be listed"
+    assert store.latest() == Checkpoint(Role.ROLLBACK, 1)
+    assert store.verify(Checkpoint(Role.ROLLBACK, 1)) == []
+    events = read_journal(run_dir / "journal.jsonl")
+    assert [e["step"] for e in events if e["event"] == "save"] == [1]
+    # The next start (a resume) removes the leftover and continues from the committed checkpoint.
+    run_train([*args, "+resume=latest"], tmp_path)
+    assert not staging.exists()
+    assert [c.step for c in store.list()] == [1, 2, 3]
+    events = read_journal(run_dir / "journal.jsonl")
+    assert any(e["event"] == "delete" and ".tmp-step-00000002.dcp" in e.get("path", "") for e in events)
+    assert [e["step"] for e in events if e["event"] == "resume"] == [1]
+
+
+def test_journal_command_prints_events(two_rank_run: Path) -> None:
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "curry_train.cli", "journal", str(two_rank_run)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert any("save" in line and "recovery/step-00000012.dcp" in line for line in lines)
+    assert any("delete" in line and "rollback/step-00000002.dcp" in line for line in lines)
+    assert len(lines) >= len(read_journal(two_rank_run / "journal.jsonl"))
+
+
+def test_policy_block_printed_and_journaled(two_rank_run: Path) -> None:
+    policy = [e for e in read_journal(two_rank_run / "journal.jsonl") if e["event"] == "policy"][0]
+    assert policy["roles"]["rollback"]["every"] == 2 and policy["roles"]["recovery"]["keep"] == 2
+    assert policy["committed_bytes"] > 0
+    json.dumps(policy)
