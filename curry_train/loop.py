@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from curry_train import distributed
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan import committed_bytes, human_bytes, role_estimates
 from curry_train.checkpoint.policy import Policy, Role, roles_due
-from curry_train.checkpoint.state import Contents, app_state
+from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, app_state, fidelity_record
 from curry_train.checkpoint.store import Manifest, RunDir
 from curry_train.config import Config, ConfigError, validate
 from curry_train.data import Slicing, build_train_loader, dev_batches, load_corpus
@@ -97,6 +98,26 @@ def train_step(
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / grad_accum, grad_norm
+
+
+def optimizer_step(
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batches: Iterator[dict],
+    cfg: Config,
+    device: torch.device,
+) -> dict[str, float]:
+    """Optimizer step `step` (0-based) at the schedule's lr; returns the metrics every rank agrees on."""
+    lr = lr_at(step, cfg.optimizer.lr, cfg.train.steps, cfg.scheduler)
+    set_lr(optimizer, lr)
+    loss, grad_norm = train_step(model, optimizer, batches, cfg.train.grad_accum, cfg.train.grad_clip, device)
+    # The mean loss over ranks for the metrics file; the grad norm is already global (clipping computed it).
+    loss_value = distributed.all_reduce_mean([loss.item()], device)[0]
+    values = {"loss": loss_value, "lr": lr}
+    if grad_norm is not None:
+        values["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
+    return values
 
 
 @torch.no_grad()
@@ -230,36 +251,47 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
     loader = build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_step=0 if same_world else point.step)
     dev = dev_batches(corpus.dev, cfg.data, Slicing(t.batch_size, env.world_size, env.rank, 1), t.seed, t.eval_batches)
 
+    saved_fidelity: dict[str, Any] = {}
+
+    def fidelity_now() -> dict[str, Any]:
+        return fidelity_record(model, env.device, slicing.indices(int(progress["step"]), 0))
+
     def state(contents: Contents) -> dict:
-        return app_state(contents, model, optimizer, progress, scheduler, env.rank, loader, env.device)
+        return app_state(
+            contents,
+            model,
+            optimizer,
+            progress,
+            scheduler,
+            env.rank,
+            loader,
+            env.device,
+            fidelity=(fidelity_now, saved_fidelity.update),
+        )
 
     if point is not None:
         resume_from(point, ckpt, state, same_world, env, journal, log)
+        check_fidelity(saved_fidelity, fidelity_now())
 
     start_step = int(progress["step"])
     batches = iter(loader)
+    if point is not None:
+        batches = check_next_batch(batches, slicing.indices(start_step, 0))
     tokens_per_step = t.batch_size * cfg.data.seq_len
     first_loss = last_loss = None
     for step in range(start_step, t.steps):
         started = time.perf_counter()
-        lr = lr_at(step, cfg.optimizer.lr, t.steps, cfg.scheduler)
-        set_lr(optimizer, lr)
-        loss, grad_norm = train_step(model, optimizer, batches, t.grad_accum, t.grad_clip, env.device)
+        values = optimizer_step(step, model, optimizer, batches, cfg, env.device)
+        values["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
         done = step + 1  # completed optimizer steps
         progress.update(step=done, samples_seen=done * t.batch_size, world_size=env.world_size)
-        scheduler.update(step=done, lr=lr)
-        loss_value = distributed.all_reduce_mean([loss.item()], env.device)[0]
-        values = {"loss": loss_value, "lr": lr, "tokens_per_s": tokens_per_step / (time.perf_counter() - started)}
-        if grad_norm is not None:
-            values["grad_norm"] = (
-                grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
-            )
+        scheduler.update(step=done, lr=values["lr"])
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             values["dev_loss"] = evaluate(model, dev, env.device)
         log.log(done, values)
         save_checkpoint(ckpt, policy, done, values, state, env.world_size)
-        first_loss = loss_value if first_loss is None else first_loss
-        last_loss = loss_value
+        first_loss = values["loss"] if first_loss is None else first_loss
+        last_loss = values["loss"]
 
     ckpt.wait()
     journal.append("run_end", t.steps, last_loss=last_loss)
@@ -298,8 +330,8 @@ def resume_from(
     wanted = state(point.contents)
     if not same_world:
         # Per-rank states belong to the old layout of ranks; the data position comes from the step instead.
-        wanted.pop("dataloader", None)
-        wanted.pop("rng", None)
+        for key in PER_RANK_KEYS:
+            wanted.pop(key, None)
     ckpt.load(point.path, wanted)
     try:
         relpath = point.path.resolve().relative_to(ckpt.store.path.resolve()).as_posix()
@@ -321,6 +353,34 @@ def resume_from(
         + ("" if same_world else f" (world size {point.world_size} -> {env.world_size})")
         + ("" if point.contents is Contents.FULL else " (parameters only: optimizer state starts fresh)")
     )
+
+
+def check_fidelity(saved: dict[str, Any], now: dict[str, Any]) -> None:
+    """After a resume on the same world size: parameters and RNG must be bitwise what was saved."""
+    for key in ("params", "rng"):
+        if key in saved and saved[key] != now[key]:
+            raise ResumeError(
+                f"resume fidelity check failed: the {key} digest after loading is {now[key]}, "
+                f"the checkpoint recorded {saved[key]}; the checkpoint or the code that loads it is "
+                "not what saved it"
+            )
+    if "next_indices" in saved and saved["next_indices"] != now["next_indices"]:
+        raise ResumeError(
+            f"resume fidelity check failed: the next batch would be samples {now['next_indices'][:4]}..., "
+            f"the checkpoint recorded {saved['next_indices'][:4]}..."
+        )
+
+
+def check_next_batch(batches: Iterator[dict], expected: list[int]) -> Iterator[dict]:
+    """The first batch after a resume must be the one the global sample cursor names; it is then passed on."""
+    first = next(batches)
+    got = first["index"].tolist()
+    if got != expected:
+        raise ResumeError(
+            f"resume fidelity check failed: the data loader resumed at samples {got[:4]}..., "
+            f"the step's cursor names {expected[:4]}..."
+        )
+    return itertools.chain([first], batches)
 
 
 def count_launches(journal_path: Path) -> int:

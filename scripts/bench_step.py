@@ -8,9 +8,9 @@ batches, fetched once before any timing (data loading is excluded from both). Ea
 one variant, then of the other, each after `--warmup` untimed steps; the order alternates between rounds so that
 drift on a shared machine cancels. A step's time is the slowest rank's; the ratio compares medians over all rounds.
 
-"harness" is what `loop.train` does per optimizer step (lr schedule, `loop.train_step`, the loss all-reduce, the
-grad-norm `.item()`, one metrics line), mirrored here because the loop's per-step body is not a function of its
-own. Evaluation, which the loop runs every `train.eval_every` steps, is not part of a step and is left out.
+"harness" is what `loop.train` does per optimizer step: `loop.optimizer_step` (lr schedule, `loop.train_step`, the
+loss all-reduce, the grad norm) and one metrics line through `MetricsLogger`. Evaluation, which the loop runs
+every `train.eval_every` steps, is not part of a step and is left out.
 "plain" is forward, cross-entropy, backward, `clip_grad_norm_`, `step`, `zero_grad`, and nothing else.
 
 Extra positional arguments are Hydra overrides (e.g. `optimizer.lr=1e-3`).
@@ -37,11 +37,11 @@ from curry_train import distributed, loop
 from curry_train.config import Config, resolve, validate
 from curry_train.data import Slicing, build_train_loader, load_corpus
 from curry_train.metrics import MetricsLogger
-from curry_train.optim import build_optimizer, lr_at, set_lr
+from curry_train.optim import build_optimizer
 
 Batch = dict[str, torch.Tensor]
 # The phases of the harness step, in order; each is timed on its own to explain a ratio above 1.
-PHASES = ("lr", "train_step", "loss_all_reduce", "grad_norm_item", "metrics_log")
+PHASES = ("optimizer_step", "metrics_log")
 
 
 def parse_args() -> argparse.Namespace:
@@ -122,7 +122,7 @@ def make_plain_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip: flo
 
 @dataclass
 class Harness:
-    """The state `loop.train` keeps across steps, and its per-step body (mirrored: see the module docstring)."""
+    """The state `loop.train` keeps across steps, and its per-step calls."""
 
     cfg: Config
     env: distributed.Dist
@@ -134,35 +134,15 @@ class Harness:
     phases: dict[str, list[float]] = field(default_factory=lambda: {name: [] for name in PHASES})
 
     def run(self, batch: Batch) -> None:
-        t, env = self.cfg.train, self.env
         marks = [time.perf_counter()]
-        started = marks[0]
-        # --- from loop.train, verbatim but for `batches` and the eval branch ---
-        lr = lr_at(self.step, self.cfg.optimizer.lr, t.steps, self.cfg.scheduler)
-        set_lr(self.optimizer, lr)
+        values = loop.optimizer_step(self.step, self.model, self.optimizer, iter((batch,)), self.cfg, self.env.device)
         marks.append(time.perf_counter())
-        batches = iter((batch,))
-        loss, grad_norm = loop.train_step(self.model, self.optimizer, batches, t.grad_accum, t.grad_clip, env.device)
+        values["tokens_per_s"] = self.cfg.train.batch_size * self.cfg.data.seq_len / (marks[1] - marks[0])
+        self.log.log(self.step + 1, values)
         marks.append(time.perf_counter())
-        done = self.step + 1
-        loss_value = distributed.all_reduce_mean([loss.item()], env.device)[0]
-        marks.append(time.perf_counter())
-        values = {
-            "loss": loss_value,
-            "lr": lr,
-            "tokens_per_s": t.batch_size * self.cfg.data.seq_len / (time.perf_counter() - started),
-        }
-        if grad_norm is not None:
-            values["grad_norm"] = (
-                grad_norm.full_tensor().item() if hasattr(grad_norm, "full_tensor") else grad_norm.item()
-            )
-        marks.append(time.perf_counter())
-        self.log.log(done, values)
-        marks.append(time.perf_counter())
-        # --- end of the mirrored body ---
-        self.step = done
-        for name, a, b in zip(PHASES, marks[:-1], marks[1:], strict=True):
-            self.phases[name].append(b - a)
+        self.step += 1
+        for name, start, end in zip(PHASES, marks[:-1], marks[1:], strict=True):
+            self.phases[name].append(end - start)
 
 
 # --- timing ------------------------------------------------------------------------------------------------------
@@ -224,7 +204,7 @@ def round_ratios(times: dict[str, list[float]], steps: int) -> list[float]:
 
 def phase_breakdown(harness: Harness, warmup: int, steps: int) -> dict[str, float]:
     """Median seconds of each harness phase over the timed steps (warmup steps dropped), slowest rank per step."""
-    timed = [i for i in range(len(harness.phases["lr"])) if i % (warmup + steps) >= warmup]
+    timed = [i for i in range(len(harness.phases["optimizer_step"])) if i % (warmup + steps) >= warmup]
     return {name: statistics.median(slowest_rank([harness.phases[name][i] for i in timed])) for name in PHASES}
 
 

@@ -7,6 +7,8 @@ Keys of a checkpoint (each a top-level key of the DCP state dict):
     scheduler   the schedule's position: step and the lr it gives (full state)
     dataloader  each rank's StatefulDataLoader state, under `rank<r>` (full state)
     rng         each rank's Python, NumPy and torch RNG states, under `rank<r>` (full state)
+    fidelity    each rank's digest of its parameter shard and RNG states and the ids of its next batch, under
+                `rank<r>` (full state): recomputed after a resume, a mismatch fails loudly
 
 Per-rank states are pickled into one bytes object per rank: DCP keeps one copy of a non-tensor value per key,
 so keying by rank is what keeps rank 1's data position from being overwritten by rank 0's.
@@ -15,6 +17,7 @@ so keying by rank is what keeps rank 1's data position from being overwritten by
 from __future__ import annotations
 
 import enum
+import hashlib
 import pickle
 import random
 from collections.abc import Callable
@@ -31,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint.stateful import Stateful
+from torch.distributed.tensor import DTensor
 
 
 class Contents(enum.StrEnum):
@@ -38,7 +42,8 @@ class Contents(enum.StrEnum):
     PARAMS = "params"  # parameters (and the step they belong to) only
 
 
-FULL_KEYS = ("model", "optim", "progress", "scheduler", "dataloader", "rng")
+FULL_KEYS = ("model", "optim", "progress", "scheduler", "dataloader", "rng", "fidelity")
+PER_RANK_KEYS = ("dataloader", "rng", "fidelity")
 PARAMS_KEYS = ("model", "progress")
 
 
@@ -117,10 +122,28 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
 
 
 def rng_digest(device: torch.device) -> str:
-    """A short fingerprint of this rank's RNG states, for the resume-fidelity check."""
-    import hashlib
+    """A fingerprint of this rank's RNG states, for the resume-fidelity check."""
+    h = hashlib.sha256()
+    for name, value in capture_rng(device).items():
+        h.update(name.encode())
+        # A pickled tensor's bytes differ between equal tensors; hash the tensor's contents instead.
+        h.update(value.cpu().numpy().tobytes() if isinstance(value, torch.Tensor) else pickle.dumps(value))
+    return h.hexdigest()[:16]
 
-    return hashlib.sha256(pickle.dumps(capture_rng(device))).hexdigest()[:16]
+
+@torch.no_grad()
+def param_digest(model: nn.Module) -> str:
+    """A fingerprint of the bytes of this rank's parameter shards (bitwise: any flipped bit changes it)."""
+    h = hashlib.sha256()
+    for name, param in model.named_parameters():
+        local = param.to_local() if isinstance(param, DTensor) else param
+        h.update(name.encode())
+        h.update(local.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def fidelity_record(model: nn.Module, device: torch.device, next_indices: list[int]) -> dict[str, Any]:
+    return {"params": param_digest(model), "rng": rng_digest(device), "next_indices": list(next_indices)}
 
 
 def app_state(
@@ -132,6 +155,7 @@ def app_state(
     rank: int,
     loader: Any,
     device: torch.device,
+    fidelity: tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]] | None = None,
 ) -> dict[str, Stateful]:
     """The DCP state dict of a checkpoint with `contents`: Stateful objects that DCP saves and loads in place."""
     state: dict[str, Stateful] = {"model": ModelState(model), "progress": DictState(progress)}
@@ -140,4 +164,6 @@ def app_state(
         state["scheduler"] = DictState(scheduler)
         state["dataloader"] = PerRankState(rank, loader.state_dict, loader.load_state_dict)
         state["rng"] = PerRankState(rank, lambda: capture_rng(device), lambda s: restore_rng(s, device))
+        if fidelity is not None:
+            state["fidelity"] = PerRankState(rank, *fidelity)
     return state

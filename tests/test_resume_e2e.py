@@ -1,0 +1,98 @@
+"""Exact resume: a SIGKILLed run resumed with +resume=latest continues bitwise; other world sizes within tolerance."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from curry_train.journal import read_journal
+from curry_train.loop import ResumeError, check_fidelity
+from curry_train.metrics import read_metrics
+from tests.conftest import FAST, _env, run_train
+
+REPO = Path(__file__).resolve().parents[1]
+RESUMABLE = [*FAST, "train.steps=14", "train.eval_every=7", "checkpoint.recovery_every=5",
+             "checkpoint.rollback_every=0", "data.num_workers=2"]
+
+
+def test_sigkill_then_resume_latest_is_bitwise_identical(tmp_path: Path) -> None:
+    """The user-facing script: straight run, run SIGKILLed after step 7, that run resumed with +resume=latest."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "kill_and_resume.py"), "--nproc", "2", "--kill-at-step", "7",
+         "--root", str(tmp_path), "--", *RESUMABLE],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "result: bitwise identical" in proc.stdout
+    killed = tmp_path / "kill-and-resume-killed"
+    events = read_journal(killed / "journal.jsonl")
+    resume = [e for e in events if e["event"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == 5 and resume[0]["exact"] is True
+    assert resume[0]["path"] == "recovery/step-00000005.dcp"
+    # metrics.jsonl keeps the killed attempt's lines, marked; the resumed attempt's are the current ones.
+    lines = [line for line in (killed / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(lines) > 14
+    current = read_metrics(killed / "metrics.jsonl")
+    assert sorted(current) == list(range(1, 15))
+    assert all(current[s]["attempt"] == 1 for s in range(6, 15))
+    assert all(current[s]["attempt"] == 0 for s in range(1, 6))
+    straight = read_metrics(tmp_path / "kill-and-resume-straight" / "metrics.jsonl")
+    assert [straight[s]["loss"] for s in range(6, 15)] == [current[s]["loss"] for s in range(6, 15)]
+    assert current[14]["dev_loss"] == straight[14]["dev_loss"]
+
+
+@pytest.mark.parametrize(("saved_on", "resumed_on"), [(2, 1), (1, 2)])
+def test_resume_on_another_world_size(tmp_path: Path, saved_on: int, resumed_on: int) -> None:
+    straight_args = [*RESUMABLE, "run.id=straight"]
+    run_train(straight_args, tmp_path, nproc=saved_on)
+    straight = read_metrics(tmp_path / "runs" / "straight" / "metrics.jsonl")
+    checkpoint = tmp_path / "runs" / "straight" / "recovery" / "step-00000005.dcp"
+    proc = run_train([*RESUMABLE, "run.id=resumed", f"+resume={checkpoint}"], tmp_path, nproc=resumed_on)
+    assert f"resumed from step 5 of {checkpoint}" in proc.stdout
+    assert f"world size {saved_on} -> {resumed_on}" in proc.stdout
+    resumed = read_metrics(tmp_path / "runs" / "resumed" / "metrics.jsonl")
+    assert sorted(resumed) == list(range(6, 15))
+    worst = max(abs(resumed[s]["loss"] - straight[s]["loss"]) / straight[s]["loss"] for s in resumed)
+    print(f"world size {saved_on} -> {resumed_on}: largest relative loss difference {worst:.3e} over steps 6-14")
+    assert worst < 1e-4
+    events = read_journal(tmp_path / "runs" / "resumed" / "journal.jsonl")
+    change = [e for e in events if e["event"] == "world_size_change"]
+    assert change and change[0]["old"] == saved_on and change[0]["new"] == resumed_on
+    assert [e for e in events if e["event"] == "resume"][0]["exact"] is False
+
+
+def test_resume_latest_with_nothing_to_resume_names_the_run_directory(tmp_path: Path) -> None:
+    proc = run_train([*FAST, "train.steps=2", "run.id=empty", "+resume=latest"], tmp_path, check=False)
+    assert proc.returncode == 2
+    assert str(Path("runs") / "empty") in proc.stderr and "+resume=auto" in proc.stderr
+    # +resume=auto is the requeue-friendly form: nothing to resume, so it starts fresh...
+    run_train([*FAST, "train.steps=2", "train.eval_every=0", "checkpoint.recovery_every=2", "run.id=empty",
+               "+resume=auto"], tmp_path)
+    # ...and the same command again continues from the checkpoint it left.
+    proc = run_train([*FAST, "train.steps=2", "train.eval_every=0", "checkpoint.recovery_every=2", "run.id=empty",
+                      "+resume=auto"], tmp_path)
+    assert "resumed from step 2 of recovery/step-00000002.dcp" in proc.stdout
+
+
+def test_fresh_launch_into_an_existing_run_is_refused(tmp_path: Path) -> None:
+    args = [*FAST, "train.steps=1", "train.eval_every=0", "run.id=taken"]
+    run_train(args, tmp_path)
+    before = (tmp_path / "runs" / "taken" / "metrics.jsonl").read_text()
+    proc = run_train(args, tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "already holds a run" in proc.stderr and "+resume=latest" in proc.stderr
+    assert (tmp_path / "runs" / "taken" / "metrics.jsonl").read_text() == before, "nothing may be touched"
+
+
+def test_fidelity_check_fails_loudly_on_a_mismatch() -> None:
+    saved = {"params": "aaaa", "rng": "bbbb", "next_indices": [8, 9]}
+    check_fidelity(saved, dict(saved))
+    with pytest.raises(ResumeError, match="params digest"):
+        check_fidelity(saved, {**saved, "params": "cccc"})
+    with pytest.raises(ResumeError, match="rng digest"):
+        check_fidelity(saved, {**saved, "rng": "cccc"})
+    with pytest.raises(ResumeError, match="next batch"):
+        check_fidelity(saved, {**saved, "next_indices": [16, 17]})
