@@ -198,5 +198,7 @@ def format_event(record: dict[str, object]) -> str:
         shown.add("seconds")
     if timing:
         parts.append(" in ".join(timing))
+    # A launch's whole config is in the record (and in config.yaml); one line can't show it readably.
+    shown |= {"config", "roles"}
     parts += [f"{key}={_format_value(value)}" for key, value in record.items() if key not in shown]
     return "  ".join(parts)

@@ -194,3 +194,16 @@ def test_policy_block_printed_and_journaled(two_rank_run: Path) -> None:
     assert policy["roles"]["rollback"]["every"] == 2 and policy["roles"]["recovery"]["keep"] == 2
     assert policy["committed_bytes"] > 0
     json.dumps(policy)
+
+
+def test_async_saves_commit_the_same_checkpoints(tmp_path: Path, two_rank_run: Path) -> None:
+    run_train([*FAST, *CADENCES, "checkpoint.async_save=true"], tmp_path, nproc=2)
+    run_dir = only_run_dir(tmp_path / "runs")
+    sync_store, async_store = RunDir(two_rank_run), RunDir(run_dir)
+    assert [(c.role, c.step) for c in async_store.list()] == [(c.role, c.step) for c in sync_store.list()]
+    assert os.readlink(run_dir / "latest") == "recovery/step-00000012.dcp"
+    for ckpt in async_store.list():
+        assert async_store.verify(ckpt) == []
+    saves = [e for e in read_journal(run_dir / "journal.jsonl") if e["event"] == "save" and "linked_from" not in e]
+    assert saves and all(0 <= e["blocking_seconds"] <= e["seconds"] for e in saves)
+    assert not [p for p in run_dir.rglob(".tmp-*")]
