@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from curry_train.checkpoint.plan import human_bytes
+from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, plan_json, render_plan
 from curry_train.checkpoint.store import RunDir
+from curry_train.config import Config, ConfigError, resolve, validate
 from curry_train.journal import format_event, read_journal
 
 
@@ -52,11 +54,77 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return 1 if bad else 0
 
 
+def compose_config(overrides: list[str]) -> tuple[Config, Path]:
+    """The resolved config and run directory that training would use with the same overrides."""
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("curry_train.conf", version_base="1.3"):
+        cfg, _resume = resolve(compose("config", overrides=overrides))
+    return cfg, Path(cfg.run.root) / str(cfg.run.id)
+
+
+def _config_error(err: Exception) -> int:
+    # Hydra's message says which override failed; its cause says why (unknown key, wrong type).
+    cause = f" ({err.__cause__})" if err.__cause__ is not None and str(err.__cause__) not in str(err) else ""
+    print(f"curry-train: invalid config: {err}{cause}", file=sys.stderr)
+    return 2
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """Storage, worst-case resume point and a recommended cadence for a config, before a run starts."""
+    from hydra.errors import ConfigCompositionException
+
+    try:
+        cfg, run_dir = compose_config(args.overrides)
+        validate(cfg, args.world_size)
+        plan = build_plan(
+            cfg,
+            model_size(cfg.model),
+            args.world_size,
+            run_dir,
+            at_step=args.at_step,
+            save_seconds=args.save_seconds,
+            step_seconds=args.step_seconds,
+            mtbf_hours=args.mtbf_hours,
+        )
+    except (ConfigCompositionException, ConfigError) as err:
+        return _config_error(err)
+    print(json.dumps(plan_json(plan), indent=2) if args.json else render_plan(plan))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "journal": cmd_journal,
     "ls": cmd_ls,
     "verify": cmd_verify,
+    "plan": cmd_plan,
 }
+
+
+def _at_least(kind: type, low: float, strict: bool = True) -> Callable[[str], float]:
+    """An argparse type: ``kind`` (int or float) above ``low`` (or at least ``low`` when not ``strict``)."""
+
+    def parse(text: str) -> float:
+        value = kind(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        return value
+
+    return parse
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """Options of `curry-train plan`; every other argument is a Hydra override, as for training."""
+    p.add_argument(
+        "--at-step",
+        type=_at_least(int, 0, strict=False),
+        help="worst-case resume point for a crash and a loss spike at this step",
+    )
+    p.add_argument("--save-seconds", type=_at_least(float, 0), help="time one save costs training (default: measured)")
+    p.add_argument("--step-seconds", type=_at_least(float, 0), help="time one optimizer step takes (default: measured)")
+    p.add_argument("--mtbf-hours", type=_at_least(float, 0), help="mean time between failures (default: 24)")
+    p.add_argument("--world-size", type=_at_least(int, 0), default=1, help="number of ranks the run will use")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
+        if name == "plan":
+            p.usage = "curry-train plan [options] [hydra overrides...], e.g. model=7b checkpoint=7b_default"
+            add_plan_arguments(p)
+            continue
         p.add_argument("run_dir", help="a run directory, e.g. runs/tiny-stdlib-1a2b3c4d")
         if name == "journal":
             p.add_argument("--event", action="append", help="only these events (repeatable)")
@@ -71,7 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_known_args lets Hydra overrides stand anywhere among the plan's options, as they do for training.
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if args.command != "plan" or a.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.overrides = rest
     return COMMANDS[args.command](args)
 
 

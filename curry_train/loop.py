@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -17,7 +18,7 @@ from torch import nn
 
 from curry_train import distributed
 from curry_train.checkpoint.checkpointer import Checkpointer
-from curry_train.checkpoint.plan import committed_bytes, human_bytes, role_estimates
+from curry_train.checkpoint.plan import build_plan, model_size, plan_json, policy_of, render_plan, storage_refusal
 from curry_train.checkpoint.policy import Policy, Role, roles_due
 from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, app_state, fidelity_record
 from curry_train.checkpoint.store import Manifest, RunDir
@@ -55,23 +56,6 @@ def use_bf16(cfg: Config, device: torch.device) -> bool:
     return cfg.train.mixed_precision == "bf16"
 
 
-def build_policy(cfg: Config) -> Policy:
-    c = cfg.checkpoint
-    try:
-        return Policy(
-            c.rollback_every,
-            c.recovery_every,
-            c.best_k,
-            c.best_k_metric,
-            c.best_k_direction,
-            c.retention.rollback_keep,
-            c.retention.recovery_keep,
-            c.rollback_contents,
-        )
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
 def train_step(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -107,17 +91,21 @@ def optimizer_step(
     batches: Iterator[dict],
     cfg: Config,
     device: torch.device,
-) -> dict[str, float]:
-    """Optimizer step `step` (0-based) at the schedule's lr; returns the metrics every rank agrees on."""
+    stop_requested: bool = False,
+) -> tuple[dict[str, float], bool]:
+    """Optimizer step `step` (0-based) at the schedule's lr.
+
+    Returns the metrics every rank agrees on, and whether any rank was asked to stop: the request rides on the
+    loss's all-reduce, so all ranks stop after the same step at no extra collective.
+    """
     lr = lr_at(step, cfg.optimizer.lr, cfg.train.steps, cfg.scheduler)
     set_lr(optimizer, lr)
     loss, grad_norm = train_step(model, optimizer, batches, cfg.train.grad_accum, cfg.train.grad_clip, device)
-    # The mean loss over ranks for the metrics file; the grad norm is already global (clipping computed it).
-    loss_value = distributed.all_reduce_mean([loss.item()], device)[0]
+    loss_value, stop = distributed.all_reduce_mean([loss.item(), float(stop_requested)], device)
     values = {"loss": loss_value, "lr": lr}
-    if grad_norm is not None:
+    if grad_norm is not None:  # already global: clipping all-reduced it
         values["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-    return values
+    return values, stop > 0
 
 
 @torch.no_grad()
@@ -177,37 +165,22 @@ def agree(value: Any, group: dist.ProcessGroup) -> Any:
     return box[0]
 
 
-def print_policy(log: MetricsLogger, journal: Journal, policy: Policy, cfg: Config, n_params: int, world: int) -> None:
-    estimates = role_estimates(n_params, policy, world)
-    total = committed_bytes(estimates, cfg.checkpoint.async_save)
-    lines = ["checkpoint policy:"]
-    for e in estimates:
-        cadence = "off" if e.every == 0 else ("on dev improvement" if e.role == "best_k" else f"every {e.every} steps")
-        lines.append(
-            f"  {e.role:<9} {cadence:<20} contents {e.contents:<7} keep {e.keep}  ~{human_bytes(e.bytes_each)} each"
-        )
-    lines.append(
-        f"  commits ~{human_bytes(total)} of storage"
-        + (" (incl. one in-flight async save)" if cfg.checkpoint.async_save else "")
-    )
-    log.print("\n".join(lines))
-    journal.append(
-        "policy",
-        0,
-        params=n_params,
-        committed_bytes=total,
-        roles={
-            e.role: {"every": e.every, "contents": e.contents, "keep": e.keep, "bytes": e.bytes_each} for e in estimates
-        },
-    )
-
-
 def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None = None) -> TrainResult:
     validate(cfg, env.world_size)
-    policy = build_policy(cfg)
+    policy = policy_of(cfg.checkpoint)
     t = cfg.train
     store = RunDir(run_dir)
     point = agree(_try(find_resume_point, resume, store) if env.is_main else None, env.checkpoint_group)
+    # The plan is made from the config alone (the model on meta), before anything is written, so a policy that
+    # does not fit the disk refuses to start and leaves nothing behind.
+    plan = agree(
+        build_plan(cfg, model_size(cfg.model), env.world_size, run_dir) if env.is_main else None, env.checkpoint_group
+    )
+    refusal = storage_refusal(plan)
+    if refusal is not None:
+        if env.is_main:
+            print(render_plan(plan), flush=True)
+        raise ConfigError(f"checkpoint.check_storage: {refusal}")
     if env.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -238,7 +211,8 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
         f"world size {env.world_size} on {env.device.type}, data: {corpus.description} "
         f"({len(corpus.train):,} train / {len(corpus.dev):,} dev tokens), run directory {run_dir}"
     )
-    print_policy(log, journal, policy, cfg, n_params, env.world_size)
+    log.print(render_plan(plan))
+    journal.append("policy", 0, **plan_json(plan))
     ckpt = Checkpointer(store, policy, journal, env.checkpoint_group, env.rank, cfg.checkpoint.async_save)
     ckpt.clean_leftovers(point.step if point else 0)
 
@@ -274,6 +248,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
         check_fidelity(saved_fidelity, fidelity_now())
 
     start_step = int(progress["step"])
+    preemption = Preemption()
     batches = iter(loader)
     if point is not None:
         batches = check_next_batch(batches, slicing.indices(start_step, 0))
@@ -281,7 +256,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
     first_loss = last_loss = None
     for step in range(start_step, t.steps):
         started = time.perf_counter()
-        values = optimizer_step(step, model, optimizer, batches, cfg, env.device)
+        values, stop = optimizer_step(step, model, optimizer, batches, cfg, env.device, preemption.requested)
         values["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
         done = step + 1  # completed optimizer steps
         progress.update(step=done, samples_seen=done * t.batch_size, world_size=env.world_size)
@@ -292,14 +267,23 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
         save_checkpoint(ckpt, policy, done, values, state, env.world_size)
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]
+        if stop:
+            save_on_preemption(ckpt, policy, done, state, env.world_size, preemption, log)
+            break
 
     ckpt.wait()
-    journal.append("run_end", t.steps, last_loss=last_loss)
+    preemption.uninstall()
+    final_step = int(progress["step"])
+    if final_step == t.steps:
+        journal.append("run_end", final_step, last_loss=last_loss)
     if first_loss is not None:
-        log.print(f"curry-train: finished {t.steps} steps; first loss {first_loss:.4f}, last loss {last_loss:.4f}")
+        log.print(
+            f"curry-train: {'finished' if final_step == t.steps else 'stopped after'} {final_step} steps; "
+            f"first loss {first_loss:.4f}, last loss {last_loss:.4f}"
+        )
     log.close()
     journal.close()
-    return TrainResult(run_dir, t.steps, first_loss, last_loss)
+    return TrainResult(run_dir, final_step, first_loss, last_loss)
 
 
 def save_checkpoint(
@@ -316,6 +300,47 @@ def save_checkpoint(
     metric = values.get(policy.best_k_metric)
     if metric is not None:
         ckpt.consider_best_k(step, metric, lambda: state(Contents.PARAMS), extra)
+
+
+class Preemption:
+    """SIGTERM (what schedulers and torchrun send before killing) and SIGUSR1 (SLURM's `--signal` warning) ask
+    the run to finish its step, save a full checkpoint and stop, instead of dying mid-step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def save_on_preemption(
+    ckpt: Checkpointer,
+    policy: Policy,
+    step: int,
+    state: Any,
+    world_size: int,
+    preemption: Preemption,
+    log: MetricsLogger,
+) -> None:
+    """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
+    due = roles_due(policy, step)
+    if not (Role.RECOVERY in due or (Role.ROLLBACK in due and policy.rollback_contents.value == "full")):
+        ckpt.save(step, [Role.RECOVERY], Contents.FULL, state(Contents.FULL), {"world_size": world_size, "step": step})
+    ckpt.wait()
+    name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
+    ckpt.journal.append("preempt", step, signal=name)
+    log.print(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")
 
 
 def resume_from(

@@ -135,7 +135,9 @@ class Harness:
 
     def run(self, batch: Batch) -> None:
         marks = [time.perf_counter()]
-        values = loop.optimizer_step(self.step, self.model, self.optimizer, iter((batch,)), self.cfg, self.env.device)
+        values, _ = loop.optimizer_step(
+            self.step, self.model, self.optimizer, iter((batch,)), self.cfg, self.env.device
+        )
         marks.append(time.perf_counter())
         values["tokens_per_s"] = self.cfg.train.batch_size * self.cfg.data.seq_len / (marks[1] - marks[0])
         self.log.log(self.step + 1, values)

@@ -14,16 +14,36 @@ from curry_train.metrics import read_metrics
 from tests.conftest import FAST, _env, run_train
 
 REPO = Path(__file__).resolve().parents[1]
-RESUMABLE = [*FAST, "train.steps=14", "train.eval_every=7", "checkpoint.recovery_every=5",
-             "checkpoint.rollback_every=0", "data.num_workers=2"]
+RESUMABLE = [
+    *FAST,
+    "train.steps=14",
+    "train.eval_every=7",
+    "checkpoint.recovery_every=5",
+    "checkpoint.rollback_every=0",
+    "data.num_workers=2",
+]
 
 
 def test_sigkill_then_resume_latest_is_bitwise_identical(tmp_path: Path) -> None:
     """The user-facing script: straight run, run SIGKILLed after step 7, that run resumed with +resume=latest."""
     proc = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "kill_and_resume.py"), "--nproc", "2", "--kill-at-step", "7",
-         "--root", str(tmp_path), "--", *RESUMABLE],
-        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400,
+        [
+            sys.executable,
+            str(REPO / "scripts" / "kill_and_resume.py"),
+            "--nproc",
+            "2",
+            "--kill-at-step",
+            "7",
+            "--root",
+            str(tmp_path),
+            "--",
+            *RESUMABLE,
+        ],
+        cwd=tmp_path,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "result: bitwise identical" in proc.stdout
@@ -69,11 +89,15 @@ def test_resume_latest_with_nothing_to_resume_names_the_run_directory(tmp_path: 
     assert proc.returncode == 2
     assert str(Path("runs") / "empty") in proc.stderr and "+resume=auto" in proc.stderr
     # +resume=auto is the requeue-friendly form: nothing to resume, so it starts fresh...
-    run_train([*FAST, "train.steps=2", "train.eval_every=0", "checkpoint.recovery_every=2", "run.id=empty",
-               "+resume=auto"], tmp_path)
+    run_train(
+        [*FAST, "train.steps=2", "train.eval_every=0", "checkpoint.recovery_every=2", "run.id=empty", "+resume=auto"],
+        tmp_path,
+    )
     # ...and the same command again continues from the checkpoint it left.
-    proc = run_train([*FAST, "train.steps=2", "train.eval_every=0", "checkpoint.recovery_every=2", "run.id=empty",
-                      "+resume=auto"], tmp_path)
+    proc = run_train(
+        [*FAST, "train.steps=2", "train.eval_every=0", "checkpoint.recovery_every=2", "run.id=empty", "+resume=auto"],
+        tmp_path,
+    )
     assert "resumed from step 2 of recovery/step-00000002.dcp" in proc.stdout
 
 
@@ -96,3 +120,44 @@ def test_fidelity_check_fails_loudly_on_a_mismatch() -> None:
         check_fidelity(saved, {**saved, "rng": "cccc"})
     with pytest.raises(ResumeError, match="next batch"):
         check_fidelity(saved, {**saved, "next_indices": [16, 17]})
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_sigterm_saves_and_stops_then_resume_is_exact(tmp_path: Path, nproc: int) -> None:
+    """A scheduler's SIGTERM: the step finishes, a full checkpoint is saved, the job exits 0; the resumed run
+    continues exactly as the uninterrupted one."""
+    import os
+    import signal
+    import time
+
+    from tests.conftest import popen_train
+
+    args = [
+        *FAST,
+        "train.steps=40",
+        "train.eval_every=0",
+        "checkpoint.recovery_every=0",
+        "checkpoint.rollback_every=0",
+        "checkpoint.best_k=0",
+    ]
+    run_train([*args, "run.id=straight"], tmp_path, nproc=nproc)
+    job = popen_train([*args, "run.id=preempted"], tmp_path, nproc=nproc)
+    metrics = tmp_path / "runs" / "preempted" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (metrics.exists() and len(read_metrics(metrics)) >= 3):
+        time.sleep(0.02)
+    job.send_signal(signal.SIGTERM)  # torchrun passes it on to its workers
+    out, _ = job.communicate(timeout=120)
+    # One process exits 0; torchrun itself reports the signal it got (exit 1) after its workers saved and exited.
+    assert job.returncode == (0 if nproc == 1 else 1), out[-3000:]
+    assert "SIGTERM received: saved step" in out
+    events = read_journal(tmp_path / "runs" / "preempted" / "journal.jsonl")
+    preempt = [e for e in events if e["event"] == "preempt"]
+    assert len(preempt) == 1 and preempt[0]["signal"] == "SIGTERM"
+    stopped = preempt[0]["step"]
+    assert 3 <= stopped < 40 and "run_end" not in [e["event"] for e in events]
+    assert os.readlink(tmp_path / "runs" / "preempted" / "latest") == f"recovery/step-{stopped:08d}.dcp"
+    run_train([*args, "run.id=preempted", "+resume=latest"], tmp_path, nproc=nproc)
+    straight = read_metrics(tmp_path / "runs" / "straight" / "metrics.jsonl")
+    resumed = read_metrics(metrics)
+    assert [resumed[s]["loss"] for s in range(1, 41)] == [straight[s]["loss"] for s in range(1, 41)]

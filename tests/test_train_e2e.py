@@ -56,3 +56,29 @@ def test_single_process_with_grad_accumulation(tmp_path: Path) -> None:
     whole = read_metrics(tmp_path / "runs" / "whole" / "metrics.jsonl")
     for step in (1, 2, 3):
         assert abs(accum[step]["loss"] - whole[step]["loss"]) < 1e-4 * whole[step]["loss"]
+
+
+def test_training_refuses_to_start_when_the_policy_does_not_fit(tmp_path: Path) -> None:
+    too_much = [
+        "logger.wandb.mode=disabled",
+        "checkpoint.rollback_every=1",
+        "checkpoint.retention.rollback_keep=100000000",
+    ]  # ~1.1 PB of tiny checkpoints
+    proc = run_train(too_much, tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "checkpoint.check_storage" in proc.stderr and "does not fit" in proc.stdout + proc.stderr
+    assert not (tmp_path / "runs").exists(), "a refused run leaves nothing behind"
+    # The user can override the check knowingly.
+    proc = run_train(
+        [
+            *too_much,
+            "checkpoint.check_storage=false",
+            "train.steps=1",
+            "train.eval_every=0",
+            "data.max_bytes=2000000",
+            "data.seq_len=64",
+            "train.batch_size=8",
+        ],
+        tmp_path,
+    )
+    assert "WARNING" in proc.stdout
