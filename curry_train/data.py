@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,10 @@ from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from curry_train.config import DataConfig
+
+# torchdata 0.11 calls a torch API that torch 2.13 deprecates, once per loader; the warning is not ours to fix and
+# would greet every user at every start.
+warnings.filterwarnings("ignore", message="'set_vital' is deprecated", category=UserWarning)
 
 TEXT_SUFFIXES = (".py", ".txt", ".md", ".rst", ".json", ".yaml", ".yml", ".toml", ".c", ".h", ".html", ".csv")
 

@@ -23,7 +23,7 @@ from curry_train.checkpoint.policy import Policy, Role, roles_due
 from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, app_state, fidelity_record
 from curry_train.checkpoint.store import Manifest, RunDir
 from curry_train.config import Config, ConfigError, validate
-from curry_train.data import Slicing, build_train_loader, dev_batches, load_corpus
+from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import MetricsLogger
 from curry_train.model import Transformer, build_model, count_params
@@ -165,14 +165,23 @@ def agree(value: Any, group: dist.ProcessGroup) -> Any:
     return box[0]
 
 
-def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None = None) -> TrainResult:
-    validate(cfg, env.world_size)
-    policy = policy_of(cfg.checkpoint)
-    t = cfg.train
+@dataclass
+class Run:
+    """A launch's view of its run directory: where it resumes from, its plan, journal and metrics."""
+
+    dir: Path
+    point: ResumePoint | None
+    plan: Any
+    journal: Journal
+    log: MetricsLogger
+
+
+def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None) -> Run:
+    """Decide where to resume and check the storage plan before writing anything, then open journal and metrics."""
     store = RunDir(run_dir)
     point = agree(_try(find_resume_point, resume, store) if env.is_main else None, env.checkpoint_group)
-    # The plan is made from the config alone (the model on meta), before anything is written, so a policy that
-    # does not fit the disk refuses to start and leaves nothing behind.
+    # The plan comes from the config alone (the model on meta): a policy that does not fit the disk refuses to
+    # start and leaves nothing behind.
     plan = agree(
         build_plan(cfg, model_size(cfg.model), env.world_size, run_dir) if env.is_main else None, env.checkpoint_group
     )
@@ -187,7 +196,13 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
     journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
     attempt = count_launches(journal.path) if env.is_main else 0
     log = MetricsLogger(
-        run_dir, cfg.logger, t.steps, env.is_main, attempt=attempt, wandb_config=asdict(cfg), run_id=run_dir.name
+        run_dir,
+        cfg.logger,
+        cfg.train.steps,
+        env.is_main,
+        attempt=attempt,
+        wandb_config=asdict(cfg),
+        run_id=run_dir.name,
     )
     journal.append(
         "run_start",
@@ -197,13 +212,29 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
         resume=resume,
         config=asdict(cfg),
     )
+    return Run(run_dir, point, plan, journal, log)
 
+
+def load_checked_corpus(cfg: Config) -> Corpus:
     corpus = load_corpus(cfg.data)
     if corpus.vocab_size > cfg.model.vocab_size:
         raise ConfigError(
             f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
             f"({corpus.vocab_size} token ids in {cfg.data.name} data)"
         )
+    return corpus
+
+
+def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None = None) -> TrainResult:
+    validate(cfg, env.world_size)
+    policy = policy_of(cfg.checkpoint)
+    t = cfg.train
+    run = open_run(cfg, run_dir, env, resume)
+    log, journal, point = run.log, run.journal, run.point
+    if point is not None:
+        log.print(f"curry-train: resuming from step {point.step} of {point.path}")
+
+    corpus = load_checked_corpus(cfg)
     model, n_params = build_sharded_model(cfg, env)
     optimizer = build_optimizer(model, cfg.optimizer)
     log.print(
@@ -211,9 +242,9 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
         f"world size {env.world_size} on {env.device.type}, data: {corpus.description} "
         f"({len(corpus.train):,} train / {len(corpus.dev):,} dev tokens), run directory {run_dir}"
     )
-    log.print(render_plan(plan))
-    journal.append("policy", 0, **plan_json(plan))
-    ckpt = Checkpointer(store, policy, journal, env.checkpoint_group, env.rank, cfg.checkpoint.async_save)
+    log.print(render_plan(run.plan))
+    journal.append("policy", 0, **plan_json(run.plan))
+    ckpt = Checkpointer(RunDir(run_dir), policy, journal, env.checkpoint_group, env.rank, cfg.checkpoint.async_save)
     ckpt.clean_leftovers(point.step if point else 0)
 
     progress: dict[str, int | float] = {"step": 0, "samples_seen": 0, "world_size": env.world_size}
@@ -373,10 +404,29 @@ def resume_from(
     )
     if not same_world:
         journal.append("world_size_change", point.step, old=point.world_size, new=env.world_size)
+    if env.is_main:
+        rewind_latest(ckpt.store, point, relpath, journal)
     log.print(
         f"curry-train: resumed from step {point.step} of {relpath}"
         + ("" if same_world else f" (world size {point.world_size} -> {env.world_size})")
         + ("" if point.contents is Contents.FULL else " (parameters only: optimizer state starts fresh)")
+    )
+
+
+def rewind_latest(store: RunDir, point: ResumePoint, relpath: str, journal: Journal) -> None:
+    """Resuming this run from an older checkpoint (a rollback after a loss spike) abandons the steps after it:
+    `latest` must name the checkpoint the run now continues from, or a crash would resume the abandoned path."""
+    latest = store.latest()
+    resumed = next((c for c in store.list() if c.relpath == relpath), None)
+    if latest is None or resumed is None or latest.step <= point.step or point.contents is not Contents.FULL:
+        return
+    store.set_latest(resumed)
+    journal.append(
+        "rollback",
+        point.step,
+        path=relpath,
+        abandoned_from=latest.step,
+        reason=f"resumed from step {point.step} while latest was step {latest.step}",
     )
 
 

@@ -35,23 +35,18 @@ def _env() -> dict[str, str]:
     return env
 
 
+def train_command(args: list[str], nproc: int = 1) -> list[str]:
+    """The real entry point: `python -m curry_train.train` for one process, `torchrun` for more."""
+    if nproc == 1:
+        return [sys.executable, "-m", "curry_train.train", *args]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [*torchrun, "-m", "curry_train.train", *args]
+
+
 def run_train(
     args: list[str], cwd: Path, nproc: int = 1, timeout: float = 300, check: bool = True
 ) -> subprocess.CompletedProcess:
-    """The real entry point: `python -m curry_train.train` for one process, `torchrun` for more."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "curry_train.train", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "curry_train.train",
-            *args,
-        ]
+    cmd = train_command(args, nproc)
     proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         pytest.fail(
@@ -61,22 +56,9 @@ def run_train(
 
 
 def popen_train(args: list[str], cwd: Path, nproc: int = 1) -> subprocess.Popen:
-    """Like run_train, but returns the running job (in its own process group, so a test can kill all of it)."""
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "curry_train.train", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "curry_train.train",
-            *args,
-        ]
+    """Like run_train, but returns the running job, its output merged into stdout."""
     return subprocess.Popen(
-        cmd,
+        train_command(args, nproc),
         cwd=cwd,
         env=_env(),
         stdout=subprocess.PIPE,

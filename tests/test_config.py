@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -120,3 +121,46 @@ def test_config_yaml_roundtrips_through_omegaconf() -> None:
     cfg, _ = resolve(compose_config([]))
     again = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.structured(cfg)))
     assert again == cfg
+
+
+def test_installed_wheel_finds_its_configs(tmp_path: Path) -> None:
+    """The configs ship inside the package: a wheel installed outside the checkout composes every group."""
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(repo),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path / "dist"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    wheel = next((tmp_path / "dist").glob("curry_train-*.whl"))
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    probe = (
+        "import curry_train, pathlib; from hydra import compose, initialize_config_module;\n"
+        "from curry_train.config import resolve\n"
+        "assert 'site' in curry_train.__file__, curry_train.__file__\n"
+        "with initialize_config_module('curry_train.conf', version_base='1.3'):\n"
+        "    cfg, _ = resolve(compose('config', overrides=['model=7b', 'checkpoint=7b_default']))\n"
+        "print(cfg.model.dim, cfg.checkpoint.recovery_every)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["4096", "1000"]

@@ -161,3 +161,35 @@ def test_sigterm_saves_and_stops_then_resume_is_exact(tmp_path: Path, nproc: int
     straight = read_metrics(tmp_path / "runs" / "straight" / "metrics.jsonl")
     resumed = read_metrics(metrics)
     assert [resumed[s]["loss"] for s in range(1, 41)] == [straight[s]["loss"] for s in range(1, 41)]
+
+
+def test_rollback_to_an_older_checkpoint_rewinds_latest(tmp_path: Path) -> None:
+    """After a loss spike the user resumes this run from an older rollback checkpoint: `latest` must follow, so a
+    crash afterwards does not resume the abandoned steps; the replayed steps equal the first pass (exact)."""
+    import os
+
+    args = [
+        *FAST,
+        "train.steps=8",
+        "train.eval_every=0",
+        "checkpoint.rollback_every=2",
+        "checkpoint.recovery_every=4",
+        "checkpoint.best_k=0",
+        "run.id=spiky",
+    ]
+    run_train(args, tmp_path)
+    run_dir = tmp_path / "runs" / "spiky"
+    first_pass = read_metrics(run_dir / "metrics.jsonl")
+    assert os.readlink(run_dir / "latest") == "recovery/step-00000008.dcp"
+    proc = run_train([*args, f"+resume={run_dir / 'rollback' / 'step-00000004.dcp'}"], tmp_path)
+    assert "resuming from step 4" in proc.stdout.splitlines()[0] or "resuming from step 4" in proc.stdout
+    events = read_journal(run_dir / "journal.jsonl")
+    rollback = [e for e in events if e["event"] == "rollback"]
+    assert len(rollback) == 1 and rollback[0]["step"] == 4 and rollback[0]["abandoned_from"] == 8
+    assert [e["event"] for e in events].index("rollback") < [
+        i for i, e in enumerate(events) if e["event"] == "save" and e["step"] == 6
+    ][-1]
+    second_pass = read_metrics(run_dir / "metrics.jsonl")
+    assert [second_pass[s]["loss"] for s in range(5, 9)] == [first_pass[s]["loss"] for s in range(5, 9)]
+    assert all(second_pass[s]["attempt"] == 1 for s in range(5, 9))
+    assert os.readlink(run_dir / "latest") == "recovery/step-00000008.dcp"

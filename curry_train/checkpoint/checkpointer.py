@@ -92,6 +92,8 @@ class Checkpointer:
             return False
         # Rounded so the checkpoint's name stays readable (dev-loss-2.341-step-...); ties keep the earlier one.
         value = round(value, 4)
+        if any(c.step == step for c in self.best):
+            return False  # this step is already a best-K entry (a resumed run evaluating the same step again)
         decision = best_k_decision(self.policy, self.best, step, value)
         if not decision.admit:
             return False
@@ -125,7 +127,18 @@ class Checkpointer:
             pending.blocking_seconds = time.perf_counter() - started
             self.pending = pending
         else:
-            io.save(state, pending.staging, self.group)
+            try:
+                io.save(state, pending.staging, self.group)
+            except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
+                if self.is_main:
+                    self.journal.append(
+                        "error",
+                        first.step,
+                        role=first.role,
+                        path=first.relpath,
+                        reason=f"save failed: {err!r}; earlier checkpoints are intact",
+                    )
+                raise
             pending.blocking_seconds = time.perf_counter() - started
             self._finish(pending)
 
@@ -162,31 +175,24 @@ class Checkpointer:
         extra = {**pending.extra, "contents": pending.contents.value}
         manifest = self.store.commit(first, pending.staging, extra=extra)
         seconds = time.perf_counter() - pending.started
-        self.journal.append(
-            "save",
-            first.step,
-            role=first.role,
-            path=first.relpath,
-            bytes=manifest.total_bytes,
+        self._journal_save(
+            first,
+            manifest.total_bytes,
+            pending.contents,
             seconds=round(seconds, 4),
             blocking_seconds=round(pending.blocking_seconds, 4),
-            contents=pending.contents,
         )
         for ckpt in pending.checkpoints[1:]:
             linked = self.store.link(first, ckpt)
-            self.journal.append(
-                "save",
-                ckpt.step,
-                role=ckpt.role,
-                path=ckpt.relpath,
-                bytes=linked.total_bytes,
-                seconds=0.0,
-                linked_from=first.relpath,
-                contents=pending.contents,
-            )
+            self._journal_save(ckpt, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
         if pending.contents is Contents.FULL:
             self.store.set_latest(first)
         self._apply_retention(first.step)
+
+    def _journal_save(self, ckpt: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
+        self.journal.append(
+            "save", ckpt.step, role=ckpt.role, path=ckpt.relpath, bytes=nbytes, contents=contents, **fields
+        )
 
     def _apply_retention(self, step: int) -> None:
         latest = self.store.latest()
