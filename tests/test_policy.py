@@ -340,3 +340,17 @@ def test_worst_case_resume(policy: Policy, crash_step: int, expected: int) -> No
 def test_worst_case_resume_rejects_negative_step() -> None:
     with pytest.raises(ValueError, match="crash_step"):
         worst_case_resume(Policy(), -1)
+
+
+def test_policy_and_journal_import_no_torch() -> None:
+    """The policy is pure logic: importing it (and the journal, store and CLI helpers it sits beside) loads no torch."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, curry_train.checkpoint.policy, curry_train.journal, curry_train.checkpoint.store;"
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
