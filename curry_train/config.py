@@ -119,6 +119,7 @@ class DataConfig:
         _require(self.seq_len > 0, "data.seq_len", f"must be positive, got {self.seq_len}")
         _require(0.0 < self.dev_fraction < 1.0, "data.dev_fraction", f"must be in (0, 1), got {self.dev_fraction}")
         _require(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.max_bytes >= 0, "data.max_bytes", f"must be >= 0 (0: all), got {self.max_bytes}")
         if self.name in ("text", "tokens"):
             _require(bool(self.path), "data.path", f"data={self.name} needs data.path=FILE_OR_DIR")
 
@@ -145,6 +146,8 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         _one_of(self.best_k_direction, "checkpoint.best_k_direction", ("minimize", "maximize"))
+        # Only metrics every rank computes identically may rank best-K: the save it triggers is collective.
+        _one_of(self.best_k_metric, "checkpoint.best_k_metric", ("dev_loss",))
         _one_of(self.rollback_contents, "checkpoint.rollback_contents", ("full", "params"))
         for key in ("rollback_every", "recovery_every", "best_k"):
             _require(
@@ -170,10 +173,13 @@ class LoggerConfig:
     progress_bar: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
+    def __post_init__(self) -> None:
+        _require(self.console_every > 0, "logger.console_every", f"must be positive, got {self.console_every}")
+
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 200
     seed: int = 1337
     batch_size: int = 16  # sequences per optimizer step, across all ranks
     grad_accum: int = 1  # micro-batches per optimizer step on each rank
@@ -188,6 +194,7 @@ class TrainConfig:
         _require(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
         _require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
         _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables), got {self.eval_every}")
+        _require(self.eval_batches > 0, "train.eval_batches", f"must be positive, got {self.eval_batches}")
         _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
         _one_of(self.mixed_precision, "train.mixed_precision", ("auto", "bf16", "fp32"))
 
@@ -242,12 +249,29 @@ def register_configs() -> None:
 register_configs()
 
 
+# Settings that do not change what is trained: changing them (a cadence, the storage check, wandb, the number of
+# loader workers, how often to evaluate) must not move a run to a new directory, or `+resume=latest` after such a
+# change would silently start from step 0.
+NOT_IN_RUN_ID = {
+    "checkpoint": None,  # the whole group
+    "logger": None,
+    "data": ("num_workers",),
+    "train": ("eval_every", "eval_batches", "device"),
+}
+
+
 def default_run_id(raw: DictConfig) -> str:
-    """`<model>-<data>-<hash>`: the hash covers every setting but `run` and `resume`, so the same command
-    (with or without `+resume=...`) always names the same run directory, on every rank, with no coordination."""
+    """`<model>-<data>-<hash>`: the hash covers the settings that decide the trajectory (model, data, optimizer,
+    schedule, seed, batch, steps), so the same command, with or without `+resume=...` or a changed cadence,
+    names the same run directory on every rank with no coordination."""
     settings = OmegaConf.to_container(raw, resolve=True)
     assert isinstance(settings, dict)
     settings = {k: v for k, v in settings.items() if k not in ("run", "resume", "hydra")}
+    for group, keys in NOT_IN_RUN_ID.items():
+        if keys is None:
+            settings.pop(group, None)
+        elif isinstance(settings.get(group), dict):
+            settings[group] = {k: v for k, v in settings[group].items() if k not in keys}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{raw.model.name}-{raw.data.name}-{digest}"
 

@@ -21,7 +21,7 @@ from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan import build_plan, model_size, plan_json, policy_of, render_plan, storage_refusal
 from curry_train.checkpoint.policy import Policy, Role, roles_due
 from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, app_state, fidelity_record
-from curry_train.checkpoint.store import Manifest, RunDir
+from curry_train.checkpoint.store import Manifest, RunDir, fsync_dir
 from curry_train.config import Config, ConfigError, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
 from curry_train.journal import Journal, read_journal
@@ -131,7 +131,8 @@ def build_sharded_model(cfg: Config, env: distributed.Dist) -> tuple[Transformer
 def find_resume_point(resume: str | None, store: RunDir) -> ResumePoint | None:
     """Where `+resume=latest|auto|PATH` continues from (rank 0 reads the disk)."""
     if resume is None:
-        if (store.path / "journal.jsonl").exists():
+        metrics = store.path / "metrics.jsonl"
+        if store.list() or (metrics.exists() and metrics.stat().st_size > 0):
             raise ResumeError(
                 f"run directory {store.path} already holds a run; continue it with +resume=latest "
                 "(or +resume=auto), or start a new one with run.id=NAME"
@@ -151,9 +152,11 @@ def find_resume_point(resume: str | None, store: RunDir) -> ResumePoint | None:
         path = Path(resume).expanduser()
     try:
         manifest = Manifest.read(path)
-    except FileNotFoundError:
-        raise ResumeError(f"+resume={resume}: {path} is not a committed curry-train checkpoint (no manifest)") from None
-    return ResumePoint(path, manifest.step, Contents(manifest.extra["contents"]), int(manifest.extra["world_size"]))
+        return ResumePoint(path, manifest.step, Contents(manifest.extra["contents"]), int(manifest.extra["world_size"]))
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ResumeError(
+            f"+resume={resume}: {path} is not a committed curry-train checkpoint ({type(err).__name__}: {err})"
+        ) from None
 
 
 def agree(value: Any, group: dist.ProcessGroup) -> Any:
@@ -183,7 +186,8 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | No
     # The plan comes from the config alone (the model on meta): a policy that does not fit the disk refuses to
     # start and leaves nothing behind.
     plan = agree(
-        build_plan(cfg, model_size(cfg.model), env.world_size, run_dir) if env.is_main else None, env.checkpoint_group
+        _try(build_plan, cfg, model_size(cfg.model), env.world_size, run_dir) if env.is_main else None,
+        env.checkpoint_group,
     )
     refusal = storage_refusal(plan)
     if refusal is not None:
@@ -191,7 +195,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | No
             print(render_plan(plan), flush=True)
         raise ConfigError(f"checkpoint.check_storage: {refusal}")
     if env.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        make_durable_dir(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
     attempt = count_launches(journal.path) if env.is_main else 0
@@ -213,6 +217,15 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | No
         config=asdict(cfg),
     )
     return Run(run_dir, point, plan, journal, log)
+
+
+def make_durable_dir(path: Path) -> None:
+    """mkdir -p, with every new directory entry fsynced: a power cut must not take the run directory (and the
+    checkpoints committed in it) with it."""
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    path.mkdir(parents=True, exist_ok=True)
+    for created in reversed(missing):
+        fsync_dir(created.parent)
 
 
 def load_checked_corpus(cfg: Config) -> Corpus:
@@ -250,10 +263,11 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
     progress: dict[str, int | float] = {"step": 0, "samples_seen": 0, "world_size": env.world_size}
     scheduler: dict[str, int | float] = {"step": 0, "lr": 0.0}
     slicing = Slicing(t.batch_size, env.world_size, env.rank, t.grad_accum)
-    # The loader's own saved position is exact on the same world size; on another, the global sample cursor
-    # (the step) rebuilds it.
+    # The loader's own saved position is exact on the same world size; on another, or from a checkpoint that has
+    # no loader state (parameters only), the global sample cursor (the step) rebuilds it.
     same_world = point is None or point.world_size == env.world_size
-    loader = build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_step=0 if same_world else point.step)
+    from_cursor = point is not None and not (same_world and point.contents is Contents.FULL)
+    loader = build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_step=point.step if from_cursor else 0)
     dev = dev_batches(corpus.dev, cfg.data, Slicing(t.batch_size, env.world_size, env.rank, 1), t.seed, t.eval_batches)
 
     saved_fidelity: dict[str, Any] = {}
@@ -366,8 +380,12 @@ def save_on_preemption(
 ) -> None:
     """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
     due = roles_due(policy, step)
-    if not (Role.RECOVERY in due or (Role.ROLLBACK in due and policy.rollback_contents.value == "full")):
-        ckpt.save(step, [Role.RECOVERY], Contents.FULL, state(Contents.FULL), {"world_size": world_size, "step": step})
+    full_rollback = policy.rollback_every > 0 and policy.rollback_contents.value == "full"
+    if not (Role.RECOVERY in due or (Role.ROLLBACK in due and full_rollback)):
+        # Saved under a role whose retention will delete it in due course; with both cadences off it is a
+        # recovery checkpoint that stays until removed by hand.
+        role = Role.ROLLBACK if full_rollback and policy.recovery_every == 0 else Role.RECOVERY
+        ckpt.save(step, [role], Contents.FULL, state(Contents.FULL), {"world_size": world_size, "step": step})
     ckpt.wait()
     name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
     ckpt.journal.append("preempt", step, signal=name)
@@ -465,7 +483,9 @@ def count_launches(journal_path: Path) -> int:
 
 
 def _try(fn: Any, *args: Any) -> Any:
+    """`fn(*args)`, or the exception it raised, so that `agree` raises it on every rank instead of leaving the
+    other ranks waiting in a broadcast that rank 0 never reaches."""
     try:
         return fn(*args)
-    except ResumeError as err:
+    except Exception as err:
         return err

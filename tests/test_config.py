@@ -64,6 +64,10 @@ def test_wrong_type_fails_composition() -> None:
         ("logger.wandb.mode=cloud", "logger.wandb.mode"),
         ("model.n_heads=5", "model.dim"),
         ("train.steps=0", "train.steps"),
+        ("train.eval_batches=0", "train.eval_batches"),
+        ("logger.console_every=0", "logger.console_every"),
+        ("data.max_bytes=-1", "data.max_bytes"),
+        ("checkpoint.best_k_metric=devloss", "checkpoint.best_k_metric"),
     ],
 )
 def test_disallowed_values_name_the_key_and_the_allowed_values(override: str, key: str) -> None:
@@ -78,11 +82,30 @@ def test_validate_checks_batch_divisibility_against_world_size() -> None:
         validate(cfg, world_size=2)
 
 
-def test_run_id_is_stable_and_ignores_run_and_resume() -> None:
-    base = default_run_id(compose_config(["checkpoint.rollback_every=50"]))
-    assert base == default_run_id(compose_config(["checkpoint.rollback_every=50", "+resume=latest"]))
-    assert base == default_run_id(compose_config(["checkpoint.rollback_every=50", "run.root=elsewhere"]))
-    assert base != default_run_id(compose_config(["checkpoint.rollback_every=51"]))
+def test_run_id_follows_the_trajectory_not_the_operational_knobs() -> None:
+    base = default_run_id(compose_config([]))
+    # The same run: resuming, moving the root, changing a cadence, the storage check, wandb or loader workers.
+    for same in (
+        ["+resume=latest"],
+        ["run.root=elsewhere"],
+        ["checkpoint.rollback_every=50"],
+        ["checkpoint.check_storage=false"],
+        ["logger.wandb.mode=disabled"],
+        ["data.num_workers=2"],
+        ["train.eval_every=7"],
+    ):
+        assert default_run_id(compose_config(same)) == base, same
+    # Another run: anything that changes what is trained.
+    for other in (
+        ["model=small"],
+        ["optimizer.lr=1e-3"],
+        ["train.seed=1"],
+        ["train.batch_size=32"],
+        ["train.steps=10"],
+        ["scheduler.warmup_steps=5"],
+        ["data.seq_len=64"],
+    ):
+        assert default_run_id(compose_config(other)) != base, other
     assert base.startswith("tiny-stdlib-")
 
 

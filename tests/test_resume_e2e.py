@@ -182,7 +182,7 @@ def test_rollback_to_an_older_checkpoint_rewinds_latest(tmp_path: Path) -> None:
     first_pass = read_metrics(run_dir / "metrics.jsonl")
     assert os.readlink(run_dir / "latest") == "recovery/step-00000008.dcp"
     proc = run_train([*args, f"+resume={run_dir / 'rollback' / 'step-00000004.dcp'}"], tmp_path)
-    assert "resuming from step 4" in proc.stdout.splitlines()[0] or "resuming from step 4" in proc.stdout
+    assert proc.stdout.splitlines()[0].startswith("curry-train: resuming from step 4 of "), proc.stdout[:500]
     events = read_journal(run_dir / "journal.jsonl")
     rollback = [e for e in events if e["event"] == "rollback"]
     assert len(rollback) == 1 and rollback[0]["step"] == 4 and rollback[0]["abandoned_from"] == 8
@@ -193,3 +193,37 @@ def test_rollback_to_an_older_checkpoint_rewinds_latest(tmp_path: Path) -> None:
     assert [second_pass[s]["loss"] for s in range(5, 9)] == [first_pass[s]["loss"] for s in range(5, 9)]
     assert all(second_pass[s]["attempt"] == 1 for s in range(5, 9))
     assert os.readlink(run_dir / "latest") == "recovery/step-00000008.dcp"
+
+
+def test_resume_from_a_parameters_only_checkpoint(tmp_path: Path) -> None:
+    """A best-K checkpoint holds parameters only: the run continues from its step with a fresh optimizer, and the
+    data position comes from the step (there is no loader state to restore)."""
+    args = [
+        *FAST,
+        "train.steps=6",
+        "train.eval_every=3",
+        "checkpoint.rollback_every=0",
+        "checkpoint.recovery_every=0",
+        "checkpoint.best_k=1",
+    ]
+    run_train([*args, "run.id=source"], tmp_path)
+    best = next((tmp_path / "runs" / "source" / "best-k").glob("dev-loss-*-step-00000006.dcp"), None) or next(
+        (tmp_path / "runs" / "source" / "best-k").glob("dev-loss-*.dcp")
+    )
+    step = int(best.name.rsplit("-", 1)[1].split(".")[0])
+    proc = run_train([*args, "train.steps=9", "run.id=warm", f"+resume={best}"], tmp_path)
+    assert "(parameters only: optimizer state starts fresh)" in proc.stdout
+    resumed = read_metrics(tmp_path / "runs" / "warm" / "metrics.jsonl")
+    assert sorted(resumed) == list(range(step + 1, 10))
+    resume = [e for e in read_journal(tmp_path / "runs" / "warm" / "journal.jsonl") if e["event"] == "resume"][0]
+    assert resume["exact"] is False and resume["contents"] == "params"
+
+
+def test_bad_resume_path_fails_on_every_rank_with_the_path(tmp_path: Path) -> None:
+    """Rank 0 reads the disk; its error must reach every rank (no rank left waiting) and name the path."""
+    not_a_checkpoint = tmp_path / "notes.txt"
+    not_a_checkpoint.write_text("hello")
+    proc = run_train([*FAST, "train.steps=2", f"+resume={not_a_checkpoint}"], tmp_path, nproc=2, timeout=120,
+                     check=False)
+    assert proc.returncode != 0
+    assert f"{not_a_checkpoint} is not a committed curry-train checkpoint" in proc.stderr

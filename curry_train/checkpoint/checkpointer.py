@@ -90,8 +90,9 @@ class Checkpointer:
         """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k."""
         if self.policy.best_k == 0:
             return False
-        # Rounded so the checkpoint's name stays readable (dev-loss-2.341-step-...); ties keep the earlier one.
-        value = round(value, 4)
+        # Six significant digits keep the name readable (dev-loss-2.34102-step-...) at any scale of the metric;
+        # values equal to that precision tie, and a tie keeps the earlier checkpoint.
+        value = float(f"{value:.6g}")
         if any(c.step == step for c in self.best):
             return False  # this step is already a best-K entry (a resumed run evaluating the same step again)
         decision = best_k_decision(self.policy, self.best, step, value)
@@ -173,7 +174,10 @@ class Checkpointer:
     def _commit(self, pending: PendingSave) -> None:
         first = pending.checkpoints[0]
         extra = {**pending.extra, "contents": pending.contents.value}
+        committing = time.perf_counter()
         manifest = self.store.commit(first, pending.staging, extra=extra)
+        # The commit (fsync, checksums) runs on rank 0's training thread: it blocks training, async or not.
+        pending.blocking_seconds += time.perf_counter() - committing
         seconds = time.perf_counter() - pending.started
         self._journal_save(
             first,
