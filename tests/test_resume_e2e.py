@@ -24,21 +24,13 @@ RESUMABLE = [
 ]
 
 
-def test_sigkill_then_resume_latest_is_bitwise_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_sigkill_then_resume_latest_is_bitwise_identical(tmp_path: Path, async_save: bool) -> None:
     """The user-facing script: straight run, run SIGKILLed after step 7, that run resumed with +resume=latest."""
+    script = [sys.executable, str(REPO / "scripts" / "kill_and_resume.py"), "--nproc", "2", "--kill-at-step", "7"]
+    overrides = [*RESUMABLE, f"checkpoint.async_save={str(async_save).lower()}"]
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "scripts" / "kill_and_resume.py"),
-            "--nproc",
-            "2",
-            "--kill-at-step",
-            "7",
-            "--root",
-            str(tmp_path),
-            "--",
-            *RESUMABLE,
-        ],
+        [*script, "--root", str(tmp_path), "--", *overrides],
         cwd=tmp_path,
         env=_env(),
         capture_output=True,
@@ -223,7 +215,8 @@ def test_bad_resume_path_fails_on_every_rank_with_the_path(tmp_path: Path) -> No
     """Rank 0 reads the disk; its error must reach every rank (no rank left waiting) and name the path."""
     not_a_checkpoint = tmp_path / "notes.txt"
     not_a_checkpoint.write_text("hello")
-    proc = run_train([*FAST, "train.steps=2", f"+resume={not_a_checkpoint}"], tmp_path, nproc=2, timeout=120,
-                     check=False)
+    proc = run_train(
+        [*FAST, "train.steps=2", f"+resume={not_a_checkpoint}"], tmp_path, nproc=2, timeout=120, check=False
+    )
     assert proc.returncode != 0
     assert f"{not_a_checkpoint} is not a committed curry-train checkpoint" in proc.stderr

@@ -6,6 +6,7 @@ Every rank calls `save` (DCP is collective); only rank 0 touches the run directo
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -35,6 +36,8 @@ class PendingSave:
     future: Future | None = None
     blocking_seconds: float = 0.0
     evict: list[Checkpoint] = field(default_factory=list)
+    committer: threading.Thread | None = None  # rank 0's commit of an asynchronous save
+    commit_error: Exception | None = None
 
 
 class Checkpointer:
@@ -144,12 +147,13 @@ class Checkpointer:
             self._finish(pending)
 
     def poll(self) -> None:
-        """Commit an asynchronous save whose bytes are all written (rank 0); cheap when nothing is pending."""
-        if self.pending is not None and self.pending.future is not None and self.pending.future.done():
-            self.wait()
+        """Start committing an asynchronous save whose bytes are all written; cheap when nothing is pending."""
+        pending = self.pending
+        if pending is not None and pending.future is not None and pending.future.done() and pending.committer is None:
+            self._begin_commit(pending)
 
     def wait(self) -> None:
-        """Block until the pending asynchronous save (if any) is written, then commit it."""
+        """Block until the pending asynchronous save (if any) is written and committed."""
         pending, self.pending = self.pending, None
         if pending is None:
             return
@@ -165,7 +169,32 @@ class Checkpointer:
                     reason=f"asynchronous save failed: {err!r}",
                 )
             raise
-        self._finish(pending)
+        if pending.committer is None:
+            self._begin_commit(pending)
+        assert pending.committer is not None
+        pending.committer.join()
+        if pending.commit_error is not None:
+            raise pending.commit_error
+
+    def _begin_commit(self, pending: PendingSave) -> None:
+        """Commit in a thread of rank 0's: fsync and checksums of a large checkpoint take long, and they touch only
+        the filesystem and the journal (no collectives), so training need not wait for them."""
+
+        def commit() -> None:
+            try:
+                if self.is_main:
+                    self._commit(pending)
+            except Exception as err:
+                pending.commit_error = err
+                self.journal.append(
+                    "error",
+                    pending.checkpoints[0].step,
+                    role=pending.checkpoints[0].role,
+                    reason=f"commit failed: {err!r}; earlier checkpoints are intact",
+                )
+
+        pending.committer = threading.Thread(target=commit, name="curry-train-commit")
+        pending.committer.start()
 
     def _finish(self, pending: PendingSave) -> None:
         if self.is_main:
@@ -176,8 +205,8 @@ class Checkpointer:
         extra = {**pending.extra, "contents": pending.contents.value}
         committing = time.perf_counter()
         manifest = self.store.commit(first, pending.staging, extra=extra)
-        # The commit (fsync, checksums) runs on rank 0's training thread: it blocks training, async or not.
-        pending.blocking_seconds += time.perf_counter() - committing
+        if pending.committer is None:  # a synchronous save commits on the training thread
+            pending.blocking_seconds += time.perf_counter() - committing
         seconds = time.perf_counter() - pending.started
         self._journal_save(
             first,
