@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from curry_train.checkpoint.policy import Checkpoint, Role
-from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir, _link_or_copy, crc32_file
+from curry_train.checkpoint.store import MANIFEST, REPLACED_PREFIX, Manifest, RunDir, _link_or_copy, crc32_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARDS = ("__0_0.distcp", "__1_0.distcp", ".metadata")
@@ -144,6 +144,33 @@ def test_recommit_of_existing_name_replaces_it(run: RunDir) -> None:
     assert run.manifest(rc(500)) == new and new.total_bytes != old.total_bytes
     assert run.verify(rc(500)) == []
     assert sorted(p.name for p in (run.path / "recovery").iterdir()) == [rc(500).name]  # no trash left
+
+
+def test_resave_interrupted_before_the_new_one_is_in_place_restores_the_old(run: RunDir) -> None:
+    """The one window of a re-save: the old checkpoint moved aside, the new one not yet renamed in. A crash there
+    must not lose the step: the next start puts the old one back and drops the unfinished new one."""
+    old = save(run, rc(500), nbytes=100)
+    run.set_latest(rc(500))
+    staging = run.staging_dir(rc(500))
+    write_fake_dcp(staging, 5000)
+    run._move_aside(run.path_of(rc(500)), REPLACED_PREFIX)  # where a SIGKILL in _publish would leave things
+    assert run.list() == [] and run.latest() is None
+
+    run.clean_leftovers()
+
+    assert run.list() == [rc(500)] and run.latest() == rc(500)
+    assert run.manifest(rc(500)) == old and run.verify(rc(500)) == []
+    assert sorted(p.name for p in (run.path / "recovery").iterdir()) == [rc(500).name]
+
+
+def test_replaced_copy_left_after_the_new_one_is_in_place_is_removed(run: RunDir) -> None:
+    save(run, rc(500), nbytes=100)
+    aside = run._move_aside(run.path_of(rc(500)), REPLACED_PREFIX)
+    new = save(run, rc(500), nbytes=5000)  # the new one made it; the crash came before the old one was removed
+    assert aside.exists()
+    run.clean_leftovers()
+    assert run.manifest(rc(500)) == new
+    assert sorted(p.name for p in (run.path / "recovery").iterdir()) == [rc(500).name]
 
 
 # ------------------------------------------------------------------------------------------------ latest

@@ -33,6 +33,10 @@ MANIFEST_VERSION = 1
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
+# A committed checkpoint moved aside while a re-save of the same name is renamed in. Unlike .trash- (a delete
+# under way, possibly half removed), it is whole: if a crash strikes before the new one is in place, the next
+# start puts it back.
+REPLACED_PREFIX = ".replaced-"
 _BLOCK = 8 * 1024 * 1024
 # Errors after which os.link cannot work here but a plain copy can (cross-device, no hard-link support).
 _NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -288,22 +292,27 @@ class RunDir:
         fsync_dir(staging)
         final = self.path_of(ckpt)
         self._ensure_role_dir(ckpt.role)
-        trash = self._move_to_trash(final) if final.exists() else None
+        replaced = self._move_aside(final, REPLACED_PREFIX) if final.exists() else None
         os.rename(staging, final)
         fsync_dir(final.parent)
         if staging.parent != final.parent:
             fsync_dir(staging.parent)
-        if trash is not None:
+        if replaced is not None:
+            trash = self._move_aside(replaced, TRASH_PREFIX, name=final.name)
             shutil.rmtree(trash)
             fsync_dir(trash.parent)
 
     def _move_to_trash(self, ckpt_dir: Path) -> Path:
         # rename() cannot replace a non-empty directory. Moving the old one aside first means a crash leaves
         # it under a .trash- name (cleaned on start) rather than a half-deleted dir that still lists.
-        trash = ckpt_dir.with_name(_trash_name(ckpt_dir.name))
-        os.rename(ckpt_dir, trash)
-        fsync_dir(ckpt_dir.parent)
-        return trash
+        return self._move_aside(ckpt_dir, TRASH_PREFIX)
+
+    @staticmethod
+    def _move_aside(path: Path, prefix: str, name: str | None = None) -> Path:
+        aside = path.with_name(f"{prefix}{name or path.name}-{uuid.uuid4().hex[:8]}")
+        os.rename(path, aside)
+        fsync_dir(path.parent)
+        return aside
 
     # -- reading
 
@@ -374,6 +383,21 @@ class RunDir:
         fsync_dir(trash.parent)
         return freed
 
+    @staticmethod
+    def _restore_replaced(role_dir: Path) -> None:
+        """A re-save interrupted between moving the old checkpoint aside and renaming the new one in: put the old
+        one back (the new one, never renamed, is an ordinary leftover)."""
+        for entry in os.scandir(role_dir):
+            if not entry.name.startswith(REPLACED_PREFIX):
+                continue
+            name = entry.name[len(REPLACED_PREFIX) :].rsplit("-", 1)[0]
+            final = role_dir / name
+            if final.exists():
+                os.rename(entry.path, role_dir / _trash_name(name))  # the new one made it; the old is garbage
+            else:
+                os.rename(entry.path, final)
+            fsync_dir(role_dir)
+
     def clean_leftovers(self) -> list[Path]:
         """Remove interrupted saves and deletes and a stale ``latest.tmp``; call on start, before any save."""
         removed: list[Path] = []
@@ -381,6 +405,7 @@ class RunDir:
             d = self.role_dir(role)
             if not d.is_dir():
                 continue
+            self._restore_replaced(d)
             stale = [Path(e.path) for e in os.scandir(d) if e.name.startswith((TMP_PREFIX, TRASH_PREFIX))]
             for p in sorted(stale):
                 _remove(p)
