@@ -139,7 +139,9 @@ def find_resume_point(resume: str | None, store: RunDir) -> ResumePoint | None:
             )
         return None
     if resume in ("latest", "auto"):
-        latest = store.latest()
+        # The newest committed full checkpoint: the `latest` link names it, unless a crash came between the commit
+        # and the swap of the link (the start repairs the link).
+        latest = store.newest_full()
         if latest is None:
             if resume == "auto":
                 return None
@@ -433,17 +435,22 @@ def resume_from(
 
 def rewind_latest(store: RunDir, point: ResumePoint, relpath: str, journal: Journal) -> None:
     """Resuming this run from an older checkpoint (a rollback after a loss spike) abandons the steps after it:
-    `latest` must name the checkpoint the run now continues from, or a crash would resume the abandoned path."""
+    `latest` must name the checkpoint the run now continues from, and the newer rollback and recovery checkpoints
+    leave the run's view (kept on disk as .abandoned-, outside retention), or a crash would resume the abandoned
+    path and retention would weigh its checkpoints against the current ones."""
     latest = store.latest()
     resumed = next((c for c in store.list() if c.relpath == relpath), None)
     if latest is None or resumed is None or latest.step <= point.step or point.contents is not Contents.FULL:
         return
     store.set_latest(resumed)
+    newer = [c for c in store.list() if c.role is not Role.BEST_K and c.step > point.step]
+    abandoned = [str(store.set_aside(c).relative_to(store.path)) for c in newer]
     journal.append(
         "rollback",
         point.step,
         path=relpath,
         abandoned_from=latest.step,
+        abandoned=abandoned,
         reason=f"resumed from step {point.step} while latest was step {latest.step}",
     )
 

@@ -178,6 +178,11 @@ def test_rollback_to_an_older_checkpoint_rewinds_latest(tmp_path: Path) -> None:
     events = read_journal(run_dir / "journal.jsonl")
     rollback = [e for e in events if e["event"] == "rollback"]
     assert len(rollback) == 1 and rollback[0]["step"] == 4 and rollback[0]["abandoned_from"] == 8
+    # The abandoned path's checkpoints are kept whole but out of the run's view (listing, latest, retention).
+    abandoned = rollback[0]["abandoned"]
+    assert sorted(p.split("/")[0] for p in abandoned) == ["recovery", "rollback", "rollback"]
+    for path in abandoned:
+        assert path.split("/")[1].startswith(".abandoned-step-") and (run_dir / path / "manifest.json").exists()
     assert [e["event"] for e in events].index("rollback") < [
         i for i, e in enumerate(events) if e["event"] == "save" and e["step"] == 6
     ][-1]
@@ -220,3 +225,28 @@ def test_bad_resume_path_fails_on_every_rank_with_the_path(tmp_path: Path) -> No
     )
     assert proc.returncode != 0
     assert f"{not_a_checkpoint} is not a committed curry-train checkpoint" in proc.stderr
+
+
+def test_crash_between_commit_and_link_resumes_the_newest_checkpoint(tmp_path: Path) -> None:
+    """A commit is durable before `latest` is swapped: if the process dies in between, +resume=latest still finds
+    the newest full checkpoint and the start repairs the link."""
+    import os
+
+    args = [
+        *FAST,
+        "train.steps=4",
+        "train.eval_every=0",
+        "checkpoint.recovery_every=2",
+        "checkpoint.rollback_every=0",
+        "checkpoint.best_k=0",
+        "run.id=unlinked",
+    ]
+    run_train(args, tmp_path)
+    run_dir = tmp_path / "runs" / "unlinked"
+    os.remove(run_dir / "latest")
+    os.symlink("recovery/step-00000002.dcp", run_dir / "latest")  # where a crash before the swap leaves the link
+    proc = run_train([*args, "+resume=latest"], tmp_path)
+    assert "resuming from step 4 of" in proc.stdout
+    assert os.readlink(run_dir / "latest") == "recovery/step-00000004.dcp"
+    events = read_journal(run_dir / "journal.jsonl")
+    assert any(e["event"] == "latest" and e["step"] == 4 for e in events)

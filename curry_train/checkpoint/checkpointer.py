@@ -66,14 +66,26 @@ class Checkpointer:
         return list(box[0] or [])
 
     def clean_leftovers(self, step: int) -> None:
-        if self.is_main:
-            for path in self.store.clean_leftovers():
-                self.journal.append(
-                    "delete",
-                    step,
-                    path=str(path.relative_to(self.store.path)),
-                    reason="uncommitted leftover of an interrupted save or delete",
-                )
+        """At start (rank 0): remove what interrupted saves left, and point `latest` at the newest full checkpoint
+        if a crash came between a commit and the swap of the link."""
+        if not self.is_main:
+            return
+        for path in self.store.clean_leftovers():
+            self.journal.append(
+                "delete",
+                step,
+                path=str(path.relative_to(self.store.path)),
+                reason="uncommitted leftover of an interrupted save or delete",
+            )
+        latest, newest = self.store.latest(), self.store.newest_full()
+        if newest is not None and (latest is None or newest.step > latest.step):
+            self.store.set_latest(newest)
+            self.journal.append(
+                "latest",
+                newest.step,
+                path=newest.relpath,
+                reason="the newest full checkpoint was committed but not yet linked",
+            )
 
     # ------------------------------------------------------------------------------------------------ saving
 

@@ -37,6 +37,9 @@ TRASH_PREFIX = ".trash-"
 # under way, possibly half removed), it is whole: if a crash strikes before the new one is in place, the next
 # start puts it back.
 REPLACED_PREFIX = ".replaced-"
+# A committed checkpoint of a trajectory the run rolled back from: kept whole (nothing is deleted for it), out of
+# listing, `latest` and retention; still loadable with +resume=PATH.
+ABANDONED_PREFIX = ".abandoned-"
 _BLOCK = 8 * 1024 * 1024
 # Errors after which os.link cannot work here but a plain copy can (cross-device, no hard-link support).
 _NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -382,6 +385,19 @@ class RunDir:
         shutil.rmtree(trash)
         fsync_dir(trash.parent)
         return freed
+
+    def set_aside(self, ckpt: Checkpoint) -> Path:
+        """Move a committed checkpoint out of the run's view (rename to .abandoned-<name>-<token>); returns where."""
+        if self.latest() == ckpt:
+            raise ValueError(f"refusing to set aside {ckpt.relpath}: `latest` points to it")
+        return self._move_aside(self.path_of(ckpt), ABANDONED_PREFIX)
+
+    def newest_full(self) -> Checkpoint | None:
+        """The newest committed rollback or recovery checkpoint holding full state (recovery first on a tie)."""
+        full = [
+            c for c in self.list() if c.role is not Role.BEST_K and self.manifest(c).extra.get("contents") == "full"
+        ]
+        return max(full, key=lambda c: (c.step, c.role is Role.RECOVERY), default=None)
 
     @staticmethod
     def _restore_replaced(role_dir: Path) -> None:
