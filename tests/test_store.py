@@ -443,3 +443,17 @@ def test_commit_real_dcp_checkpoint_readable_by_torch_tools(run: RunDir, tmp_pat
     dcp_to_torch_save(final, out)
     assert (final / MANIFEST).is_file()
     assert torch.equal(torch.load(out)["w"], torch.arange(10.0))
+
+
+def test_commit_uses_checksums_the_writing_ranks_computed(run: RunDir) -> None:
+    """Rank 0 trusts each rank's checksum of its own shard (no re-read) but recomputes one whose size changed."""
+    from curry_train.checkpoint.store import FileEntry, file_entry
+
+    staging = run.staging_dir(rc(7))
+    contents = write_fake_dcp(staging, 1000)
+    names = sorted(contents)
+    known = {names[0]: file_entry(staging / names[0]), names[1]: FileEntry(1, "deadbeef")}  # stale size
+    manifest = run.commit(rc(7), staging, known=known)
+    assert manifest.files[names[0]] == known[names[0]]
+    assert manifest.files[names[1]] == file_entry(run.path_of(rc(7)) / names[1])
+    assert run.verify(rc(7)) == []

@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from curry_train.checkpoint import io
 from curry_train.checkpoint.policy import Checkpoint, Policy, Role, best_k_decision, retention
 from curry_train.checkpoint.state import Contents
-from curry_train.checkpoint.store import RunDir
+from curry_train.checkpoint.store import FileEntry, RunDir, file_entry
 from curry_train.journal import Journal
 
 
@@ -36,6 +36,7 @@ class PendingSave:
     future: Future | None = None
     blocking_seconds: float = 0.0
     evict: list[Checkpoint] = field(default_factory=list)
+    known: dict[str, FileEntry] = field(default_factory=dict)  # checksums the writing ranks computed
     committer: threading.Thread | None = None  # rank 0's commit of an asynchronous save
     commit_error: Exception | None = None
 
@@ -54,6 +55,7 @@ class Checkpointer:
         self.policy = policy
         self.journal = journal
         self.group = group
+        self.rank = rank
         self.is_main = rank == 0
         self.async_save = async_save
         self.pending: PendingSave | None = None
@@ -155,8 +157,17 @@ class Checkpointer:
                         reason=f"save failed: {err!r}; earlier checkpoints are intact",
                     )
                 raise
+            pending.known = self._gather_own_checksums(pending.staging)
             pending.blocking_seconds = time.perf_counter() - started
             self._finish(pending)
+
+    def _gather_own_checksums(self, staging: Path) -> dict[str, FileEntry]:
+        """Each rank checksums the shard files it wrote, in parallel, and rank 0 gets them all: rank 0 alone
+        re-reading every rank's bytes would take minutes for a large model."""
+        own = {p.name: file_entry(p) for p in sorted(staging.glob(f"__{self.rank}_*.distcp"))}
+        gathered: list[dict[str, FileEntry] | None] = [None] * dist.get_world_size(self.group) if self.is_main else []
+        dist.gather_object(own, gathered if self.is_main else None, dst=0, group=self.group)
+        return {k: v for part in gathered if part for k, v in part.items()}
 
     def poll(self) -> None:
         """Start committing an asynchronous save whose bytes are all written; cheap when nothing is pending."""
@@ -216,7 +227,7 @@ class Checkpointer:
         first = pending.checkpoints[0]
         extra = {**pending.extra, "contents": pending.contents.value}
         committing = time.perf_counter()
-        manifest = self.store.commit(first, pending.staging, extra=extra)
+        manifest = self.store.commit(first, pending.staging, extra=extra, known=pending.known)
         if pending.committer is None:  # a synchronous save commits on the training thread
             pending.blocking_seconds += time.perf_counter() - committing
         seconds = time.perf_counter() - pending.started

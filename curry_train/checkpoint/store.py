@@ -200,10 +200,20 @@ def _fsync_tree(root: Path) -> None:
         fsync_dir(dirpath)
 
 
-def _checksum_tree(root: Path) -> dict[str, FileEntry]:
-    return {
-        p.relative_to(root).as_posix(): FileEntry(p.stat().st_size, crc32_file(p)) for p in sorted(_data_files(root))
-    }
+def file_entry(path: Path) -> FileEntry:
+    return FileEntry(path.stat().st_size, crc32_file(path))
+
+
+def _checksum_tree(root: Path, known: dict[str, FileEntry] | None = None) -> dict[str, FileEntry]:
+    """Size and crc32 of every file; entries in `known` (computed by the rank that wrote the file) are trusted
+    when the size still matches, so rank 0 need not re-read every rank's shards."""
+    known = known or {}
+    entries = {}
+    for p in sorted(_data_files(root)):
+        rel = p.relative_to(root).as_posix()
+        entry = known.get(rel)
+        entries[rel] = entry if entry is not None and entry.nbytes == p.stat().st_size else file_entry(p)
+    return entries
 
 
 # --------------------------------------------------------------------------------------------------- RunDir
@@ -244,8 +254,15 @@ class RunDir:
 
     # -- commit
 
-    def commit(self, ckpt: Checkpoint, staging: Path, extra: dict[str, Any] | None = None) -> Manifest:
-        """Make a fully written staging dir durable and visible under its final name."""
+    def commit(
+        self,
+        ckpt: Checkpoint,
+        staging: Path,
+        extra: dict[str, Any] | None = None,
+        known: dict[str, FileEntry] | None = None,
+    ) -> Manifest:
+        """Make a fully written staging dir durable and visible under its final name (`known`: checksums the
+        writing ranks computed of their own files)."""
         staging = Path(staging)
         if not staging.is_dir():
             raise FileNotFoundError(f"staging dir does not exist: {staging}")
@@ -255,7 +272,7 @@ class RunDir:
             step=ckpt.step,
             name=ckpt.name,
             created=_now_iso(),
-            files=_checksum_tree(staging),
+            files=_checksum_tree(staging, known),
             metric=ckpt.metric,
             metric_name=ckpt.metric_name,
             extra=dict(extra or {}),
