@@ -311,11 +311,11 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             values["dev_loss"] = evaluate(model, dev, env.device)
         log.log(done, values)
-        save_checkpoint(ckpt, policy, done, values, state, env.world_size)
+        save_checkpoint(ckpt, policy, done, values, state)
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]
         if stop:
-            save_on_preemption(ckpt, policy, done, state, env.world_size, preemption, log)
+            save_on_preemption(ckpt, policy, done, state, preemption, log)
             break
 
     ckpt.wait()
@@ -333,20 +333,17 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
     return TrainResult(run_dir, final_step, first_loss, last_loss)
 
 
-def save_checkpoint(
-    ckpt: Checkpointer, policy: Policy, step: int, values: dict[str, float], state: Any, world_size: int
-) -> None:
+def save_checkpoint(ckpt: Checkpointer, policy: Policy, step: int, values: dict[str, float], state: Any) -> None:
     """Save what the policy says is due after `step`: the cadence roles, then best-K on a new dev metric."""
     ckpt.poll()
-    extra = {"world_size": world_size, "step": step}
     roles = roles_due(policy, step)
     if roles:
-        needs_full = Role.RECOVERY in roles or policy.rollback_contents.value == "full"
+        needs_full = Role.RECOVERY in roles or policy.full_rollback
         contents = Contents.FULL if needs_full else Contents.PARAMS
-        ckpt.save(step, roles, contents, state(contents), extra)
+        ckpt.save(step, roles, contents, state(contents))
     metric = values.get(policy.best_k_metric)
     if metric is not None:
-        ckpt.consider_best_k(step, metric, lambda: state(Contents.PARAMS), extra)
+        ckpt.consider_best_k(step, metric, lambda: state(Contents.PARAMS))
 
 
 class Preemption:
@@ -376,18 +373,17 @@ def save_on_preemption(
     policy: Policy,
     step: int,
     state: Any,
-    world_size: int,
     preemption: Preemption,
     log: MetricsLogger,
 ) -> None:
     """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
     due = roles_due(policy, step)
-    full_rollback = policy.rollback_every > 0 and policy.rollback_contents.value == "full"
+    full_rollback = policy.rollback_every > 0 and policy.full_rollback
     if not (Role.RECOVERY in due or (Role.ROLLBACK in due and full_rollback)):
         # Saved under a role whose retention will delete it in due course; with both cadences off it is a
         # recovery checkpoint that stays until removed by hand.
         role = Role.ROLLBACK if full_rollback and policy.recovery_every == 0 else Role.RECOVERY
-        ckpt.save(step, [role], Contents.FULL, state(Contents.FULL), {"world_size": world_size, "step": step})
+        ckpt.save(step, [role], Contents.FULL, state(Contents.FULL))
     ckpt.wait()
     name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
     ckpt.journal.append("preempt", step, signal=name)

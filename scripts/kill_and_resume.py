@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import shlex
 import signal
@@ -23,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+from curry_train.journal import read_journal
 from curry_train.metrics import read_metrics
 
 
@@ -96,8 +96,7 @@ def run_and_kill(cmd: list[str], metrics_path: Path, kill_at: int, timeout: floa
 
 
 def resume_step(journal_path: Path) -> int:
-    events = [json.loads(line) for line in journal_path.read_text().splitlines() if line.strip()]
-    resumes = [e for e in events if e["event"] == "resume"]
+    resumes = [e for e in read_journal(journal_path) if e["event"] == "resume"]
     if not resumes:
         raise SystemExit(f"{journal_path}: the resumed run journaled no resume event")
     return int(resumes[-1]["step"])

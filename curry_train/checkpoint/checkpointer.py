@@ -30,12 +30,10 @@ class PendingSave:
 
     checkpoints: list[Checkpoint]  # the first is written; the others become hard links of it
     contents: Contents
-    staging: Path
     started: float
-    extra: dict[str, Any]
+    staging: Path | None = None
     future: Future | None = None
     blocking_seconds: float = 0.0
-    evict: list[Checkpoint] = field(default_factory=list)
     known: dict[str, FileEntry] = field(default_factory=dict)  # checksums the writing ranks computed
     committer: threading.Thread | None = None  # rank 0's commit of an asynchronous save
     commit_error: Exception | None = None
@@ -91,19 +89,15 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------------ saving
 
-    def save(
-        self, step: int, roles: list[Role], contents: Contents, state: dict[str, Stateful], extra: dict[str, Any]
-    ) -> None:
+    def save(self, step: int, roles: list[Role], contents: Contents, state: dict[str, Stateful]) -> None:
         """Save one set of bytes for `roles` at `step` (the first role is written, the others linked)."""
         self.wait()
         # Recovery is written and the other role linked to it: recovery is kept longest, and `latest` names it.
         ordered = sorted(roles, key=lambda role: role is not Role.RECOVERY)
         checkpoints = [Checkpoint(role, step) for role in ordered]
-        self._start(PendingSave(checkpoints, contents, Path(), time.perf_counter(), extra), state)
+        self._start(PendingSave(checkpoints, contents, time.perf_counter()), state)
 
-    def consider_best_k(
-        self, step: int, value: float, state_factory: Callable[[], dict[str, Stateful]], extra: dict[str, Any]
-    ) -> bool:
+    def consider_best_k(self, step: int, value: float, state_factory: Callable[[], dict[str, Stateful]]) -> bool:
         """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k."""
         if self.policy.best_k == 0:
             return False
@@ -118,7 +112,7 @@ class Checkpointer:
         self.wait()
         ckpt = Checkpoint(Role.BEST_K, step, metric=value, metric_name=self.policy.best_k_metric)
         self.best = [c for c in self.best if c not in decision.evict] + [ckpt]
-        pending = PendingSave([ckpt], Contents.PARAMS, Path(), time.perf_counter(), extra, evict=decision.evict)
+        pending = PendingSave([ckpt], Contents.PARAMS, time.perf_counter())
         if self.is_main:
             self.journal.append(
                 "best_k",
@@ -135,8 +129,7 @@ class Checkpointer:
         first = pending.checkpoints[0]
         # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name)
         # before DCP's planning collective lets the other ranks write into it.
-        pending.staging = self.store.staging_dir(first) if self.is_main else self.store.path_of(first)
-        box = [str(pending.staging)]
+        box = [str(self.store.staging_dir(first)) if self.is_main else None]
         dist.broadcast_object_list(box, src=0, group=self.group)
         pending.staging = Path(box[0])
         started = time.perf_counter()
@@ -148,14 +141,7 @@ class Checkpointer:
             try:
                 io.save(state, pending.staging, self.group)
             except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
-                if self.is_main:
-                    self.journal.append(
-                        "error",
-                        first.step,
-                        role=first.role,
-                        path=first.relpath,
-                        reason=f"save failed: {err!r}; earlier checkpoints are intact",
-                    )
+                self._journal_error(first, f"save failed: {err!r}; earlier checkpoints are intact")
                 raise
             pending.known = self._gather_own_checksums(pending.staging)
             pending.blocking_seconds = time.perf_counter() - started
@@ -184,13 +170,7 @@ class Checkpointer:
         try:
             pending.future.result()
         except Exception as err:  # the write failed: keep every existing checkpoint, say what happened
-            if self.is_main:
-                self.journal.append(
-                    "error",
-                    pending.checkpoints[0].step,
-                    role=pending.checkpoints[0].role,
-                    reason=f"asynchronous save failed: {err!r}",
-                )
+            self._journal_error(pending.checkpoints[0], f"asynchronous save failed: {err!r}")
             raise
         if pending.committer is None:
             self._begin_commit(pending)
@@ -209,12 +189,7 @@ class Checkpointer:
                     self._commit(pending)
             except Exception as err:
                 pending.commit_error = err
-                self.journal.append(
-                    "error",
-                    pending.checkpoints[0].step,
-                    role=pending.checkpoints[0].role,
-                    reason=f"commit failed: {err!r}; earlier checkpoints are intact",
-                )
+                self._journal_error(pending.checkpoints[0], f"commit failed: {err!r}; earlier checkpoints are intact")
 
         pending.committer = threading.Thread(target=commit, name="curry-train-commit")
         pending.committer.start()
@@ -225,7 +200,8 @@ class Checkpointer:
 
     def _commit(self, pending: PendingSave) -> None:
         first = pending.checkpoints[0]
-        extra = {**pending.extra, "contents": pending.contents.value}
+        # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
+        extra = {"contents": pending.contents.value, "world_size": dist.get_world_size(self.group)}
         committing = time.perf_counter()
         manifest = self.store.commit(first, pending.staging, extra=extra, known=pending.known)
         if pending.committer is None:  # a synchronous save commits on the training thread
@@ -243,14 +219,18 @@ class Checkpointer:
             self._journal_save(ckpt, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
         if pending.contents is Contents.FULL:
             self.store.set_latest(first)
-        self._apply_retention(first.step)
+        self._apply_retention()
+
+    def _journal_error(self, ckpt: Checkpoint, reason: str) -> None:
+        if self.is_main:
+            self.journal.append("error", ckpt.step, role=ckpt.role, path=ckpt.relpath, reason=reason)
 
     def _journal_save(self, ckpt: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
         self.journal.append(
             "save", ckpt.step, role=ckpt.role, path=ckpt.relpath, bytes=nbytes, contents=contents, **fields
         )
 
-    def _apply_retention(self, step: int) -> None:
+    def _apply_retention(self) -> None:
         latest = self.store.latest()
         protected = {latest.relpath} if latest else set()
         for deletion in retention(self.policy, self.store.list(), protected):

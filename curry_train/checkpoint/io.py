@@ -27,12 +27,6 @@ def async_save(state: dict[str, Stateful], staging: Path, group: dist.ProcessGro
     return result if isinstance(result, Future) else result.upload_completion
 
 
-def checkpoint_keys(path: Path) -> set[str]:
-    """The top-level keys a DCP checkpoint holds (`model`, `optim`, ...), read from its metadata."""
-    metadata = FileSystemReader(path).read_metadata()
-    return {key.split(".", 1)[0] for key in metadata.state_dict_metadata}
-
-
 def load(state: dict[str, Stateful], path: Path, group: dist.ProcessGroup) -> None:
     """Load `state` in place from the DCP checkpoint at `path` (any world size: DCP reshards)."""
     dcp.load(state, storage_reader=FileSystemReader(path), process_group=group)

@@ -132,7 +132,7 @@ class RoleEstimate:
 def role_estimates(size: ModelSize | int, policy: Policy, world_size: int = 1) -> list[RoleEstimate]:
     full = checkpoint_bytes(size, True, world_size)
     params_only = checkpoint_bytes(size, False, world_size)
-    rollback_full = policy.rollback_contents is RollbackContents.FULL
+    rollback_full = policy.full_rollback
     return [
         RoleEstimate(
             Role.ROLLBACK.value,
@@ -311,7 +311,7 @@ class Cadence:
 def exact_resume_cadence(policy: Policy) -> tuple[int, str] | None:
     """The smallest cadence of a role that saves full state, and that role: the interval Young/Daly is about."""
     cadences = [(policy.recovery_every, Role.RECOVERY.value)]
-    if policy.rollback_contents is RollbackContents.FULL:
+    if policy.full_rollback:
         cadences.append((policy.rollback_every, Role.ROLLBACK.value))
     enabled = [c for c in cadences if c[0] > 0]
     return min(enabled) if enabled else None
@@ -451,7 +451,7 @@ def recommend_params_rollback(
 ) -> Recommendation | None:
     """When a full checkpoint is large and rollbacks hold full state: the saving of parameters-only rollbacks."""
     full = checkpoint_bytes(size, True, world_size)
-    if full <= ROLLBACK_PARAMS_THRESHOLD or policy.rollback_contents is RollbackContents.PARAMS:
+    if full <= ROLLBACK_PARAMS_THRESHOLD or not policy.full_rollback:
         return None
     if policy.rollback_every == 0:
         return None

@@ -98,6 +98,11 @@ class Policy:
                 allowed = ", ".join(repr(member.value) for member in enum_type)
                 raise ValueError(f"{_key(name)}={value!r}: allowed values are {allowed}") from None
 
+    @property
+    def full_rollback(self) -> bool:
+        """Rollback checkpoints hold full state, so they are exact-resume points too."""
+        return self.rollback_contents is RollbackContents.FULL
+
 
 @dataclass(frozen=True)
 class Checkpoint:
@@ -247,7 +252,7 @@ def retention(
 def exact_resume_candidates(committed: list[Checkpoint], policy: Policy) -> list[Checkpoint]:
     """Checkpoints a run can resume from exactly, newest first; recovery first among equal steps."""
     roles = {Role.RECOVERY}
-    if policy.rollback_contents is RollbackContents.FULL:
+    if policy.full_rollback:
         roles.add(Role.ROLLBACK)
     candidates = [c for c in dict.fromkeys(committed) if c.role in roles]
     return sorted(candidates, key=lambda c: (-c.step, c.role is not Role.RECOVERY))
@@ -275,7 +280,7 @@ def worst_case_resume(policy: Policy, crash_step: int) -> int:
     if crash_step < 0:
         raise ValueError(f"crash_step={crash_step}: must be >= 0")
     cadences = [policy.recovery_every]
-    if policy.rollback_contents is RollbackContents.FULL:
+    if policy.full_rollback:
         cadences.append(policy.rollback_every)
     if crash_step == 0:
         return 0

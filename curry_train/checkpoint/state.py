@@ -42,13 +42,8 @@ class Contents(enum.StrEnum):
     PARAMS = "params"  # parameters (and the step they belong to) only
 
 
-FULL_KEYS = ("model", "optim", "progress", "scheduler", "dataloader", "rng", "fidelity")
+# Keys whose values belong to one layout of ranks: a resume on another world size leaves them out.
 PER_RANK_KEYS = ("dataloader", "rng", "fidelity")
-PARAMS_KEYS = ("model", "progress")
-
-
-def keys_for(contents: Contents) -> tuple[str, ...]:
-    return FULL_KEYS if contents is Contents.FULL else PARAMS_KEYS
 
 
 class ModelState(Stateful):

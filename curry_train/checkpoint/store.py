@@ -94,11 +94,6 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _trash_name(name: str) -> str:
-    # A random token keeps an old leftover of the same name from blocking this rename.
-    return f"{TRASH_PREFIX}{name}-{uuid.uuid4().hex[:8]}"
-
-
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
@@ -329,6 +324,7 @@ class RunDir:
 
     @staticmethod
     def _move_aside(path: Path, prefix: str, name: str | None = None) -> Path:
+        # A random token keeps an old leftover of the same name from blocking this rename.
         aside = path.with_name(f"{prefix}{name or path.name}-{uuid.uuid4().hex[:8]}")
         os.rename(path, aside)
         fsync_dir(path.parent)
@@ -425,11 +421,11 @@ class RunDir:
                 continue
             name = entry.name[len(REPLACED_PREFIX) :].rsplit("-", 1)[0]
             final = role_dir / name
-            if final.exists():
-                os.rename(entry.path, role_dir / _trash_name(name))  # the new one made it; the old is garbage
+            if final.exists():  # the new one made it; the old is garbage for the sweep that follows
+                RunDir._move_aside(Path(entry.path), TRASH_PREFIX, name=name)
             else:
                 os.rename(entry.path, final)
-            fsync_dir(role_dir)
+                fsync_dir(role_dir)
 
     def clean_leftovers(self) -> list[Path]:
         """Remove interrupted saves and deletes and a stale ``latest.tmp``; call on start, before any save."""
