@@ -128,6 +128,7 @@ class DataConfig:
 class RetentionConfig:
     rollback_keep: int = 5
     recovery_keep: int = 3
+    abandoned_keep: int = 1  # checkpoints a rollback set aside (newest kept); `curry-train gc` removes them all
 
 
 @dataclass
@@ -200,6 +201,40 @@ class TrainConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """Loss-spike detection and automatic rollback (the rule is in `curry_train/spike.py`).
+
+    A step's all-reduced loss is a spike when it is not finite, or exceeds the median of the last `window` losses
+    by more than `sigmas` robust deviations and by more than `min_rise` of the median. The run then rolls back in
+    process to the newest rollback or recovery checkpoint at or before `spike step - window - rollback_margin`,
+    skips the samples of the abandoned steps (and `skip_extra_steps` more batches) and goes on.
+    """
+
+    enabled: bool = False
+    window: int = 50  # steps in the baseline
+    warmup_steps: int = 100  # not armed before this step (early training falls fast and noisily)
+    sigmas: float = 6.0
+    min_rise: float = 0.1  # fraction of the baseline a spike must also exceed it by
+    rollback_margin: int = 0  # further steps before the window's start the rollback target must lie
+    skip_extra_steps: int = 0  # batches skipped beyond those of the abandoned steps
+    rewarmup_steps: int = 20  # lr ramp after a rollback (or resume) whose optimizer state starts fresh
+    max_rollbacks: int = 3  # more rollbacks than this within max_rollbacks_within steps stop the run (exit 3)
+    max_rollbacks_within: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(self.window >= 3, "spike.window", f"must be >= 3 (a median and a deviation), got {self.window}")
+        for key in ("warmup_steps", "rollback_margin", "skip_extra_steps", "rewarmup_steps", "max_rollbacks"):
+            _require(getattr(self, key) >= 0, f"spike.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _require(self.sigmas > 0, "spike.sigmas", f"must be > 0, got {self.sigmas}")
+        _require(self.min_rise >= 0, "spike.min_rise", f"must be >= 0, got {self.min_rise}")
+        _require(
+            self.max_rollbacks_within > 0,
+            "spike.max_rollbacks_within",
+            f"must be positive, got {self.max_rollbacks_within}",
+        )
+
+
+@dataclass
 class RunConfig:
     root: str = "runs"
     # None: derived from the config (a hash of everything but `run` and `resume`), so the same command names the
@@ -216,6 +251,7 @@ class Config:
     checkpoint: CheckpointConfig = MISSING
     logger: LoggerConfig = MISSING
     train: TrainConfig = field(default_factory=TrainConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 
@@ -233,6 +269,13 @@ def validate(cfg: Config, world_size: int) -> None:
         "data.seq_len",
         f"{cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
     )
+    if cfg.spike.enabled:
+        _require(
+            cfg.checkpoint.rollback_every > 0 or cfg.checkpoint.recovery_every > 0,
+            "spike.enabled",
+            "a rollback needs a checkpoint to return to: set checkpoint.rollback_every (or recovery_every) > 0, "
+            "or spike.enabled=false",
+        )
     if cfg.data.name in ("stdlib", "text"):
         _require(
             cfg.model.vocab_size >= 256,
@@ -254,6 +297,7 @@ register_configs()
 # change would silently start from step 0.
 NOT_IN_RUN_ID = {
     "checkpoint": None,  # the whole group
+    "spike": None,  # how spikes are handled, not what is trained
     "logger": None,
     "data": ("num_workers",),
     "train": ("eval_every", "eval_batches", "device"),
@@ -266,7 +310,7 @@ def default_run_id(raw: DictConfig) -> str:
     names the same run directory on every rank with no coordination."""
     settings = OmegaConf.to_container(raw, resolve=True)
     assert isinstance(settings, dict)
-    settings = {k: v for k, v in settings.items() if k not in ("run", "resume", "hydra")}
+    settings = {k: v for k, v in settings.items() if k not in ("run", "hydra", *LAUNCH_KEYS)}
     for group, keys in NOT_IN_RUN_ID.items():
         if keys is None:
             settings.pop(group, None)
@@ -276,16 +320,58 @@ def default_run_id(raw: DictConfig) -> str:
     return f"{raw.model.name}-{raw.data.name}-{digest}"
 
 
-def resolve(raw: DictConfig) -> tuple[Config, str | None]:
-    """The typed, validated config and the `+resume=` value (None when absent).
+# Per-launch options added with `+`: they say what this launch does with the run (continue it, roll it back, inject
+# a test spike), not what the run is, so they are not in the schema, the run id or config.yaml.
+LAUNCH_KEYS = ("resume", "rollback_to", "debug")
+
+
+@dataclass(frozen=True)
+class Launch:
+    resume: str | None = None  # +resume=latest|auto|PATH
+    rollback_to: str | None = None  # +rollback_to=PATH: roll this run back to one of its checkpoints, once
+    inject_spike_at: int | None = None  # +debug.inject_spike_at=STEP: multiply that step's lr to cause a spike
+    inject_lr_scale: float = 1000.0  # +debug.inject_lr_scale=X
+
+
+def _launch_of(options: dict) -> Launch:
+    debug = options.get("debug") or {}
+    unknown = sorted(set(debug) - {"inject_spike_at", "inject_lr_scale"})
+    _require(
+        not unknown,
+        f"debug.{unknown[0] if unknown else ''}",
+        "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X",
+    )
+    launch = Launch(
+        resume=None if options.get("resume") is None else str(options["resume"]),
+        rollback_to=None if options.get("rollback_to") is None else str(options["rollback_to"]),
+        inject_spike_at=None if debug.get("inject_spike_at") is None else int(debug["inject_spike_at"]),
+        inject_lr_scale=float(debug.get("inject_lr_scale", Launch.inject_lr_scale)),
+    )
+    _require(
+        launch.resume is None or launch.rollback_to is None,
+        "rollback_to",
+        "give +rollback_to=PATH or +resume=..., not both (a rollback continues the run from PATH)",
+    )
+    _require(
+        launch.inject_spike_at is None or launch.inject_spike_at > 0,
+        "debug.inject_spike_at",
+        f"must be a step >= 1, got {launch.inject_spike_at}",
+    )
+    return launch
+
+
+def resolve(raw: DictConfig) -> tuple[Config, Launch]:
+    """The typed, validated config and the launch's `+` options.
 
     `OmegaConf.to_object` instantiates the dataclasses, which runs their `__post_init__` checks on the final values.
     """
     raw = raw.copy()
     with open_dict(raw):
-        resume = raw.pop("resume", None)
+        options = {key: raw.pop(key, None) for key in LAUNCH_KEYS}
+    options = {k: OmegaConf.to_container(v) if isinstance(v, DictConfig) else v for k, v in options.items()}
+    launch = _launch_of(options)
     if raw.run.id is None:
         raw.run.id = default_run_id(raw)
     cfg = OmegaConf.to_object(raw)
     assert isinstance(cfg, Config)
-    return cfg, None if resume is None else str(resume)
+    return cfg, launch

@@ -163,33 +163,38 @@ class Slicing:
         return self.batch_size // (self.world_size * self.grad_accum)
 
     def indices(self, step: int, micro: int) -> list[int]:
-        """Global sample ids of micro-batch `micro` of rank `rank` in optimizer step `step` (0-based)."""
+        """Global sample ids of micro-batch `micro` of rank `rank` in optimizer step `step` (0-based) of a run
+        that skipped nothing."""
+        return self.indices_at(step * self.batch_size, micro)
+
+    def indices_at(self, cursor: int, micro: int) -> list[int]:
+        """Global sample ids of micro-batch `micro` of rank `rank` in the step whose batch starts at sample `cursor`."""
         per_rank = self.batch_size // self.world_size
-        start = step * self.batch_size + self.rank * per_rank + micro * self.micro_batch
+        start = cursor + self.rank * per_rank + micro * self.micro_batch
         return list(range(start, start + self.micro_batch))
 
 
 class StepBatchSampler:
-    """Yields this rank's micro-batches, step after step, from `start_step` on (endless).
+    """Yields this rank's micro-batches, step after step, from global sample `start_sample` on (endless).
 
-    Deliberately not `Stateful`: StatefulDataLoader then restores it by counting the batches it yielded, and a
-    resume on another world size rebuilds it from the step alone.
+    The global sample cursor is the whole data position: a resume on any world size or worker count, and a rollback
+    that skips samples, build a sampler at the cursor. Deliberately not `Stateful` for the same reason.
     """
 
-    def __init__(self, slicing: Slicing, start_step: int = 0) -> None:
+    def __init__(self, slicing: Slicing, start_sample: int = 0) -> None:
         self.slicing = slicing
-        self.start_step = start_step
+        self.start_sample = start_sample
 
     def __iter__(self) -> Iterator[list[int]]:
-        step = self.start_step
+        cursor = self.start_sample
         while True:
             for micro in range(self.slicing.grad_accum):
-                yield self.slicing.indices(step, micro)
-            step += 1
+                yield self.slicing.indices_at(cursor, micro)
+            cursor += self.slicing.batch_size
 
 
 def build_train_loader(
-    tokens: np.ndarray, cfg: DataConfig, slicing: Slicing, seed: int, start_step: int = 0
+    tokens: np.ndarray, cfg: DataConfig, slicing: Slicing, seed: int, start_sample: int = 0
 ) -> StatefulDataLoader:
     dataset = WindowDataset(tokens, cfg.seq_len, seed)
     # The loader's own generator: without it, creating an iterator draws from torch's global RNG, and a
@@ -197,7 +202,7 @@ def build_train_loader(
     generator = torch.Generator().manual_seed(seed)
     return StatefulDataLoader(
         dataset,
-        batch_sampler=StepBatchSampler(slicing, start_step),
+        batch_sampler=StepBatchSampler(slicing, start_sample),
         num_workers=cfg.num_workers,
         generator=generator,
         persistent_workers=False,

@@ -21,6 +21,7 @@ EVENTS: frozenset[str] = frozenset(
         "best_k",
         "resume",
         "rollback",
+        "spike_injected",
         "latest",
         "preempt",
         "world_size_change",

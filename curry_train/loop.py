@@ -1,9 +1,7 @@
-"""The training loop: build in dependency order, resume if asked, then step, evaluate, save, repeat."""
+"""The training loop: build in dependency order, resume if asked, then step, evaluate, save, roll back on a spike."""
 
 from __future__ import annotations
 
-import itertools
-import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -11,27 +9,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from curry_train import distributed
+from curry_train import distributed, spike
+from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan import build_plan, model_size, plan_json, policy_of, render_plan, storage_refusal
 from curry_train.checkpoint.policy import Policy, Role, roles_due
-from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, app_state, fidelity_record
-from curry_train.checkpoint.store import Manifest, RunDir, fsync_dir
-from curry_train.config import Config, ConfigError, validate
+from curry_train.checkpoint.preemption import Preemption, save_on_preemption
+from curry_train.checkpoint.resume import ResumeError, ResumePoint, SpikeError, Trainee, agree
+from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
+from curry_train.checkpoint.store import RunDir, fsync_dir
+from curry_train.config import Config, ConfigError, Launch, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import MetricsLogger
 from curry_train.model import Transformer, build_model, count_params
 from curry_train.optim import build_optimizer, lr_at, set_lr
 
-
-class ResumeError(RuntimeError):
-    """`+resume=...` cannot be honoured; the message names the run directory or path."""
+__all__ = ["ResumeError", "SpikeError", "TrainResult", "optimizer_step", "train"]
 
 
 @dataclass
@@ -40,14 +38,6 @@ class TrainResult:
     final_step: int
     first_loss: float | None
     last_loss: float | None
-
-
-@dataclass
-class ResumePoint:
-    path: Path
-    step: int
-    contents: Contents
-    world_size: int
 
 
 def use_bf16(cfg: Config, device: torch.device) -> bool:
@@ -92,13 +82,14 @@ def optimizer_step(
     cfg: Config,
     device: torch.device,
     stop_requested: bool = False,
+    lr_scale: float = 1.0,
 ) -> tuple[dict[str, float], bool]:
-    """Optimizer step `step` (0-based) at the schedule's lr.
+    """Optimizer step `step` (0-based) at the schedule's lr times `lr_scale` (a re-warmup after a rollback).
 
     Returns the metrics every rank agrees on, and whether any rank was asked to stop: the request rides on the
     loss's all-reduce, so all ranks stop after the same step at no extra collective.
     """
-    lr = lr_at(step, cfg.optimizer.lr, cfg.train.steps, cfg.scheduler)
+    lr = lr_at(step, cfg.optimizer.lr, cfg.train.steps, cfg.scheduler) * lr_scale
     set_lr(optimizer, lr)
     loss, grad_norm = train_step(model, optimizer, batches, cfg.train.grad_accum, cfg.train.grad_clip, device)
     loss_value, stop = distributed.all_reduce_mean([loss.item(), float(stop_requested)], device)
@@ -128,48 +119,6 @@ def build_sharded_model(cfg: Config, env: distributed.Dist) -> tuple[Transformer
     return model, n_params
 
 
-def find_resume_point(resume: str | None, store: RunDir) -> ResumePoint | None:
-    """Where `+resume=latest|auto|PATH` continues from (rank 0 reads the disk)."""
-    if resume is None:
-        metrics = store.path / "metrics.jsonl"
-        if store.list() or (metrics.exists() and metrics.stat().st_size > 0):
-            raise ResumeError(
-                f"run directory {store.path} already holds a run; continue it with +resume=latest "
-                "(or +resume=auto), or start a new one with run.id=NAME"
-            )
-        return None
-    if resume in ("latest", "auto"):
-        # The newest committed full checkpoint: the `latest` link names it, unless a crash came between the commit
-        # and the swap of the link (the start repairs the link).
-        latest = store.newest_full()
-        if latest is None:
-            if resume == "auto":
-                return None
-            raise ResumeError(
-                f"+resume=latest: run directory {store.path} has no committed checkpoint with full state to resume "
-                "from; start without +resume, or use +resume=auto to start fresh when there is none"
-            )
-        path = store.path_of(latest)
-    else:
-        path = Path(resume).expanduser()
-    try:
-        manifest = Manifest.read(path)
-        return ResumePoint(path, manifest.step, Contents(manifest.extra["contents"]), int(manifest.extra["world_size"]))
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ResumeError(
-            f"+resume={resume}: {path} is not a committed curry-train checkpoint ({type(err).__name__}: {err})"
-        ) from None
-
-
-def agree(value: Any, group: dist.ProcessGroup) -> Any:
-    """Rank 0's value (or the exception it raised), on every rank."""
-    box = [value]
-    dist.broadcast_object_list(box, src=0, group=group)
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]
-
-
 @dataclass
 class Run:
     """A launch's view of its run directory: where it resumes from, its plan, journal and metrics."""
@@ -181,10 +130,14 @@ class Run:
     log: MetricsLogger
 
 
-def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None) -> Run:
-    """Decide where to resume and check the storage plan before writing anything, then open journal and metrics."""
+def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) -> Run:
+    """Tidy the run directory, decide where to resume and check the storage plan before writing anything new, then
+    open journal and metrics."""
     store = RunDir(run_dir)
-    point = agree(_try(find_resume_point, resume, store) if env.is_main else None, env.checkpoint_group)
+    # Opened lazily: a refused start creates nothing.
+    journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
+    agree(_try(resuming.clean_run_dir, store, journal) if env.is_main else None, env.checkpoint_group)
+    point = agree(_try(resuming.find_resume_point, launch, store) if env.is_main else None, env.checkpoint_group)
     # The plan comes from the config alone (the model on meta): a policy that does not fit the disk refuses to
     # start and leaves nothing behind.
     plan = agree(
@@ -199,7 +152,6 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | No
     if env.is_main:
         make_durable_dir(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
-    journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
     attempt = count_launches(journal.path) if env.is_main else 0
     log = MetricsLogger(
         run_dir,
@@ -215,7 +167,8 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | No
         point.step if point else 0,
         attempt=attempt,
         world_size=env.world_size,
-        resume=resume,
+        resume=launch.resume,
+        rollback_to=launch.rollback_to,
         config=asdict(cfg),
     )
     return Run(run_dir, point, plan, journal, log)
@@ -240,14 +193,23 @@ def load_checked_corpus(cfg: Config) -> Corpus:
     return corpus
 
 
-def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None = None) -> TrainResult:
+def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | None = None) -> TrainResult:
+    launch = launch or Launch()
     validate(cfg, env.world_size)
     policy = policy_of(cfg.checkpoint)
     t = cfg.train
-    run = open_run(cfg, run_dir, env, resume)
+    run = open_run(cfg, run_dir, env, launch)
     log, journal, point = run.log, run.journal, run.point
     if point is not None:
-        log.print(f"curry-train: resuming from step {point.step} of {point.path}")
+        if point.note:
+            log.print(f"curry-train: {point.note}")
+        verb = "rolling back" if point.rollback_to else "resuming"
+        log.print(f"curry-train: {verb} from step {point.step} of {point.path}")
+        if point.step >= t.steps and point.rollback_to is None:
+            log.print(f"curry-train: run {run_dir} already finished ({point.step} of {t.steps} steps); nothing to do")
+            log.close()
+            journal.close()
+            return TrainResult(run_dir, point.step, None, None)
 
     corpus = load_checked_corpus(cfg)
     model, n_params = build_sharded_model(cfg, env)
@@ -260,53 +222,64 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
     log.print(render_plan(run.plan))
     journal.append("policy", 0, **plan_json(run.plan))
     ckpt = Checkpointer(RunDir(run_dir), policy, journal, env.checkpoint_group, env.rank, cfg.checkpoint.async_save)
-    ckpt.clean_leftovers(point.step if point else 0)
 
-    progress: dict[str, int | float] = {"step": 0, "samples_seen": 0, "world_size": env.world_size}
+    progress = Progress(world_size=env.world_size)
     scheduler: dict[str, int | float] = {"step": 0, "lr": 0.0}
     slicing = Slicing(t.batch_size, env.world_size, env.rank, t.grad_accum)
-    # The loader's own saved position is exact on the same world size; on another, or from a checkpoint that has
-    # no loader state (parameters only), the global sample cursor (the step) rebuilds it.
-    same_world = point is None or point.world_size == env.world_size
-    from_cursor = point is not None and not (same_world and point.contents is Contents.FULL)
-    loader = build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_step=point.step if from_cursor else 0)
     dev = dev_batches(corpus.dev, cfg.data, Slicing(t.batch_size, env.world_size, env.rank, 1), t.seed, t.eval_batches)
-
     saved_fidelity: dict[str, Any] = {}
 
     def fidelity_now() -> dict[str, Any]:
-        return fidelity_record(model, env.device, slicing.indices(int(progress["step"]), 0))
+        return fidelity_record(model, env.device, slicing.indices_at(progress.cursor, 0))
 
     def state(contents: Contents) -> dict:
-        return app_state(
-            contents,
-            model,
-            optimizer,
-            progress,
-            scheduler,
-            env.rank,
-            loader,
-            env.device,
-            fidelity=(fidelity_now, saved_fidelity.update),
+        fidelity = (fidelity_now, saved_fidelity.update)
+        return app_state(contents, model, optimizer, progress, scheduler, env.rank, env.device, fidelity=fidelity)
+
+    def data_from(cursor: int) -> Iterator[dict]:
+        # The global sample cursor is the whole data position: resumes on any world size or worker count, and
+        # rollbacks that skip samples, all build the loader there.
+        return iter(build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_sample=cursor))
+
+    trainee = Trainee(state, optimizer, progress, saved_fidelity, fidelity_now)
+    if point is not None and point.rollback_to is not None:
+        cause = agree(
+            _try(resuming.manual_rollback_cause, point, ckpt.store, t.batch_size) if env.is_main else None,
+            env.checkpoint_group,
         )
-
+        resuming.roll_back(point, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
+        log.event("rollback", progress.step, spike_step=cause.step)
+    elif point is not None:
+        resuming.resume(point, ckpt, trainee, env.world_size, log.print)
+        log.event("resume", progress.step)
+    batches = data_from(progress.cursor)
     if point is not None:
-        resume_from(point, ckpt, state, same_world, env, journal, log)
-        check_fidelity(saved_fidelity, fidelity_now())
+        batches = resuming.check_next_batch(batches, slicing.indices_at(progress.cursor, 0))
 
-    start_step = int(progress["step"])
+    rule = spike.SpikeRule(cfg.spike.window, cfg.spike.warmup_steps, cfg.spike.sigmas, cfg.spike.min_rise)
     preemption = Preemption()
-    batches = iter(loader)
-    if point is not None:
-        batches = check_next_batch(batches, slicing.indices(start_step, 0))
     tokens_per_step = t.batch_size * cfg.data.seq_len
     first_loss = last_loss = None
-    for step in range(start_step, t.steps):
+    while progress.step < t.steps:
+        step, done = progress.step, progress.step + 1  # 0-based index of this step; completed steps after it
+        lr_scale = spike.rewarm_factor(step, progress.rewarm_from, cfg.spike.rewarmup_steps)
+        if done == launch.inject_spike_at and done not in progress.injected:
+            lr_scale *= launch.inject_lr_scale
+            progress.injected.append(done)
+            journal.append("spike_injected", done, lr_scale=launch.inject_lr_scale, reason="+debug.inject_spike_at")
         started = time.perf_counter()
-        values, stop = optimizer_step(step, model, optimizer, batches, cfg, env.device, preemption.requested)
+        values, stop = optimizer_step(step, model, optimizer, batches, cfg, env.device, preemption.requested, lr_scale)
         values["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
-        done = step + 1  # completed optimizer steps
-        progress.update(step=done, samples_seen=done * t.batch_size, world_size=env.world_size)
+        verdict = spike.judge(rule, progress.loss_window, done, values["loss"]) if cfg.spike.enabled else None
+        if verdict is not None and verdict.spike:
+            log.log(done, {**values, "spike": True})
+            target, cause = resuming.spike_rollback_point(verdict, done, progress, ckpt, cfg.spike, t.batch_size)
+            resuming.roll_back(target, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
+            log.event("rollback", progress.step, spike_step=done)
+            batches = data_from(progress.cursor)
+            continue
+        progress.step, progress.cursor = done, progress.cursor + t.batch_size
+        progress.loss_window = spike.push(progress.loss_window, values["loss"], cfg.spike.window)
         scheduler.update(step=done, lr=values["lr"])
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
             values["dev_loss"] = evaluate(model, dev, env.device)
@@ -315,12 +288,12 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]
         if stop:
-            save_on_preemption(ckpt, policy, done, state, preemption, log)
+            save_on_preemption(ckpt, policy, done, state, preemption, log.print)
             break
 
     ckpt.wait()
     preemption.uninstall()
-    final_step = int(progress["step"])
+    final_step = progress.step
     if final_step == t.steps:
         journal.append("run_end", final_step, last_loss=last_loss)
     if first_loss is not None:
@@ -344,139 +317,6 @@ def save_checkpoint(ckpt: Checkpointer, policy: Policy, step: int, values: dict[
     metric = values.get(policy.best_k_metric)
     if metric is not None:
         ckpt.consider_best_k(step, metric, lambda: state(Contents.PARAMS))
-
-
-class Preemption:
-    """SIGTERM (what schedulers and torchrun send before killing) and SIGUSR1 (SLURM's `--signal` warning) ask
-    the run to finish its step, save a full checkpoint and stop, instead of dying mid-step."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.received = signum
-
-    @property
-    def requested(self) -> bool:
-        return self.received is not None
-
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-def save_on_preemption(
-    ckpt: Checkpointer,
-    policy: Policy,
-    step: int,
-    state: Any,
-    preemption: Preemption,
-    log: MetricsLogger,
-) -> None:
-    """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
-    due = roles_due(policy, step)
-    full_rollback = policy.rollback_every > 0 and policy.full_rollback
-    if not (Role.RECOVERY in due or (Role.ROLLBACK in due and full_rollback)):
-        # Saved under a role whose retention will delete it in due course; with both cadences off it is a
-        # recovery checkpoint that stays until removed by hand.
-        role = Role.ROLLBACK if full_rollback and policy.recovery_every == 0 else Role.RECOVERY
-        ckpt.save(step, [role], Contents.FULL, state(Contents.FULL))
-    ckpt.wait()
-    name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
-    ckpt.journal.append("preempt", step, signal=name)
-    log.print(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")
-
-
-def resume_from(
-    point: ResumePoint,
-    ckpt: Checkpointer,
-    state: Any,
-    same_world: bool,
-    env: distributed.Dist,
-    journal: Journal,
-    log: MetricsLogger,
-) -> None:
-    wanted = state(point.contents)
-    if not same_world:
-        # Per-rank states belong to the old layout of ranks; the data position comes from the step instead.
-        for key in PER_RANK_KEYS:
-            wanted.pop(key, None)
-    ckpt.load(point.path, wanted)
-    try:
-        relpath = point.path.resolve().relative_to(ckpt.store.path.resolve()).as_posix()
-    except ValueError:  # a checkpoint of another run directory
-        relpath = str(point.path)
-    journal.append(
-        "resume",
-        point.step,
-        path=str(relpath),
-        contents=point.contents,
-        exact=point.contents is Contents.FULL and same_world,
-        world_size=env.world_size,
-        saved_world_size=point.world_size,
-    )
-    if not same_world:
-        journal.append("world_size_change", point.step, old=point.world_size, new=env.world_size)
-    if env.is_main:
-        rewind_latest(ckpt.store, point, relpath, journal)
-    log.print(
-        f"curry-train: resumed from step {point.step} of {relpath}"
-        + ("" if same_world else f" (world size {point.world_size} -> {env.world_size})")
-        + ("" if point.contents is Contents.FULL else " (parameters only: optimizer state starts fresh)")
-    )
-
-
-def rewind_latest(store: RunDir, point: ResumePoint, relpath: str, journal: Journal) -> None:
-    """Resuming this run from an older checkpoint (a rollback after a loss spike) abandons the steps after it:
-    `latest` must name the checkpoint the run now continues from, and the newer rollback and recovery checkpoints
-    leave the run's view (kept on disk as .abandoned-, outside retention), or a crash would resume the abandoned
-    path and retention would weigh its checkpoints against the current ones."""
-    latest = store.latest()
-    resumed = next((c for c in store.list() if c.relpath == relpath), None)
-    if latest is None or resumed is None or latest.step <= point.step or point.contents is not Contents.FULL:
-        return
-    store.set_latest(resumed)
-    newer = [c for c in store.list() if c.role is not Role.BEST_K and c.step > point.step]
-    abandoned = [str(store.set_aside(c).relative_to(store.path)) for c in newer]
-    journal.append(
-        "rollback",
-        point.step,
-        path=relpath,
-        abandoned_from=latest.step,
-        abandoned=abandoned,
-        reason=f"resumed from step {point.step} while latest was step {latest.step}",
-    )
-
-
-def check_fidelity(saved: dict[str, Any], now: dict[str, Any]) -> None:
-    """After a resume on the same world size: parameters and RNG must be bitwise what was saved."""
-    for key in ("params", "rng"):
-        if key in saved and saved[key] != now[key]:
-            raise ResumeError(
-                f"resume fidelity check failed: the {key} digest after loading is {now[key]}, "
-                f"the checkpoint recorded {saved[key]}; the checkpoint or the code that loads it is "
-                "not what saved it"
-            )
-    if "next_indices" in saved and saved["next_indices"] != now["next_indices"]:
-        raise ResumeError(
-            f"resume fidelity check failed: the next batch would be samples {now['next_indices'][:4]}..., "
-            f"the checkpoint recorded {saved['next_indices'][:4]}..."
-        )
-
-
-def check_next_batch(batches: Iterator[dict], expected: list[int]) -> Iterator[dict]:
-    """The first batch after a resume must be the one the global sample cursor names; it is then passed on."""
-    first = next(batches)
-    got = first["index"].tolist()
-    if got != expected:
-        raise ResumeError(
-            f"resume fidelity check failed: the data loader resumed at samples {got[:4]}..., "
-            f"the step's cursor names {expected[:4]}..."
-        )
-    return itertools.chain([first], batches)
 
 
 def count_launches(journal_path: Path) -> int:

@@ -73,6 +73,10 @@ class MetricsLogger:
                 resume="allow",
                 config=wandb_config,
             )
+            # wandb drops a step lower than the last one it was given, so the steps a resume or a rollback redoes
+            # would vanish from the charts: plot against the run's own `step` instead, with wandb's counting on.
+            self._wandb.define_metric("step")
+            self._wandb.define_metric("*", step_metric="step")
         if cfg.progress_bar and self.console.is_terminal:
             self._progress = Progress(
                 TextColumn("[bold]train"),
@@ -100,8 +104,13 @@ class MetricsLogger:
         assert self._file is not None
         self._file.write(json.dumps(record) + "\n")
         if self._wandb is not None:
-            self._wandb.log({k: v for k, v in values.items() if v is not None}, step=step)
+            self._wandb.log({**{k: v for k, v in values.items() if v is not None}, "step": step})
         self._show(step, values)
+
+    def event(self, name: str, step: int, **fields: float) -> None:
+        """A resume or rollback, shown in wandb at its step (the journal has the whole record)."""
+        if self._wandb is not None:
+            self._wandb.log({"step": step, f"event/{name}": 1, **{f"event/{name}/{k}": v for k, v in fields.items()}})
 
     def _show(self, step: int, values: dict[str, Any]) -> None:
         info = f"loss {values['loss']:.4f}  lr {values['lr']:.2e}  {values.get('tokens_per_s', 0):,.0f} tok/s"

@@ -12,25 +12,29 @@ import hydra
 from omegaconf import DictConfig
 
 from curry_train import distributed, loop
+from curry_train.checkpoint.resume import SPIKE_EXIT_STATUS
 from curry_train.config import ConfigError, resolve
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> None:
     try:
-        cfg, resume = resolve(raw)
+        cfg, launch = resolve(raw)
     except ConfigError as err:
         print(f"curry-train: invalid config: {err}", file=sys.stderr)
         sys.exit(2)
     env = distributed.init_distributed(cfg.train.device)
     try:
-        loop.train(cfg, Path(cfg.run.root) / str(cfg.run.id), env, resume=resume)
+        loop.train(cfg, Path(cfg.run.root) / str(cfg.run.id), env, launch)
     except ConfigError as err:
         print(f"curry-train: invalid config: {err}", file=sys.stderr)
         sys.exit(2)
     except loop.ResumeError as err:
         print(f"curry-train: cannot resume: {err}", file=sys.stderr)
         sys.exit(2)
+    except loop.SpikeError as err:
+        print(f"curry-train: stopped on a loss spike: {err}", file=sys.stderr)
+        sys.exit(SPIKE_EXIT_STATUS)
     finally:
         distributed.shutdown()
 

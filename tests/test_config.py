@@ -25,10 +25,10 @@ def test_every_config_file_composes(group: str, option: str) -> None:
     overrides = [f"{group}={option}"]
     if group == "data" and option in ("text", "tokens"):
         overrides.append("data.path=somewhere")
-    cfg, resume = resolve(compose_config(overrides))
+    cfg, launch = resolve(compose_config(overrides))
     assert isinstance(cfg, Config)
     assert getattr(cfg, group).name == option if hasattr(getattr(cfg, group), "name") else True
-    assert resume is None
+    assert launch.resume is None
 
 
 def test_checkpoint_7b_default_holds_the_documented_policy() -> None:
@@ -40,8 +40,8 @@ def test_checkpoint_7b_default_holds_the_documented_policy() -> None:
 
 
 def test_resume_is_added_with_plus_and_returned_separately() -> None:
-    cfg, resume = resolve(compose_config(["+resume=latest"]))
-    assert resume == "latest"
+    cfg, launch = resolve(compose_config(["+resume=latest"]))
+    assert launch.resume == "latest"
     assert not hasattr(cfg, "resume")
 
 
@@ -187,3 +187,33 @@ def test_installed_wheel_finds_its_configs(tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["4096", "1000"]
+
+
+def test_launch_options_are_added_with_plus_and_stay_out_of_the_config_and_run_id() -> None:
+    plain, _ = resolve(compose_config([]))
+    options = ["+rollback_to=runs/x/rollback/step-00000010.dcp", "+debug.inject_spike_at=7"]
+    cfg, launch = resolve(compose_config(options))
+    assert launch.rollback_to == "runs/x/rollback/step-00000010.dcp" and launch.inject_spike_at == 7
+    assert cfg.run.id == plain.run.id and not hasattr(cfg, "debug")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key"),
+    [
+        (["+debug.inject_spike_at=0"], "debug.inject_spike_at"),
+        (["+debug.inject_spik_at=3"], "debug.inject_spik_at"),
+        (["+resume=latest", "+rollback_to=x"], "rollback_to"),
+        (["spike.window=1"], "spike.window"),
+        (["spike.enabled=true", "checkpoint.rollback_every=0", "checkpoint.recovery_every=0"], "spike.enabled"),
+    ],
+)
+def test_bad_spike_and_launch_options_name_the_key(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        cfg, _ = resolve(compose_config(overrides))
+        validate(cfg, 1)
+
+
+def test_spike_detection_is_off_by_default_and_on_with_7b_default() -> None:
+    assert resolve(compose_config([]))[0].spike.enabled is False
+    assert resolve(compose_config(["checkpoint=7b_default"]))[0].spike.enabled is True
+    assert resolve(compose_config(["checkpoint=7b_default", "spike.enabled=false"]))[0].spike.enabled is False

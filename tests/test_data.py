@@ -310,7 +310,9 @@ def test_loader_start_step_resumes_on_another_world_size(num_workers: int) -> No
     parts = []
     for rank in range(2):
         slicing = Slicing(8, 2, rank, 2)
-        got = take(iter(build_train_loader(LOADER_TOKENS, loader_cfg(num_workers), slicing, 3, start_step=step)), 3)
+        got = take(
+            iter(build_train_loader(LOADER_TOKENS, loader_cfg(num_workers), slicing, 3, start_sample=step * 8)), 3
+        )
         assert [b["index"].tolist() for b in got] == [
             slicing.indices(step, 0),
             slicing.indices(step, 1),

@@ -10,6 +10,7 @@ from curry_train.checkpoint.policy import (
     Policy,
     Role,
     RollbackContents,
+    abandoned_by_rollback,
     best_k_decision,
     exact_resume_candidates,
     is_better,
@@ -18,6 +19,7 @@ from curry_train.checkpoint.policy import (
     retention,
     roles_due,
     rollback_target,
+    skipped_range,
     worst_case_resume,
 )
 
@@ -308,14 +310,31 @@ def test_exact_resume_candidates_exclude_params_only_rollbacks() -> None:
     assert exact_resume_candidates(committed, Policy(rollback_contents="params")) == [rc(500)]
 
 
-def test_rollback_target_is_newest_strictly_before_spike() -> None:
+def test_rollback_target_is_newest_at_or_before_the_bound() -> None:
     committed = [rb(800), rb(900), rb(1000), rc(500), bk(950, 1.0)]
-    assert rollback_target(committed, Policy(), 1000) == rb(900)
-    assert rollback_target(committed, Policy(), 1001) == rb(1000)
-    assert rollback_target(committed, Policy(rollback_contents="params"), 960) == rb(900)
-    assert rollback_target(committed, Policy(), 600) == rc(500)
-    assert rollback_target(committed, Policy(), 500) is None
-    assert rollback_target([rb(1000), rc(1000)], Policy(), 1001) == rc(1000)
+    assert rollback_target(committed, 999) == rb(900)
+    assert rollback_target(committed, 1000) == rb(1000)
+    assert rollback_target(committed, 960) == rb(900)  # best-K is never a target, however close
+    assert rollback_target(committed, 599) == rc(500)
+    assert rollback_target(committed, 499) is None
+    assert rollback_target([rb(1000), rc(1000)], 1000) == rc(1000)  # recovery wins a tie: it holds full state
+
+
+def test_a_rollback_sets_aside_the_newer_rollback_and_recovery_checkpoints_newest_first() -> None:
+    committed = [rb(10), rb(15), rb(20), rc(20), rb(25), bk(22, 1.0), bk(5, 2.0)]
+    assert abandoned_by_rollback(committed, 15) == [rb(25), rc(20), rb(20)]
+    assert abandoned_by_rollback(committed, 25) == []
+    # Best-K of the abandoned trajectory stays: real measurements of real parameters.
+    assert all(c.role is not Role.BEST_K for c in abandoned_by_rollback(committed, 0))
+
+
+def test_skipped_range_covers_the_abandoned_steps_and_the_extra_batches() -> None:
+    # Rolled back to a checkpoint whose cursor is 120; the spike step left the cursor at 208 (11 steps of 8).
+    assert skipped_range(120, 208, 0, 8) == (120, 208)
+    assert skipped_range(120, 208, 3, 8) == (120, 232)
+    assert skipped_range(120, 120, 0, 8) == (120, 120)  # nothing abandoned: nothing skipped
+    with pytest.raises(ValueError, match="out of order"):
+        skipped_range(208, 120, 0, 8)
 
 
 @pytest.mark.parametrize(
@@ -348,7 +367,8 @@ def test_policy_and_journal_import_no_torch() -> None:
     import sys
 
     probe = (
-        "import sys, curry_train.checkpoint.policy, curry_train.journal, curry_train.checkpoint.store;"
+        "import sys, curry_train.checkpoint.policy, curry_train.journal, curry_train.checkpoint.store,"
+        " curry_train.spike;"
         "print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)

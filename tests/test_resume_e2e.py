@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from curry_train.checkpoint.resume import ResumeError, check_fidelity
 from curry_train.journal import read_journal
-from curry_train.loop import ResumeError, check_fidelity
 from curry_train.metrics import read_metrics
 from tests.conftest import FAST, _env, run_train
 
@@ -155,9 +155,9 @@ def test_sigterm_saves_and_stops_then_resume_is_exact(tmp_path: Path, nproc: int
     assert [resumed[s]["loss"] for s in range(1, 41)] == [straight[s]["loss"] for s in range(1, 41)]
 
 
-def test_rollback_to_an_older_checkpoint_rewinds_latest(tmp_path: Path) -> None:
-    """After a loss spike the user resumes this run from an older rollback checkpoint: `latest` must follow, so a
-    crash afterwards does not resume the abandoned steps; the replayed steps equal the first pass (exact)."""
+def test_resume_path_to_an_older_checkpoint_of_this_run_is_a_rollback(tmp_path: Path) -> None:
+    """`+resume=PATH` naming an older checkpoint of this run abandons the steps after it, exactly as
+    `+rollback_to=PATH` does: `latest` follows, the newer checkpoints are set aside, and their data is skipped."""
     import os
 
     args = [
@@ -171,24 +171,20 @@ def test_rollback_to_an_older_checkpoint_rewinds_latest(tmp_path: Path) -> None:
     ]
     run_train(args, tmp_path)
     run_dir = tmp_path / "runs" / "spiky"
-    first_pass = read_metrics(run_dir / "metrics.jsonl")
     assert os.readlink(run_dir / "latest") == "recovery/step-00000008.dcp"
     proc = run_train([*args, f"+resume={run_dir / 'rollback' / 'step-00000004.dcp'}"], tmp_path)
-    assert proc.stdout.splitlines()[0].startswith("curry-train: resuming from step 4 of "), proc.stdout[:500]
-    events = read_journal(run_dir / "journal.jsonl")
-    rollback = [e for e in events if e["event"] == "rollback"]
-    assert len(rollback) == 1 and rollback[0]["step"] == 4 and rollback[0]["abandoned_from"] == 8
-    # The abandoned path's checkpoints are kept whole but out of the run's view (listing, latest, retention).
-    abandoned = rollback[0]["abandoned"]
-    assert sorted(p.split("/")[0] for p in abandoned) == ["recovery", "rollback", "rollback"]
-    for path in abandoned:
-        assert path.split("/")[1].startswith(".abandoned-step-") and (run_dir / path / "manifest.json").exists()
-    assert [e["event"] for e in events].index("rollback") < [
-        i for i, e in enumerate(events) if e["event"] == "save" and e["step"] == 6
-    ][-1]
-    second_pass = read_metrics(run_dir / "metrics.jsonl")
-    assert [second_pass[s]["loss"] for s in range(5, 9)] == [first_pass[s]["loss"] for s in range(5, 9)]
-    assert all(second_pass[s]["attempt"] == 1 for s in range(5, 9))
+    assert proc.stdout.splitlines()[0].startswith("curry-train: rolling back from step 4 of "), proc.stdout[:500]
+    rollback = [e for e in read_journal(run_dir / "journal.jsonl") if e["event"] == "rollback"]
+    assert len(rollback) == 1 and rollback[0]["step"] == 4 and rollback[0]["spike_step"] == 8
+    assert rollback[0]["skipped"] == [[4 * 8, 8 * 8]]
+    # The abandoned path's checkpoints are set aside whole; abandoned_keep=1 keeps the newest.
+    set_aside = rollback[0]["set_aside"]
+    assert sorted(p.split("/")[0] for p in set_aside) == ["recovery", "rollback", "rollback"]
+    kept = [p for p in set_aside if (run_dir / p).exists()]
+    assert len(kept) == 1 and (run_dir / kept[0] / "manifest.json").exists()
+    assert "step-00000008" in kept[0] or "step-00000006" in kept[0]
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    assert sorted(metrics) == list(range(1, 9)) and all(metrics[s]["attempt"] == 1 for s in range(5, 9))
     assert os.readlink(run_dir / "latest") == "recovery/step-00000008.dcp"
 
 

@@ -457,3 +457,57 @@ def test_commit_uses_checksums_the_writing_ranks_computed(run: RunDir) -> None:
     assert manifest.files[names[0]] == known[names[0]]
     assert manifest.files[names[1]] == file_entry(run.path_of(rc(7)) / names[1])
     assert run.verify(rc(7)) == []
+
+
+# ------------------------------------------------------------------------------------------------ rollback
+
+
+def test_roll_back_sets_aside_newest_first_then_moves_latest(run: RunDir) -> None:
+    for step in (5, 10, 15):
+        save(run, rb(step))
+    run.set_latest(rb(15))
+    moved = run.roll_back(rb(5), [rb(15), rb(10)])
+    assert [p.name.split("-")[1:3] for p in moved] == [["step", "00000015.dcp"], ["step", "00000010.dcp"]]
+    assert run.list() == [rb(5)] and run.latest() == rb(5)
+    assert not (run.path / "rollback-intent.json").exists()
+    # Set aside whole: a manifest and every file, loadable by path.
+    assert all(run.verify(p) == [] for p in moved)
+    assert [a.step for a in run.abandoned()] == [10, 15]  # earliest step of the rollback first
+
+
+def test_a_rollback_cut_short_by_a_crash_is_finished_at_the_next_start(run: RunDir) -> None:
+    for step in (5, 10, 15):
+        save(run, rb(step))
+    run.set_latest(rb(15))
+    # Where a crash right after the intent was made durable leaves the run directory: nothing set aside yet,
+    # `latest` on the abandoned trajectory. Without the intent, the next start would resume step 15.
+    (run.path / "rollback-intent.json").write_text(
+        json.dumps({"target": rb(5).relpath, "abandoned": [rb(15).relpath, rb(10).relpath]})
+    )
+    target, moved = run.finish_interrupted_rollback()
+    assert target == rb(5) and len(moved) == 2
+    assert run.list() == [rb(5)] and run.latest() == rb(5)
+    assert run.finish_interrupted_rollback() is None
+
+
+def test_roll_back_to_a_parameters_only_checkpoint_moves_latest_there(run: RunDir) -> None:
+    save(run, rb(5), extra={"contents": "params"})
+    save(run, rc(10), extra={"contents": "full"})
+    run.set_latest(rc(10))
+    run.roll_back(rb(5), [rc(10)])
+    # No full checkpoint remains at or before step 5: `latest` names the parameters-only one, never step 10.
+    assert run.latest() == rb(5) and run.newest_full() is None
+
+
+def test_abandoned_checkpoints_are_removed_oldest_rollback_first(run: RunDir) -> None:
+    for step in (5, 10, 15):
+        save(run, rb(step))
+    run.set_latest(rb(15))
+    run.roll_back(rb(5), [rb(15), rb(10)])
+    save(run, rb(10), nbytes=100)
+    run.set_latest(rb(10))
+    run.roll_back(rb(5), [rb(10)])
+    order = [(a.step, a.set_aside_ns) for a in run.abandoned()]
+    assert [s for s, _ in order] == [10, 15, 10] and order[0][1] == order[1][1] < order[2][1]
+    freed = run.remove_abandoned(run.abandoned()[0])
+    assert freed > 4096 and [a.step for a in run.abandoned()] == [15, 10]

@@ -19,7 +19,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.policy import Checkpoint, Policy, Role, best_k_decision, retention
-from curry_train.checkpoint.state import Contents
+from curry_train.checkpoint.state import Contents, ProgressState
 from curry_train.checkpoint.store import FileEntry, RunDir, file_entry
 from curry_train.journal import Journal
 
@@ -37,6 +37,7 @@ class PendingSave:
     known: dict[str, FileEntry] = field(default_factory=dict)  # checksums the writing ranks computed
     committer: threading.Thread | None = None  # rank 0's commit of an asynchronous save
     commit_error: Exception | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # for the manifest: where the data stood at this step
 
 
 class Checkpointer:
@@ -65,28 +66,6 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=0, group=self.group)
         return list(box[0] or [])
 
-    def clean_leftovers(self, step: int) -> None:
-        """At start (rank 0): remove what interrupted saves left, and point `latest` at the newest full checkpoint
-        if a crash came between a commit and the swap of the link."""
-        if not self.is_main:
-            return
-        for path in self.store.clean_leftovers():
-            self.journal.append(
-                "delete",
-                step,
-                path=str(path.relative_to(self.store.path)),
-                reason="uncommitted leftover of an interrupted save or delete",
-            )
-        latest, newest = self.store.latest(), self.store.newest_full()
-        if newest is not None and (latest is None or newest.step > latest.step):
-            self.store.set_latest(newest)
-            self.journal.append(
-                "latest",
-                newest.step,
-                path=newest.relpath,
-                reason="the newest full checkpoint was committed but not yet linked",
-            )
-
     # ------------------------------------------------------------------------------------------------ saving
 
     def save(self, step: int, roles: list[Role], contents: Contents, state: dict[str, Stateful]) -> None:
@@ -95,7 +74,7 @@ class Checkpointer:
         # Recovery is written and the other role linked to it: recovery is kept longest, and `latest` names it.
         ordered = sorted(roles, key=lambda role: role is not Role.RECOVERY)
         checkpoints = [Checkpoint(role, step) for role in ordered]
-        self._start(PendingSave(checkpoints, contents, time.perf_counter()), state)
+        self._start(PendingSave(checkpoints, contents, time.perf_counter(), extra=_data_position(state)), state)
 
     def consider_best_k(self, step: int, value: float, state_factory: Callable[[], dict[str, Stateful]]) -> bool:
         """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k."""
@@ -104,15 +83,18 @@ class Checkpointer:
         # Six significant digits keep the name readable (dev-loss-2.34102-step-...) at any scale of the metric;
         # values equal to that precision tie, and a tie keeps the earlier checkpoint.
         value = float(f"{value:.6g}")
-        if any(c.step == step for c in self.best):
-            return False  # this step is already a best-K entry (a resumed run evaluating the same step again)
+        if any(c.step == step and c.metric == value for c in self.best):
+            # A resumed run evaluating the same step again. (The same step with another value is a new trajectory
+            # after a rollback: it competes like any other.)
+            return False
         decision = best_k_decision(self.policy, self.best, step, value)
         if not decision.admit:
             return False
         self.wait()
         ckpt = Checkpoint(Role.BEST_K, step, metric=value, metric_name=self.policy.best_k_metric)
         self.best = [c for c in self.best if c not in decision.evict] + [ckpt]
-        pending = PendingSave([ckpt], Contents.PARAMS, time.perf_counter())
+        state = state_factory()
+        pending = PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=_data_position(state))
         if self.is_main:
             self.journal.append(
                 "best_k",
@@ -122,7 +104,7 @@ class Checkpointer:
                 reason=decision.reason,
                 evict=[c.relpath for c in decision.evict],
             )
-        self._start(pending, state_factory())
+        self._start(pending, state)
         return True
 
     def _start(self, pending: PendingSave, state: dict[str, Stateful]) -> None:
@@ -201,7 +183,7 @@ class Checkpointer:
     def _commit(self, pending: PendingSave) -> None:
         first = pending.checkpoints[0]
         # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
-        extra = {"contents": pending.contents.value, "world_size": dist.get_world_size(self.group)}
+        extra = {"contents": pending.contents.value, "world_size": dist.get_world_size(self.group), **pending.extra}
         committing = time.perf_counter()
         manifest = self.store.commit(first, pending.staging, extra=extra, known=pending.known)
         if pending.committer is None:  # a synchronous save commits on the training thread
@@ -219,7 +201,7 @@ class Checkpointer:
             self._journal_save(ckpt, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
         if pending.contents is Contents.FULL:
             self.store.set_latest(first)
-        self._apply_retention()
+        self._apply_retention(first.step)
 
     def _journal_error(self, ckpt: Checkpoint, reason: str) -> None:
         if self.is_main:
@@ -230,7 +212,7 @@ class Checkpointer:
             "save", ckpt.step, role=ckpt.role, path=ckpt.relpath, bytes=nbytes, contents=contents, **fields
         )
 
-    def _apply_retention(self) -> None:
+    def _apply_retention(self, step: int) -> None:
         latest = self.store.latest()
         protected = {latest.relpath} if latest else set()
         for deletion in retention(self.policy, self.store.list(), protected):
@@ -243,9 +225,27 @@ class Checkpointer:
                 bytes=freed,
                 reason=deletion.reason,
             )
+        abandoned = self.store.abandoned()
+        for item in abandoned[: max(0, len(abandoned) - self.policy.abandoned_keep)]:
+            self.journal.append(
+                "delete",
+                step,
+                role=item.role,
+                path=item.relpath,
+                bytes=self.store.remove_abandoned(item),
+                reason=f"abandoned_keep={self.policy.abandoned_keep} exceeded (set aside by a rollback)",
+            )
 
     # ------------------------------------------------------------------------------------------------ loading
 
     def load(self, path: Path, state: dict[str, Stateful]) -> None:
         """Load the keys of `state` that the checkpoint at `path` holds (all ranks)."""
         io.load(state, path, self.group)
+
+
+def _data_position(state: dict[str, Stateful]) -> dict[str, Any]:
+    """Where the data stood at the saved step, for the manifest: tools and a manual rollback read it without DCP."""
+    progress = state.get("progress")
+    if not isinstance(progress, ProgressState):
+        return {}
+    return {"cursor": progress.progress.cursor, "skipped": [list(r) for r in progress.progress.skipped]}

@@ -180,6 +180,7 @@ def policy_of(cfg: CheckpointConfig) -> Policy:
             cfg.retention.rollback_keep,
             cfg.retention.recovery_keep,
             cfg.rollback_contents,
+            cfg.retention.abandoned_keep,
         )
     except ValueError as err:
         raise ConfigError(str(err)) from None
@@ -256,7 +257,7 @@ def crash_target(policy: Policy, step: int, async_save: bool = False) -> ResumeT
 
 def spike_target(policy: Policy, step: int) -> ResumeTarget:
     """A loss spike at ``step``: roll back to the newest rollback or recovery checkpoint strictly before it."""
-    target = rollback_target(checkpoints_before(policy, step), policy, step)
+    target = rollback_target(checkpoints_before(policy, step), step - 1)
     return ResumeTarget(step, 0, None) if target is None else ResumeTarget(step, target.step, target.relpath)
 
 

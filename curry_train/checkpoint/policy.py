@@ -48,7 +48,7 @@ _BEST_NAME_RE = re.compile(
     r"([A-Za-z][A-Za-z0-9]*(?:-[A-Za-z0-9]+)*?)"  # lazy, so a negative value keeps its '-'
     r"-(-?\d+(?:\.\d+)?(?:e[+-]\d+)?)-step-(\d{8,})\.dcp"
 )
-_RETENTION_KEYS = {"rollback_keep", "recovery_keep"}
+_RETENTION_KEYS = {"rollback_keep", "recovery_keep", "abandoned_keep"}
 
 
 def _key(field_name: str) -> str:
@@ -77,9 +77,10 @@ class Policy:
     rollback_keep: int = 5
     recovery_keep: int = 3
     rollback_contents: RollbackContents = RollbackContents.FULL
+    abandoned_keep: int = 1  # checkpoints set aside by rollbacks that are kept (the newest set aside)
 
     def __post_init__(self) -> None:
-        for name in ("rollback_every", "recovery_every", "best_k", "rollback_keep", "recovery_keep"):
+        for name in ("rollback_every", "recovery_every", "best_k", "rollback_keep", "recovery_keep", "abandoned_keep"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{_key(name)}={value!r}: must be an integer >= 0")
@@ -258,15 +259,30 @@ def exact_resume_candidates(committed: list[Checkpoint], policy: Policy) -> list
     return sorted(candidates, key=lambda c: (-c.step, c.role is not Role.RECOVERY))
 
 
-def rollback_target(committed: list[Checkpoint], policy: Policy, spike_step: int) -> Checkpoint | None:
-    """The newest rollback or recovery checkpoint strictly before ``spike_step``; recovery wins a tie.
+def rollback_target(committed: list[Checkpoint], at_or_before: int) -> Checkpoint | None:
+    """The newest rollback or recovery checkpoint at a step <= ``at_or_before``; recovery wins a tie.
 
-    Every rollback checkpoint holds parameters whatever ``policy.rollback_contents`` says, so ``policy`` does
-    not narrow the choice; it is taken for symmetry with ``exact_resume_candidates``. Best-K is never a
-    target: it is chosen by a dev metric, not by recency, and may lie far behind the spike.
+    Every rollback checkpoint holds parameters whatever ``rollback_contents`` says, so either contents will do.
+    Best-K is never a target: it is chosen by a dev metric, not by recency, and may lie far behind the spike.
     """
-    candidates = [c for c in committed if c.role in (Role.ROLLBACK, Role.RECOVERY) and c.step < spike_step]
+    candidates = [c for c in committed if c.role in (Role.ROLLBACK, Role.RECOVERY) and c.step <= at_or_before]
     return max(candidates, key=lambda c: (c.step, c.role is Role.RECOVERY), default=None)
+
+
+def abandoned_by_rollback(committed: list[Checkpoint], step: int) -> list[Checkpoint]:
+    """What a rollback to ``step`` sets aside, newest first: the rollback and recovery checkpoints after it (the
+    abandoned trajectory). Best-K checkpoints stay: each is a real measurement of real parameters, and they keep
+    competing in the ranking (a step of the new trajectory enters when it scores better)."""
+    newer = [c for c in dict.fromkeys(committed) if c.role is not Role.BEST_K and c.step > step]
+    return sorted(newer, key=lambda c: (c.step, c.role is Role.RECOVERY), reverse=True)
+
+
+def skipped_range(target_cursor: int, spike_cursor: int, extra_steps: int, batch_size: int) -> tuple[int, int]:
+    """The global samples a rollback skips: those the abandoned steps consumed (from the target's sample cursor to
+    the cursor after the spike step) and ``extra_steps`` more batches. A rollback resumes at the end of it."""
+    if not 0 <= target_cursor <= spike_cursor:
+        raise ValueError(f"sample cursors out of order: target {target_cursor}, spike {spike_cursor}")
+    return target_cursor, spike_cursor + extra_steps * batch_size
 
 
 def worst_case_resume(policy: Policy, crash_step: int) -> int:

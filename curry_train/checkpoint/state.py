@@ -3,9 +3,10 @@
 Keys of a checkpoint (each a top-level key of the DCP state dict):
     model       parameters (every role)
     optim       optimizer state (recovery; rollback with rollback_contents=full)
-    progress    the harness's counters: step, global sample cursor, world size, ... (every role)
+    progress    the harness's counters (every role): step, the global sample cursor (the whole data position: a
+                sample is a pure function of its index), world size, the sample ranges rollbacks skipped, the
+                spike detector's loss window, and the run's rollback history
     scheduler   the schedule's position: step and the lr it gives (full state)
-    dataloader  each rank's StatefulDataLoader state, under `rank<r>` (full state)
     rng         each rank's Python, NumPy and torch RNG states, under `rank<r>` (full state)
     fidelity    each rank's digest of its parameter shard and RNG states and the ids of its next batch, under
                 `rank<r>` (full state): recomputed after a resume, a mismatch fails loudly
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import json
 import pickle
 import random
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -43,7 +46,53 @@ class Contents(enum.StrEnum):
 
 
 # Keys whose values belong to one layout of ranks: a resume on another world size leaves them out.
-PER_RANK_KEYS = ("dataloader", "rng", "fidelity")
+PER_RANK_KEYS = ("rng", "fidelity")
+
+
+@dataclass
+class Progress:
+    """The harness's own counters: with model, optimizer and RNG, everything that decides the next step.
+
+    `step`, `cursor`, `skipped`, `loss_window` and `rewarm_from` describe the trajectory and go back with a rollback;
+    `rollbacks` and `injected` are the run's history and never do (the cap on rollbacks counts them all).
+    """
+
+    step: int = 0  # completed optimizer steps
+    cursor: int = 0  # global index of the next sample: step s takes [cursor, cursor + batch_size)
+    world_size: int = 1
+    skipped: list[list[int]] = field(default_factory=list)  # [start, end) global sample ranges rollbacks skipped
+    loss_window: list[float] = field(default_factory=list)  # the spike detector's baseline, newest last
+    rewarm_from: int | None = None  # the step at which the optimizer state last started fresh
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)  # {"spike_step", "step"} of every rollback
+    injected: list[int] = field(default_factory=list)  # +debug.inject_spike_at steps already injected
+
+    _LISTS = ("skipped", "loss_window", "rewarm_from", "rollbacks", "injected")
+
+    def to_state(self) -> dict[str, Any]:
+        # Numbers stay numbers (PyTorch's tools show them); the lists travel as one JSON string, which every DCP
+        # version stores as a plain object (floats round-trip exactly through repr).
+        return {
+            "step": self.step,
+            "cursor": self.cursor,
+            "world_size": self.world_size,
+            "history": json.dumps({name: getattr(self, name) for name in self._LISTS}),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.step, self.cursor, self.world_size = int(state["step"]), int(state["cursor"]), int(state["world_size"])
+        for name, value in json.loads(state["history"]).items():
+            setattr(self, name, value)
+
+
+class ProgressState(Stateful):
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.progress.to_state()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.progress.load_state(state_dict)
 
 
 class ModelState(Stateful):
@@ -145,19 +194,17 @@ def app_state(
     contents: Contents,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    progress: dict[str, int | float],
+    progress: Progress,
     scheduler: dict[str, int | float],
     rank: int,
-    loader: Any,
     device: torch.device,
     fidelity: tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]] | None = None,
 ) -> dict[str, Stateful]:
     """The DCP state dict of a checkpoint with `contents`: Stateful objects that DCP saves and loads in place."""
-    state: dict[str, Stateful] = {"model": ModelState(model), "progress": DictState(progress)}
+    state: dict[str, Stateful] = {"model": ModelState(model), "progress": ProgressState(progress)}
     if contents is Contents.FULL:
         state["optim"] = OptimState(model, optimizer)
         state["scheduler"] = DictState(scheduler)
-        state["dataloader"] = PerRankState(rank, loader.state_dict, loader.load_state_dict)
         state["rng"] = PerRankState(rank, lambda: capture_rng(device), lambda s: restore_rng(s, device))
         if fidelity is not None:
             state["fidelity"] = PerRankState(rank, *fidelity)

@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import shutil
+import time
 import uuid
 import zlib
 from collections.abc import Iterator
@@ -37,9 +38,14 @@ TRASH_PREFIX = ".trash-"
 # under way, possibly half removed), it is whole: if a crash strikes before the new one is in place, the next
 # start puts it back.
 REPLACED_PREFIX = ".replaced-"
-# A committed checkpoint of a trajectory the run rolled back from: kept whole (nothing is deleted for it), out of
-# listing, `latest` and retention; still loadable with +resume=PATH.
+# A committed checkpoint of a trajectory the run rolled back from: kept whole, out of listing, `latest` and the
+# roles' retention; still loadable with +resume=PATH. Named .abandoned-<name>-<time set aside, ns>, so the oldest
+# goes first under checkpoint.retention.abandoned_keep and `curry-train gc`.
 ABANDONED_PREFIX = ".abandoned-"
+# Written durably before a rollback sets anything aside and removed once `latest` names the target: a start that
+# finds it finishes the rollback before choosing where to resume, so a crash mid-rollback never resumes the
+# abandoned trajectory.
+ROLLBACK_INTENT = "rollback-intent.json"
 _BLOCK = 8 * 1024 * 1024
 # Errors after which os.link cannot work here but a plain copy can (cross-device, no hard-link support).
 _NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
@@ -114,6 +120,22 @@ class FileEntry:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileEntry:
         return cls(nbytes=int(d["bytes"]), crc32=str(d["crc32"]))
+
+
+@dataclass(frozen=True)
+class Abandoned:
+    """A checkpoint set aside by a rollback."""
+
+    path: Path
+    role: Role
+    name: str
+    step: int
+    set_aside_ns: int  # when its rollback happened
+    nbytes: int
+
+    @property
+    def relpath(self) -> str:
+        return f"{self.path.parent.name}/{self.path.name}"
 
 
 @dataclass
@@ -323,9 +345,9 @@ class RunDir:
         return self._move_aside(ckpt_dir, TRASH_PREFIX)
 
     @staticmethod
-    def _move_aside(path: Path, prefix: str, name: str | None = None) -> Path:
+    def _move_aside(path: Path, prefix: str, name: str | None = None, token: str | None = None) -> Path:
         # A random token keeps an old leftover of the same name from blocking this rename.
-        aside = path.with_name(f"{prefix}{name or path.name}-{uuid.uuid4().hex[:8]}")
+        aside = path.with_name(f"{prefix}{name or path.name}-{token or uuid.uuid4().hex[:8]}")
         os.rename(path, aside)
         fsync_dir(path.parent)
         return aside
@@ -373,13 +395,13 @@ class RunDir:
         link = self.path / LATEST
         if not link.is_symlink():
             return None
-        ckpt = self._parse_relpath(os.readlink(link))
+        ckpt = self.parse_relpath(os.readlink(link))
         if ckpt is None or not self.is_committed(ckpt):
             return None
         return ckpt
 
     @staticmethod
-    def _parse_relpath(relpath: str) -> Checkpoint | None:
+    def parse_relpath(relpath: str) -> Checkpoint | None:
         parts = PurePosixPath(relpath).parts
         if len(parts) != 2:
             return None
@@ -399,11 +421,66 @@ class RunDir:
         fsync_dir(trash.parent)
         return freed
 
-    def set_aside(self, ckpt: Checkpoint) -> Path:
-        """Move a committed checkpoint out of the run's view (rename to .abandoned-<name>-<token>); returns where."""
-        if self.latest() == ckpt:
-            raise ValueError(f"refusing to set aside {ckpt.relpath}: `latest` points to it")
-        return self._move_aside(self.path_of(ckpt), ABANDONED_PREFIX)
+    def roll_back(self, target: Checkpoint, abandoned: list[Checkpoint]) -> list[Path]:
+        """Set `abandoned` aside, newest first, then point ``latest`` at `target` (whatever it holds); returns where
+        they went. The intent is made durable first, so a crash part-way is finished by the next start."""
+        if not self.is_committed(target):
+            raise ValueError(f"refusing to roll back to an uncommitted checkpoint: {target.relpath}")
+        intent = {"target": target.relpath, "abandoned": [c.relpath for c in abandoned]}
+        _write_json_durably(self.path / ROLLBACK_INTENT, intent)
+        fsync_dir(self.path)
+        return self._carry_out_rollback(target, abandoned)
+
+    def _carry_out_rollback(self, target: Checkpoint, abandoned: list[Checkpoint]) -> list[Path]:
+        moved = []
+        token = f"{time.time_ns()}"  # one per rollback: retention orders by it, then by step
+        for ckpt in abandoned:
+            if self.is_committed(ckpt):
+                moved.append(self._move_aside(self.path_of(ckpt), ABANDONED_PREFIX, token=token))
+        self.set_latest(target)
+        (self.path / ROLLBACK_INTENT).unlink()
+        fsync_dir(self.path)
+        return moved
+
+    def finish_interrupted_rollback(self) -> tuple[Checkpoint, list[Path]] | None:
+        """A rollback a crash cut short: finish it (call at start, before choosing where to resume)."""
+        path = self.path / ROLLBACK_INTENT
+        if not path.exists():
+            return None
+        intent = json.loads(path.read_text())
+        target = self.parse_relpath(intent["target"])
+        if target is None or not self.is_committed(target):
+            raise ValueError(f"{path}: names {intent['target']!r}, which is not a committed checkpoint")
+        abandoned = [c for rel in intent["abandoned"] if (c := self.parse_relpath(rel)) is not None]
+        return target, self._carry_out_rollback(target, abandoned)
+
+    def abandoned(self) -> list[Abandoned]:
+        """Checkpoints set aside by rollbacks: the oldest rollback's first, and within one, the earliest step first
+        (so retention keeps what lay closest to the newest spike)."""
+        found = []
+        for role in (Role.ROLLBACK, Role.RECOVERY):
+            d = self.role_dir(role)
+            if not d.is_dir():
+                continue
+            for entry in os.scandir(d):
+                if not entry.name.startswith(ABANDONED_PREFIX) or not entry.is_dir(follow_symlinks=False):
+                    continue
+                name, _, token = entry.name[len(ABANDONED_PREFIX) :].rpartition("-")
+                ckpt = parse_checkpoint_name(role, name)
+                try:
+                    nbytes = Manifest.read(Path(entry.path)).total_bytes
+                except (OSError, ValueError, KeyError):
+                    nbytes = _tree_bytes(Path(entry.path))
+                order = int(token) if token.isdigit() else 0  # older releases used a random token
+                found.append(Abandoned(Path(entry.path), role, name, ckpt.step if ckpt else 0, order, nbytes))
+        return sorted(found, key=lambda a: (a.set_aside_ns, a.step, a.role is Role.RECOVERY))
+
+    def remove_abandoned(self, item: Abandoned) -> int:
+        """Delete a set-aside checkpoint for good; returns its bytes."""
+        trash = self._move_aside(item.path, TRASH_PREFIX, name=item.path.name)
+        shutil.rmtree(trash)
+        fsync_dir(trash.parent)
+        return item.nbytes
 
     def newest_full(self) -> Checkpoint | None:
         """The newest committed rollback or recovery checkpoint holding full state (recovery first on a tie)."""
@@ -481,6 +558,10 @@ class RunDir:
                         seen.add((st.st_dev, st.st_ino))
                         total += st.st_size
         return total
+
+
+def _tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
 def _check_file(ckpt_dir: Path, rel: str, entry: FileEntry) -> str | None:

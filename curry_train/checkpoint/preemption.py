@@ -1,0 +1,54 @@
+"""Preemption: a scheduler's warning signal makes the run finish its step, save a full checkpoint and stop."""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import Callable
+
+from curry_train.checkpoint.checkpointer import Checkpointer
+from curry_train.checkpoint.policy import Policy, Role, roles_due
+from curry_train.checkpoint.state import Contents
+
+
+class Preemption:
+    """SIGTERM (what schedulers and torchrun send before killing) and SIGUSR1 (SLURM's `--signal` warning) ask
+    the run to finish its step, save a full checkpoint and stop, instead of dying mid-step."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def uninstall(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def save_on_preemption(
+    ckpt: Checkpointer,
+    policy: Policy,
+    step: int,
+    state: Callable[[Contents], dict],
+    preemption: Preemption,
+    say: Callable[[str], None],
+) -> None:
+    """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
+    due = roles_due(policy, step)
+    full_rollback = policy.rollback_every > 0 and policy.full_rollback
+    if not (Role.RECOVERY in due or (Role.ROLLBACK in due and full_rollback)):
+        # Saved under a role whose retention will delete it in due course; with both cadences off it is a
+        # recovery checkpoint that stays until removed by hand.
+        role = Role.ROLLBACK if full_rollback and policy.recovery_every == 0 else Role.RECOVERY
+        ckpt.save(step, [role], Contents.FULL, state(Contents.FULL))
+    ckpt.wait()
+    name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
+    ckpt.journal.append("preempt", step, signal=name)
+    say(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")
