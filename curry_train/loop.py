@@ -110,13 +110,14 @@ def optimizer_step(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[dict], device: torch.device) -> float:
+    """Mean dev loss over `batches` (micro-batches of one size, from `dev_batches`) and over all ranks."""
     model.eval()
-    losses = []
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         logits = model(batch["input"].to(device))
-        losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), batch["target"].to(device).view(-1)).item())
+        total += F.cross_entropy(logits.view(-1, logits.size(-1)), batch["target"].to(device).view(-1)).double()
     model.train()
-    return distributed.all_reduce_mean([sum(losses) / len(losses)], device)[0]
+    return distributed.all_reduce_mean([total.item() / len(batches)], device)[0]
 
 
 def build_sharded_model(cfg: Config, env: distributed.Dist) -> tuple[Transformer, int]:
@@ -270,7 +271,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
     same_world = point is None or point.world_size == env.world_size
     from_cursor = point is not None and not (same_world and point.contents is Contents.FULL)
     loader = build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_step=point.step if from_cursor else 0)
-    dev = dev_batches(corpus.dev, cfg.data, Slicing(t.batch_size, env.world_size, env.rank, 1), t.seed, t.eval_batches)
+    dev = dev_batches(corpus.dev, cfg.data, slicing, t.seed, t.eval_batches)
 
     saved_fidelity: dict[str, Any] = {}
 

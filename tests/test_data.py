@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from curry_train.config import DataConfig
+from curry_train.config import DataConfig, DataError
 from curry_train.data import (
     Slicing,
     WindowDataset,
@@ -210,11 +210,11 @@ def test_text_single_file_gives_train_and_dev(tmp_path: Path) -> None:
 
 
 def test_text_missing_path_names_data_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"data\.path"):
+    with pytest.raises(DataError, match=r"data\.path"):
         load_corpus(DataConfig(name="text", path=str(tmp_path / "nowhere")))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "x.bin").write_bytes(b"\0")
-    with pytest.raises(FileNotFoundError, match=r"data\.path"):
+    with pytest.raises(DataError, match=r"data\.path"):
         load_corpus(DataConfig(name="text", path=str(tmp_path / "empty")))
 
 
@@ -252,14 +252,14 @@ def test_tokens_with_dev_path_and_uint32(tmp_path: Path) -> None:
 
 
 def test_tokens_missing_file_names_data_path(tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match=r"data\.path"):
+    with pytest.raises(DataError, match=r"data\.path"):
         load_corpus(DataConfig(name="tokens", path=str(tmp_path / "missing.bin")))
 
 
 def test_tokens_missing_dev_file_names_data_dev_path(tmp_path: Path) -> None:
     write_tokens(tmp_path / "train.bin", np.arange(100, dtype=np.uint16))
     cfg = DataConfig(name="tokens", path=str(tmp_path / "train.bin"), dev_path=str(tmp_path / "missing.bin"))
-    with pytest.raises(FileNotFoundError, match=r"data\.dev_path"):
+    with pytest.raises(DataError, match=r"data\.dev_path"):
         load_corpus(cfg)
 
 
