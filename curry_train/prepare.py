@@ -177,6 +177,8 @@ def prepare(
         tokenizer = train_tokenizer(train_side, vocab_size, show_progress)
         source = "byte-level BPE trained on the train split"
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
+    if tokenizer_spec is None and vocab < vocab_size:
+        source += f" (asked for {vocab_size:,}: the text allows only {vocab:,} tokens)"
     dtype = np.dtype(np.uint16 if vocab <= 1 << 16 else np.uint32)
     eos = tokenizer.token_to_id(EOS)
 
