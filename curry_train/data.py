@@ -148,7 +148,11 @@ def load_corpus(cfg: DataConfig) -> Corpus:
     files, train, dev = _token_files(cfg)
     vocab = max(f.vocab_size for f in files)
     sources = ", ".join(sorted({f.source for f in files}))
-    split = "" if cfg.dev_path else f", the last {cfg.dev_fraction:.0%} of it held out as dev"
+    split = (
+        ""
+        if cfg.dev_path
+        else f", the last {cfg.dev_fraction:.0%} of its tokens held out as dev (the cut may fall inside a document)"
+    )
     description = f"token file {cfg.path} ({cfg.token_dtype}, vocabulary {vocab:,} from {sources}){split}"
     return Corpus(train, dev, vocab, description)
 

@@ -182,6 +182,7 @@ def test_text_folder_is_split_by_file_name_hash(tmp_path: Path) -> None:
     for junk in (b"NOT-TEXT-SUFFIX", b"HIDDEN-DIRECTORY"):
         assert junk not in train and junk not in dev
     assert np.array_equal(load_corpus(cfg).train, c.train)
+    assert "too few files" not in c.description
 
 
 def test_text_adding_a_file_moves_no_other_file_between_splits(tmp_path: Path) -> None:
@@ -211,6 +212,10 @@ def test_text_single_file_gives_train_and_dev(tmp_path: Path) -> None:
     book.write_bytes(b"It was a dark and stormy night. " * 2000)
     c = load_corpus(DataConfig(name="text", path=str(book), seq_len=64))
     assert len(c.train) > 64 and len(c.dev) > 64
+    # The fallback is said at start: the last 5% of the bytes, cut wherever that falls.
+    assert "too few files for a split by file name: the last 5% of the data held out as dev" in c.description
+    assert "the cut may fall inside a file" in c.description
+    assert c.train.tobytes() + c.dev.tobytes() == book.read_bytes()
 
 
 def test_text_missing_path_names_data_path(tmp_path: Path) -> None:
@@ -238,6 +243,7 @@ def test_tokens_file_is_memory_mapped_with_tail_held_out(tmp_path: Path) -> None
     assert len(c.train) == 4500 and len(c.dev) == 500
     assert np.array_equal(np.concatenate([c.train, c.dev]), ids)  # dev is the tail, nothing lost or repeated
     assert c.vocab_size == int(ids.max()) + 1
+    assert "the last 10% of its tokens held out as dev (the cut may fall inside a document)" in c.description
 
 
 def test_tokens_with_dev_path_and_uint32(tmp_path: Path) -> None:
