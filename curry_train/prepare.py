@@ -25,8 +25,9 @@ from curry_train.token_files import MAX_PLAUSIBLE_VOCAB, TokenMeta, write_sideca
 
 EOS = "<|endoftext|>"
 _BLOCK = 1 << 20  # bytes of text per encode call
-# A chunk ends after a newline that a non-space character follows: the byte-level pre-tokenizer always splits
-# there, so encoding chunk by chunk gives the ids of encoding the whole file.
+# A chunk ends after a newline that a non-space character follows: GPT-2's byte-level pre-tokenizer (the BPE this
+# command trains) always splits there, so chunk by chunk gives the ids of the whole file. A tokenizer you name may
+# differ at those boundaries (one per megabyte), for example by prepending a space to each chunk.
 _CUT = re.compile(rb"\n(?=\S)")
 
 

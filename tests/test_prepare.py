@@ -13,7 +13,7 @@ from curry_train import cli
 from curry_train.config import DataError
 from curry_train.data import _is_dev
 from curry_train.metrics import read_metrics
-from curry_train.prepare import EOS, prepare, text_chunks
+from curry_train.prepare import EOS, prepare, text_chunks, train_tokenizer
 from curry_train.token_files import read_sidecar
 from tests.conftest import FAST, _env, only_run_dir, run_train, train_command
 
@@ -109,6 +109,9 @@ def test_text_chunks_cut_only_where_the_pre_tokenizer_splits(tmp_path: Path) -> 
     chunks = list(text_chunks(path, block=1000))
     assert len(chunks) > 10 and "".join(chunks) == text
     assert all(c.endswith("\n") and not c[-2].isspace() for c in chunks[:-1])
+    tokenizer = train_tokenizer([path], 300, show_progress=False)
+    by_chunk = [i for c in chunks for i in tokenizer.encode(c, add_special_tokens=False).ids]
+    assert by_chunk == tokenizer.encode(text, add_special_tokens=False).ids
 
 
 def test_prepare_names_a_bad_input_and_an_unreadable_tokenizer(tmp_path: Path) -> None:
