@@ -136,7 +136,7 @@ def check_data(cfg: DataConfig, model_vocab_size: int) -> None:
     files, train, dev = _token_files(cfg)
     _check_fills_a_window(len(train), cfg, f"the train split of {cfg.path}")
     _check_fills_a_window(len(dev), cfg, f"the dev split ({cfg.dev_path or f'the tail of {cfg.path}'})")
-    check_model_vocab(files, cfg.token_dtype, model_vocab_size, "data.token_dtype")
+    check_model_vocab(files, cfg.token_dtype, model_vocab_size)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:

@@ -131,8 +131,8 @@ def _sample(tokens: np.ndarray) -> np.ndarray:
     return np.concatenate([np.asarray(tokens[s : s + _SAMPLE_CHUNK]) for s in starts])
 
 
-def _hint(key: str, dtype: str, wrong: str) -> str:
-    return f"likely {key.split('.')[0]}.token_dtype={dtype} ({wrong})"
+def _hint(dtype: str, why: str) -> str:
+    return f"likely data.token_dtype={dtype} ({why})"
 
 
 def _looks_like_uint32_read_as_uint16(sample: np.ndarray) -> bool:
@@ -156,14 +156,14 @@ def check_dtype(tokens: np.ndarray, path: Path, dtype: str, key: str) -> None:
         raise DataError(
             f"{key}: token file {path} read as uint16 has every odd position near 0 "
             f"(max {int(sample[1::2].max())}) over {len(sample):,} sampled ids: it looks like uint32 ids; "
-            + _hint(key, "uint32", "or write a sidecar " + sidecar_path(path).name + " naming its dtype")
+            + _hint("uint32", "or write a sidecar " + sidecar_path(path).name + " naming its dtype")
         )
     if dtype == "uint32" and int(sample.max()) >= MAX_PLAUSIBLE_VOCAB:
         as16 = np.ascontiguousarray(sample).view(np.uint16)
         raise DataError(
             f"{key}: token file {path} read as uint32 holds id {int(sample.max()):,}, past any tokenizer's "
             f"vocabulary ({MAX_PLAUSIBLE_VOCAB:,}); read as uint16 the largest sampled id is {int(as16.max()):,}: "
-            + _hint(key, "uint16", "or write a sidecar " + sidecar_path(path).name + " if the vocabulary is that large")
+            + _hint("uint16", "or write a sidecar " + sidecar_path(path).name + " if the vocabulary is that large")
         )
 
 
@@ -211,15 +211,14 @@ def open_token_file(path_text: str, dtype: str, key: str) -> TokenFile:
         fits = [d for d in DTYPES if size % np.dtype(d).itemsize == 0]
         raise DataError(
             f"{key}: token file {path} has {size:,} bytes, not a multiple of {itemsize} ({dtype}): it is cut off or "
-            "not a token file" + (f"; {_hint(key, fits[0], 'its size fits that')}" if fits else "")
+            "not a token file" + (f"; {_hint(fits[0], 'its size fits that')}" if fits else "")
         )
     meta = read_sidecar(path)
-    dtype_key = f"{key.split('.')[0]}.token_dtype"
     if meta is not None:
         if meta.dtype != dtype:
             raise DataError(
-                f"{dtype_key}={dtype}, but {sidecar_path(path)} says token file {path} holds {meta.dtype} ids; "
-                f"set {dtype_key}={meta.dtype}"
+                f"data.token_dtype={dtype}, but {sidecar_path(path)} says token file {path} holds {meta.dtype} ids; "
+                f"set data.token_dtype={meta.dtype}"
             )
         if meta.n_tokens * itemsize != size:
             raise DataError(
@@ -238,12 +237,18 @@ def open_token_file(path_text: str, dtype: str, key: str) -> TokenFile:
     check_dtype(tokens, path, dtype, key)
     nanogpt = nanogpt_vocab_size(path)
     if nanogpt is not None:
+        top = int(_sample(tokens).max())
+        if top >= nanogpt:
+            raise DataError(
+                f"{key}: token file {path} holds id {top:,}, past the vocab_size {nanogpt:,} of "
+                f"{path.parent / 'meta.pkl'}: that meta.pkl describes other data"
+            )
         return TokenFile(path, tokens, nanogpt, "meta.pkl")
     vocab, source = scanned_vocab_size(path, tokens, dtype)
     return TokenFile(path, tokens, vocab, source)
 
 
-def check_model_vocab(files: list[TokenFile], dtype: str, model_vocab_size: int, dtype_key: str) -> None:
+def check_model_vocab(files: list[TokenFile], dtype: str, model_vocab_size: int) -> None:
     """Every id must be a row of the model's embedding; an id past it read as uint32 is usually two uint16 ids."""
     for f in files:
         if f.vocab_size <= model_vocab_size:
@@ -255,5 +260,5 @@ def check_model_vocab(files: list[TokenFile], dtype: str, model_vocab_size: int,
         if dtype == "uint32":
             as16 = _sample(np.memmap(f.path, dtype=np.uint16, mode="r"))
             if int(as16.max()) < model_vocab_size:
-                message += f"; read as uint16 its sampled ids fit: likely {dtype_key}=uint16"
+                message += f"; read as uint16 its sampled ids fit: {_hint('uint16', 'two uint16 ids make one uint32')}"
         raise DataError(message)

@@ -484,6 +484,9 @@ def test_nanogpt_meta_pkl_gives_the_vocabulary_and_runs_no_code(tmp_path: Path) 
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps(meta))
     c = load_corpus(tokens_cfg(path))
     assert c.vocab_size == 65 and "meta.pkl" in c.description
+    (tmp_path / "meta.pkl").write_bytes(pickle.dumps({**meta, "vocab_size": 30}))  # another dataset's meta.pkl
+    with pytest.raises(DataError, match=r"past the vocab_size 30 of .*meta\.pkl"):
+        load_corpus(tokens_cfg(path))
 
     marker = tmp_path / "code-ran"
     (tmp_path / "meta.pkl").write_bytes(pickle.dumps({"vocab_size": 65, "x": _RunsCode(marker)}))
