@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from curry_train import prepare
 from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, plan_json, render_plan
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Config, ConfigError, resolve, validate
@@ -98,6 +99,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ls": cmd_ls,
     "verify": cmd_verify,
     "plan": cmd_plan,
+    "prepare": prepare.main,
 }
 
 
@@ -135,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             p.usage = "curry-train plan [options] [hydra overrides...], e.g. model=7b checkpoint=7b_default"
             add_plan_arguments(p)
+            continue
+        if name == "prepare":
+            prepare.add_arguments(p)
             continue
         p.add_argument("run_dir", help="a run directory, e.g. runs/tiny-stdlib-1a2b3c4d")
         if name == "journal":

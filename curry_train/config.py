@@ -19,6 +19,11 @@ class ConfigError(ValueError):
     """A config value that composes but is not allowed; the message names the key."""
 
 
+class DataError(ConfigError):
+    """Input data that cannot be used as configured (missing, misread, too short); the message names the key or
+    the file. A ConfigError, so the entry point exits 2 with one line instead of a traceback."""
+
+
 def _require(ok: bool, key: str, message: str) -> None:
     if not ok:
         raise ConfigError(f"{key}: {message}")
@@ -192,6 +197,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
+        # numpy's generators, which order the samples, take non-negative seeds only.
+        _require(self.seed >= 0, "train.seed", f"must be >= 0, got {self.seed}")
         _require(self.batch_size > 0, "train.batch_size", f"must be positive, got {self.batch_size}")
         _require(self.grad_accum > 0, "train.grad_accum", f"must be positive, got {self.grad_accum}")
         _require(self.eval_every >= 0, "train.eval_every", f"must be >= 0 (0 disables), got {self.eval_every}")

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from curry_train.config import DataConfig
+from curry_train.config import DataConfig, DataError
+from curry_train.token_files import TokenFile, check_model_vocab, open_token_file
 
 # torchdata 0.11 calls a torch API that torch 2.13 deprecates, once per loader; the warning is not ours to fix and
 # would greet every user at every start.
@@ -53,6 +54,18 @@ def _list_files(root: Path, suffixes: tuple[str, ...], skip_dirs: frozenset[str]
     return sorted(found)
 
 
+# Said at start whenever the split by file name is replaced by the tail, so nobody mistakes it for a clean split.
+TAIL_SPLIT_NOTE = (
+    "too few files for a split by file name: the last {fraction:.0%} of the data held out as dev "
+    "(the cut may fall inside a file)"
+)
+
+
+def too_small_to_split(train_len: int, dev_len: int, seq_len: int) -> bool:
+    """Whether a split by file name leaves either side without two windows of `seq_len`."""
+    return train_len <= 2 * seq_len or dev_len <= 2 * seq_len
+
+
 def _bytes_corpus(files: list[tuple[str, Path]], cfg: DataConfig, description: str) -> Corpus:
     train, dev, total = [], [], 0
     for rel, path in files:
@@ -65,12 +78,12 @@ def _bytes_corpus(files: list[tuple[str, Path]], cfg: DataConfig, description: s
             break
     sep = b"\n\n"
     train_bytes, dev_bytes = sep.join(train), sep.join(dev)
-    if len(train_bytes) <= 2 * cfg.seq_len or len(dev_bytes) <= 2 * cfg.seq_len:
+    if too_small_to_split(len(train_bytes), len(dev_bytes), cfg.seq_len):
         # Too few files for a split by file (one book, or a small max_bytes): hold out the tail instead.
         everything = sep.join(part for part in (train_bytes, dev_bytes) if part)
         cut = int(len(everything) * (1 - cfg.dev_fraction))
         train_bytes, dev_bytes = everything[:cut], everything[cut:]
-        description += f", the last {cfg.dev_fraction:.0%} held out as dev"
+        description += f", {TAIL_SPLIT_NOTE.format(fraction=cfg.dev_fraction)}"
     arrays = [np.frombuffer(part, dtype=np.uint8) for part in (train_bytes, dev_bytes)]
     return Corpus(arrays[0], arrays[1], 256, description)
 
@@ -90,17 +103,40 @@ def text_files(spec: str) -> list[tuple[str, Path]]:
         elif p.is_file():
             out.append((p.name, p))
         else:
-            raise FileNotFoundError(f"data.path: {part!r} is neither a file nor a directory")
+            raise DataError(f"data.path: {part!r} is neither a file nor a directory")
     if not out:
-        raise FileNotFoundError(f"data.path: no text files ({', '.join(TEXT_SUFFIXES)}) under {spec!r}")
+        raise DataError(f"data.path: no text files ({', '.join(TEXT_SUFFIXES)}) under {spec!r}")
     return out
 
 
-def _token_file(path: str, dtype: str, key: str) -> np.ndarray:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"{key}: token file {str(p)!r} does not exist")
-    return np.memmap(p, dtype=np.dtype(dtype), mode="r")
+def _token_files(cfg: DataConfig) -> tuple[list[TokenFile], np.ndarray, np.ndarray]:
+    """The checked token files, and the train and dev ids (the tail of the train file when there is no dev file)."""
+    train = open_token_file(cfg.path or "", cfg.token_dtype, "data.path")
+    if cfg.dev_path:
+        dev = open_token_file(cfg.dev_path, cfg.token_dtype, "data.dev_path")
+        return [train, dev], train.tokens, dev.tokens
+    cut = int(len(train.tokens) * (1 - cfg.dev_fraction))
+    return [train], train.tokens[:cut], train.tokens[cut:]
+
+
+def _check_fills_a_window(n_tokens: int, cfg: DataConfig, what: str) -> None:
+    if (n_tokens - 1) // cfg.seq_len < 1:
+        raise DataError(
+            f"data.seq_len: {what} holds {n_tokens:,} tokens, too few for one window of seq_len={cfg.seq_len} + 1"
+        )
+
+
+def check_data(cfg: DataConfig, model_vocab_size: int) -> None:
+    """The checks that need the data but no process group: the entry point runs them first, so a missing or
+    misread file exits 2 with one line naming the key or the file before any rank starts work."""
+    if cfg.name == "text":
+        text_files(cfg.path or "")
+    if cfg.name != "tokens":
+        return
+    files, train, dev = _token_files(cfg)
+    _check_fills_a_window(len(train), cfg, f"the train split of {cfg.path}")
+    _check_fills_a_window(len(dev), cfg, f"the dev split ({cfg.dev_path or f'the tail of {cfg.path}'})")
+    check_model_vocab(files, cfg.token_dtype, model_vocab_size)
 
 
 def load_corpus(cfg: DataConfig) -> Corpus:
@@ -109,15 +145,16 @@ def load_corpus(cfg: DataConfig) -> Corpus:
         return _bytes_corpus(files, cfg, f"Python {sysconfig.get_python_version()} standard library, bytes")
     if cfg.name == "text":
         return _bytes_corpus(text_files(cfg.path or ""), cfg, f"text files under {cfg.path}, bytes")
-    train = _token_file(cfg.path or "", cfg.token_dtype, "data.path")
-    if cfg.dev_path:
-        dev = _token_file(cfg.dev_path, cfg.token_dtype, "data.dev_path")
-    else:
-        # No dev file: hold out the tail of the train file.
-        cut = int(len(train) * (1 - cfg.dev_fraction))
-        train, dev = train[:cut], train[cut:]
-    vocab = int(max(train.max(initial=0), dev.max(initial=0))) + 1
-    return Corpus(train, dev, vocab, f"token file {cfg.path} ({cfg.token_dtype})")
+    files, train, dev = _token_files(cfg)
+    vocab = max(f.vocab_size for f in files)
+    sources = ", ".join(sorted({f.source for f in files}))
+    split = (
+        ""
+        if cfg.dev_path
+        else f", the last {cfg.dev_fraction:.0%} of its tokens held out as dev (the cut may fall inside a document)"
+    )
+    description = f"token file {cfg.path} ({cfg.token_dtype}, vocabulary {vocab:,} from {sources}){split}"
+    return Corpus(train, dev, vocab, description)
 
 
 class WindowDataset(Dataset):
@@ -129,7 +166,7 @@ class WindowDataset(Dataset):
         self.seed = seed
         self.windows = (len(tokens) - 1) // seq_len
         if self.windows < 1:
-            raise ValueError(f"data: {len(tokens)} tokens cannot fill one window of seq_len={seq_len} + 1")
+            raise DataError(f"data.seq_len: {len(tokens)} tokens cannot fill one window of seq_len={seq_len} + 1")
         self._perm_epoch = -1
         self._perm = np.empty(0, dtype=np.int64)
 
@@ -211,10 +248,17 @@ def build_train_loader(
 
 
 def dev_batches(tokens: np.ndarray, cfg: DataConfig, slicing: Slicing, seed: int, n_batches: int) -> list[dict]:
-    """The same dev micro-batches at every evaluation (a fixed sample of dev), this rank's slice of them."""
+    """The same dev micro-batches at every evaluation (a fixed sample of dev): this rank's slice of `n_batches`
+    global batches, each cut into `grad_accum` micro-batches of the training micro-batch size.
+
+    So an evaluation never needs more memory than a training step, and since every micro-batch holds the same
+    number of tokens, the mean of their losses over all ranks is the mean over the same global samples on any
+    world size and any `grad_accum`.
+    """
     dataset = WindowDataset(tokens, cfg.seq_len, seed + 1)
     batches = []
     for b in range(n_batches):
-        items = [dataset[i] for i in slicing.indices(b, 0)]
-        batches.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
+        for micro in range(slicing.grad_accum):
+            items = [dataset[i] for i in slicing.indices(b, micro)]
+            batches.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
     return batches

@@ -101,13 +101,14 @@ def optimizer_step(
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[dict], device: torch.device) -> float:
+    """Mean dev loss over `batches` (micro-batches of one size, from `dev_batches`) and over all ranks."""
     model.eval()
-    losses = []
+    total = torch.zeros((), dtype=torch.float64, device=device)
     for batch in batches:
         logits = model(batch["input"].to(device))
-        losses.append(F.cross_entropy(logits.view(-1, logits.size(-1)), batch["target"].to(device).view(-1)).item())
+        total += F.cross_entropy(logits.view(-1, logits.size(-1)), batch["target"].to(device).view(-1)).double()
     model.train()
-    return distributed.all_reduce_mean([sum(losses) / len(losses)], device)[0]
+    return distributed.all_reduce_mean([total.item() / len(batches)], device)[0]
 
 
 def build_sharded_model(cfg: Config, env: distributed.Dist) -> tuple[Transformer, int]:
@@ -226,7 +227,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     progress = Progress(world_size=env.world_size)
     scheduler: dict[str, int | float] = {"step": 0, "lr": 0.0}
     slicing = Slicing(t.batch_size, env.world_size, env.rank, t.grad_accum)
-    dev = dev_batches(corpus.dev, cfg.data, Slicing(t.batch_size, env.world_size, env.rank, 1), t.seed, t.eval_batches)
+    dev = dev_batches(corpus.dev, cfg.data, slicing, t.seed, t.eval_batches)
     saved_fidelity: dict[str, Any] = {}
 
     def fidelity_now() -> dict[str, Any]:

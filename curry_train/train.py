@@ -14,12 +14,15 @@ from omegaconf import DictConfig
 from curry_train import distributed, loop
 from curry_train.checkpoint.resume import SPIKE_EXIT_STATUS
 from curry_train.config import ConfigError, resolve
+from curry_train.data import check_data
 
 
 @hydra.main(config_path="conf", config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> None:
     try:
         cfg, launch = resolve(raw)
+        # Before the process group: a missing or misread data file exits 2 here, naming the key or the file.
+        check_data(cfg.data, cfg.model.vocab_size)
     except ConfigError as err:
         print(f"curry-train: invalid config: {err}", file=sys.stderr)
         sys.exit(2)
