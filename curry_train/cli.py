@@ -1,4 +1,5 @@
-"""The `curry-train` command: small subcommands that read run directories (it never imports the loop)."""
+"""curry-train: plan a run's checkpoint storage, and inspect, compare, plot and export the runs in its run
+directories (runs/<run-id>). Training itself is `python -m curry_train.train` or `torchrun ... -m curry_train.train`."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from pathlib import Path
 from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, plan_json, render_plan
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Config, ConfigError, resolve, validate
-from curry_train.journal import format_event, read_journal
+from curry_train.history import RunHistory, read_run
+from curry_train.report import render_diff, render_status
+from curry_train.journal import format_events, read_journal
 
 
 def _run_dir(path: str) -> Path:
@@ -23,16 +26,33 @@ def _run_dir(path: str) -> Path:
 
 def cmd_journal(args: argparse.Namespace) -> int:
     """Print a run's journal, one readable line per event."""
-    for record in read_journal(_run_dir(args.run_dir) / "journal.jsonl"):
-        if args.event and record["event"] not in args.event:
-            continue
-        print(format_event(record))
+    records = read_journal(_run_dir(args.run_dir) / "journal.jsonl")
+    for record, line in zip(records, format_events(records), strict=True):
+        if not args.event or record["event"] in args.event:
+            print(line)
+    return 0
+
+
+def _history(path: str) -> RunHistory:
+    return read_run(_run_dir(path))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Summarise a run: progress, resumes, rollbacks, preemptions, errors, and storage against its plan."""
+    print(render_status(_history(args.run_dir)))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Compare two runs: how each went, the config keys that differ, and the losses at their common steps."""
+    print(render_diff(_history(args.run_dir), _history(args.other_run_dir)))
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List a run's committed checkpoints, with sizes and which one `latest` names."""
+    """List a run's committed checkpoints, with sizes and which one `latest` names, under its summary."""
     store = RunDir(_run_dir(args.run_dir))
+    print(render_status(read_run(store.path), with_history=False))
     latest = store.latest()
     for ckpt in store.list():
         manifest = store.manifest(ckpt)
@@ -94,8 +114,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "journal": cmd_journal,
+    "status": cmd_status,
     "ls": cmd_ls,
+    "journal": cmd_journal,
+    "diff": cmd_diff,
     "verify": cmd_verify,
     "plan": cmd_plan,
 }
@@ -139,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run_dir", help="a run directory, e.g. runs/tiny-stdlib-1a2b3c4d")
         if name == "journal":
             p.add_argument("--event", action="append", help="only these events (repeatable)")
+        if name == "diff":
+            p.add_argument("other_run_dir", help="the run directory to compare it with")
     return parser
 
 

@@ -24,6 +24,7 @@ from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, app_state, fid
 from curry_train.checkpoint.store import Manifest, RunDir, fsync_dir
 from curry_train.config import Config, ConfigError, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
+from curry_train.history import end_unfinished_attempt
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import MetricsLogger
 from curry_train.model import Transformer, build_model, count_params
@@ -201,6 +202,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | No
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
     attempt = count_launches(journal.path) if env.is_main else 0
+    end_unfinished_attempt(journal, run_dir)  # where a killed previous launch stopped, before this run_start
     log = MetricsLogger(
         run_dir,
         cfg.logger,
@@ -326,7 +328,8 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, resume: str | None 
     if first_loss is not None:
         log.print(
             f"curry-train: {'finished' if final_step == t.steps else 'stopped after'} {final_step} steps; "
-            f"first loss {first_loss:.4f}, last loss {last_loss:.4f}"
+            f"{'first loss' if start_step == 0 else f'loss at step {start_step + 1} (first of this launch)'} "
+            f"{first_loss:.4f}, last loss {last_loss:.4f}"
         )
     log.close()
     journal.close()
