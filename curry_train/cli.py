@@ -13,8 +13,8 @@ from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, pla
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Config, ConfigError, resolve, validate
 from curry_train.history import RunHistory, read_run
-from curry_train.report import render_diff, render_status
 from curry_train.journal import format_events, read_journal
+from curry_train.report import render_diff, render_status
 
 
 def _run_dir(path: str) -> Path:
