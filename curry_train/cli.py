@@ -63,6 +63,31 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plot train and dev loss against step for runs overlaid, with saves, resumes, rollbacks, deletions marked."""
+    from curry_train.plot import plot_runs
+
+    plot_runs([_history(path) for path in args.run_dirs], args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint's parameters (default: a run's best best-K) to safetensors or a Hugging Face directory."""
+    from curry_train.export import ExportError, export
+
+    try:
+        result = export(args.checkpoint, args.output, args.format, args.dtype, args.config)
+    except (ExportError, FileNotFoundError) as err:
+        print(f"curry-train export: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"exported {result.checkpoint} -> {result.output}: {result.tensors} tensors, {result.params:,} parameters, "
+        f"{human_bytes(result.bytes)}"
+    )
+    return 0
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read every committed checkpoint and compare sizes and checksums with its manifest."""
     store = RunDir(_run_dir(args.run_dir))
@@ -118,6 +143,8 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "ls": cmd_ls,
     "journal": cmd_journal,
     "diff": cmd_diff,
+    "plot": cmd_plot,
+    "export": cmd_export,
     "verify": cmd_verify,
     "plan": cmd_plan,
 }
@@ -149,6 +176,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best best-K, else latest)")
+    p.add_argument("-o", "--output", required=True, help="file (safetensors) or directory (hf) to write")
+    p.add_argument("--format", default="safetensors", help="safetensors (default: one file) or hf (a directory)")
+    p.add_argument("--dtype", help="cast: float32, bfloat16 (bf16) or float16 (fp16); default: as saved")
+    p.add_argument("--config", help="config.yaml with the model section (default: the checkpoint's run's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -157,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "plan":
             p.usage = "curry-train plan [options] [hydra overrides...], e.g. model=7b checkpoint=7b_default"
             add_plan_arguments(p)
+            continue
+        if name == "plot":
+            p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more run directories")
+            p.add_argument("-o", "--output", required=True, help="the PNG file to write")
+            continue
+        if name == "export":
+            add_export_arguments(p)
             continue
         p.add_argument("run_dir", help="a run directory, e.g. runs/tiny-stdlib-1a2b3c4d")
         if name == "journal":
