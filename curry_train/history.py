@@ -215,7 +215,7 @@ def _resume_fact(event: dict[str, Any], attempt: Attempt, previous: Attempt | No
         redone = f", {_plural(max(previous.last_step - int(event['step']), 0), 'step')} redone"
     how = "exact" if event.get("exact") else f"{event.get('contents', '?')} state, not exact"
     return (
-        f"resumed from step {event['step']} at {short_time(event['time'])} (attempt {attempt.number}{redone}) "
+        f"resumed from step {event['step']} at {short_time(event['time'])[11:]} (attempt {attempt.number}{redone}) "
         f"from {event.get('path', '?')}, {how}"
     )
 

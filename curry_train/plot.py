@@ -160,6 +160,8 @@ def _legend(ax: Any, plt: Any) -> None:
         (Line2D([], [], marker="x", color="0.45", ls="none", ms=5), "deleted since (x on its save)"),
         (Line2D([], [], color="0.3", ls="--"), "resume"),
         (Line2D([], [], color="0.3", ls="-"), "rollback (shaded: rolled-back steps)"),
+        (Line2D([], [], color="0.3", lw=6, alpha=0.5), "skipped data (in the run's row)"),
+        (Line2D([], [], marker="D", color="0.3", ls="none", ms=5), "other event (named)"),
     ]
     # Outside the axes, so it never covers a curve or an event label.
     ax.legend(

@@ -250,3 +250,22 @@ def test_hf_export_gives_transformers_the_same_logits(
         expected, got = ours(tokens), hf(tokens).logits
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+
+
+def test_journal_lines_read_in_order(runs: tuple[Path, Path], capsys: pytest.CaptureFixture) -> None:
+    killed = runs[1]
+    lines = _run(capsys, "journal", str(killed))
+    deletes = [line for line in lines if "  delete  " in line]
+    assert deletes and all("ckpt_step=" in line for line in deletes)
+    # Within a launch the step column never runs backwards (the `policy` line is journaled at step 0).
+    steps: list[int] = []
+    for line in lines:
+        step = int(line.split("step", 1)[1].split()[0])
+        if "  run_start" in line or "  attempt_end" in line:
+            steps = []
+        elif "  policy  " not in line:
+            assert not steps or step >= steps[-1], line
+            steps.append(step)
+    policy = [line for line in lines if "  policy  " in line]
+    assert policy and all(len(line) < 200 for line in policy)
+    assert "rollback=2/keep2/full" in policy[0] and "commits=" in policy[0]
