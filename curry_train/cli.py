@@ -1,4 +1,5 @@
-"""The `curry-train` command: small subcommands that read run directories (it never imports the loop)."""
+"""curry-train: plan a run's checkpoint storage, and inspect, compare, plot and export the runs in its run
+directories (runs/<run-id>). Training itself is `python -m curry_train.train` or `torchrun ... -m curry_train.train`."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from curry_train import prepare
 from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, plan_json, render_plan
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Config, ConfigError, resolve, validate
-from curry_train.journal import format_event, read_journal
+from curry_train.history import RunHistory, read_run
+from curry_train.journal import format_events, read_journal
+from curry_train.report import render_diff, render_status
 
 
 def _run_dir(path: str) -> Path:
@@ -24,16 +27,33 @@ def _run_dir(path: str) -> Path:
 
 def cmd_journal(args: argparse.Namespace) -> int:
     """Print a run's journal, one readable line per event."""
-    for record in read_journal(_run_dir(args.run_dir) / "journal.jsonl"):
-        if args.event and record["event"] not in args.event:
-            continue
-        print(format_event(record))
+    records = read_journal(_run_dir(args.run_dir) / "journal.jsonl")
+    for record, line in zip(records, format_events(records), strict=True):
+        if not args.event or record["event"] in args.event:
+            print(line)
+    return 0
+
+
+def _history(path: str) -> RunHistory:
+    return read_run(_run_dir(path))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Summarise a run: progress, resumes, rollbacks, preemptions, errors, and storage against its plan."""
+    print(render_status(_history(args.run_dir)))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """Compare two runs: how each went, the config keys that differ, and the losses at their common steps."""
+    print(render_diff(_history(args.run_dir), _history(args.other_run_dir)))
     return 0
 
 
 def cmd_ls(args: argparse.Namespace) -> int:
-    """List a run's committed checkpoints, with sizes and which one `latest` names."""
+    """List a run's committed checkpoints, with sizes and which one `latest` names, under its summary."""
     store = RunDir(_run_dir(args.run_dir))
+    print(render_status(read_run(store.path), with_history=False))
     latest = store.latest()
     for ckpt in store.list():
         manifest = store.manifest(ckpt)
@@ -41,6 +61,31 @@ def cmd_ls(args: argparse.Namespace) -> int:
         contents = manifest.extra.get("contents", "?")
         print(f"{ckpt.relpath:<52} step {ckpt.step:>8}  {contents:<6}  {human_bytes(manifest.total_bytes):>9}{mark}")
     print(f"disk usage (hard links counted once): {human_bytes(store.disk_usage())}")
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Plot train and dev loss against step for runs overlaid, with saves, resumes, rollbacks, deletions marked."""
+    from curry_train.plot import plot_runs
+
+    plot_runs([_history(path) for path in args.run_dirs], args.output)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a checkpoint's parameters (default: a run's best best-K) to safetensors or a Hugging Face directory."""
+    from curry_train.export import ExportError, export
+
+    try:
+        result = export(args.checkpoint, args.output, args.format, args.dtype, args.config)
+    except (ExportError, FileNotFoundError) as err:
+        print(f"curry-train export: {err}", file=sys.stderr)
+        return 2
+    print(
+        f"exported {result.checkpoint} -> {result.output}: {result.tensors} tensors, {result.params:,} parameters, "
+        f"{human_bytes(result.bytes)}"
+    )
     return 0
 
 
@@ -95,8 +140,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "journal": cmd_journal,
+    "status": cmd_status,
     "ls": cmd_ls,
+    "journal": cmd_journal,
+    "diff": cmd_diff,
+    "plot": cmd_plot,
+    "export": cmd_export,
     "verify": cmd_verify,
     "plan": cmd_plan,
     "prepare": prepare.main,
@@ -129,6 +178,14 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
 
+def add_export_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best best-K, else latest)")
+    p.add_argument("-o", "--output", required=True, help="file (safetensors) or directory (hf) to write")
+    p.add_argument("--format", default="safetensors", help="safetensors (default: one file) or hf (a directory)")
+    p.add_argument("--dtype", help="cast: float32, bfloat16 (bf16) or float16 (fp16); default: as saved")
+    p.add_argument("--config", help="config.yaml with the model section (default: the checkpoint's run's)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,9 +198,18 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "prepare":
             prepare.add_arguments(p)
             continue
+        if name == "plot":
+            p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more run directories")
+            p.add_argument("-o", "--output", required=True, help="the PNG file to write")
+            continue
+        if name == "export":
+            add_export_arguments(p)
+            continue
         p.add_argument("run_dir", help="a run directory, e.g. runs/tiny-stdlib-1a2b3c4d")
         if name == "journal":
             p.add_argument("--event", action="append", help="only these events (repeatable)")
+        if name == "diff":
+            p.add_argument("other_run_dir", help="the run directory to compare it with")
     return parser
 
 

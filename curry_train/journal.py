@@ -27,6 +27,7 @@ EVENTS: frozenset[str] = frozenset(
         "world_size_change",
         "error",
         "run_end",
+        "attempt_end",  # a launch that ended without run_end or preempt: its last completed step
     }
 )
 _REQUIRED = ("event", "time", "step")
@@ -204,3 +205,45 @@ def format_event(record: dict[str, object]) -> str:
     shown |= {"config", "roles"}
     parts += [f"{key}={_format_value(value)}" for key, value in record.items() if key not in shown]
     return "  ".join(parts)
+
+
+def _policy_line(record: dict[str, object]) -> dict[str, object]:
+    """The `policy` record (the whole plan, ~850 characters) cut to what a reader scans for."""
+    roles = record.get("roles")
+    short: dict[str, object] = {key: record[key] for key in ("event", "time", "step") if key in record}
+    if isinstance(record.get("model"), str):
+        short["model"] = record["model"]
+    if isinstance(roles, dict):
+        for name, role in roles.items():
+            if isinstance(role, dict) and role.get("every"):
+                every = role["every"] if name != "best_k" else f"top{role['every']}"
+                short[str(name)] = f"{every}/keep{role.get('keep', '?')}/{role.get('contents', '?')}"
+    for key, label in (("committed_bytes", "commits"), ("free_bytes", "free")):
+        if isinstance(record.get(key), (int, float)):
+            short[label] = _human_bytes(float(record[key]))  # type: ignore[arg-type]
+    if "fits" in record:
+        short["fits"] = record["fits"]
+    return short
+
+
+def format_events(records: list[dict[str, object]]) -> list[str]:
+    """`format_event` for a whole journal, in order.
+
+    A retention `delete` carries the step of the checkpoint it deleted, so its step column would run backwards;
+    it is shown at the step of the save that triggered it, with the deleted checkpoint's step as `ckpt_step`.
+    """
+    lines = []
+    current = None  # step of the newest save: retention runs right after a commit
+    for record in records:
+        shown = record
+        if record.get("event") == "save" and isinstance(record.get("step"), int):
+            current = record["step"]
+        elif record.get("event") == "delete" and isinstance(current, int) and current != record.get("step"):
+            shown = {"event": "delete", "time": record.get("time"), "step": current, "ckpt_step": record.get("step")}
+            shown |= {k: v for k, v in record.items() if k not in shown}
+        elif record.get("event") == "run_start":
+            current = None
+        elif record.get("event") == "policy":
+            shown = _policy_line(record)
+        lines.append(format_event(shown))
+    return lines

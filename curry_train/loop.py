@@ -24,6 +24,7 @@ from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity
 from curry_train.checkpoint.store import RunDir, fsync_dir
 from curry_train.config import Config, ConfigError, Launch, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
+from curry_train.history import end_unfinished_attempt
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import MetricsLogger
 from curry_train.model import Transformer, build_model, count_params
@@ -154,6 +155,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
         make_durable_dir(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     attempt = count_launches(journal.path) if env.is_main else 0
+    end_unfinished_attempt(journal, run_dir)  # where a killed previous launch stopped, before this run_start
     log = MetricsLogger(
         run_dir,
         cfg.logger,
@@ -261,6 +263,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     preemption = Preemption()
     tokens_per_step = t.batch_size * cfg.data.seq_len
     first_loss = last_loss = None
+    start_step = progress.step
     while progress.step < t.steps:
         step, done = progress.step, progress.step + 1  # 0-based index of this step; completed steps after it
         lr_scale = spike.rewarm_factor(step, progress.rewarm_from, cfg.spike.rewarmup_steps)
@@ -300,7 +303,8 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     if first_loss is not None:
         log.print(
             f"curry-train: {'finished' if final_step == t.steps else 'stopped after'} {final_step} steps; "
-            f"first loss {first_loss:.4f}, last loss {last_loss:.4f}"
+            f"{'first loss' if start_step == 0 else f'loss at step {start_step + 1} (first of this launch)'} "
+            f"{first_loss:.4f}, last loss {last_loss:.4f}"
         )
     log.close()
     journal.close()

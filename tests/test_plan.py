@@ -153,7 +153,8 @@ def test_twelve_bytes_per_parameter_for_a_full_checkpoint() -> None:
 
 def test_7b_plan_json(tmp_path: Path) -> None:
     # The console entry point, as a user runs it.
-    args = ["plan", "model=7b", "checkpoint=7b_default", "--json", "--at-step", "2500"]
+    # A long run: train.steps (default 200) caps how many checkpoints each role can make.
+    args = ["plan", "model=7b", "checkpoint=7b_default", "train.steps=100000", "--json", "--at-step", "2500"]
     proc = subprocess.run(
         [sys.executable, "-m", "curry_train.cli", *args], cwd=tmp_path, capture_output=True, text=True, timeout=120
     )
@@ -174,8 +175,9 @@ def test_7b_plan_json(tmp_path: Path) -> None:
 
 
 def test_7b_text_recommends_parameters_only_rollbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    data = plan_json(capsys, "model=7b", "checkpoint=7b_default", f"run.root={tmp_path}")
-    assert main(["plan", "model=7b", "checkpoint=7b_default", f"run.root={tmp_path}"]) == 0
+    long_run = ["model=7b", "checkpoint=7b_default", "train.steps=100000", f"run.root={tmp_path}"]
+    data = plan_json(capsys, *long_run)
+    assert main(["plan", *long_run]) == 0
     text = capsys.readouterr().out
     full, params_only = data["bytes_per_checkpoint"]["recovery"], data["bytes_per_checkpoint"]["best_k"]
     assert "checkpoint.rollback_contents=params" in text
@@ -184,8 +186,30 @@ def test_7b_text_recommends_parameters_only_rollbacks(tmp_path: Path, capsys: py
     assert "grows from 100 to 1000 steps" in text
 
 
+def test_a_short_run_budgets_only_the_checkpoints_it_can_make(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 200 steps at rollback 100 / recovery 1000, evaluating every 100: 2 rollback, 0 recovery, 2 best-K.
+    short = ["model=7b", "checkpoint=7b_default", "train.steps=200", "train.eval_every=100", f"run.root={tmp_path}"]
+    data = plan_json(capsys, *short)
+    roles = data["roles"]
+    assert (roles["rollback"]["kept"], roles["recovery"]["kept"], roles["best_k"]["kept"]) == (2, 0, 2)
+    full, params_only = data["bytes_per_checkpoint"]["recovery"], data["bytes_per_checkpoint"]["best_k"]
+    assert data["committed_bytes"] == 2 * full + 2 * params_only + full  # plus one full save in flight
+    assert data["warnings"] == [
+        "checkpoint.recovery_every=1000 exceeds train.steps=200: this run makes no recovery checkpoint"
+    ]
+    assert main(["plan", *short]) == 0
+    text = capsys.readouterr().out
+    assert "keep 2 of 5" in text and "keep 0 of 3" in text
+    assert "WARNING: checkpoint.recovery_every=1000 exceeds train.steps=200" in text
+    # Training's advice names no option that only `curry-train plan` takes as if training took it.
+    assert "give --save-seconds" not in text and "`curry-train plan` with the same overrides" in text
+
+
 def test_a_policy_that_does_not_fit_is_flagged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    huge = ["checkpoint.retention.rollback_keep=10000000", f"run.root={tmp_path}"]  # 10^7 x 11.4 MB = 114 TB
+    # 10^7 x 11.4 MB = 114 TB, over a run long enough to make them.
+    huge = ["checkpoint.retention.rollback_keep=10000000", "train.steps=1000000000", f"run.root={tmp_path}"]
     data = plan_json(capsys, *huge)
     assert data["fits"] is False and data["committed_bytes"] > data["free_bytes"]
     assert main(["plan", *huge]) == 0

@@ -123,13 +123,34 @@ class RoleEstimate:
     contents: str
     keep: int
     bytes_each: int
+    makes: int | None = None  # how many the run can make in train.steps (None: no limit known)
+
+    @property
+    def kept(self) -> int:
+        """What the role holds at most: its keep, or fewer when the run is too short to make that many."""
+        return self.keep if self.makes is None else min(self.keep, self.makes)
 
     @property
     def committed(self) -> int:
-        return self.keep * self.bytes_each if self.every > 0 else 0
+        return self.kept * self.bytes_each if self.every > 0 else 0
 
 
-def role_estimates(size: ModelSize | int, policy: Policy, world_size: int = 1) -> list[RoleEstimate]:
+def checkpoints_made(every: int, steps: int | None) -> int | None:
+    """Saves at a cadence of `every` steps within `steps` (a save at step 0 is never made)."""
+    return None if steps is None or every <= 0 else steps // every
+
+
+def evaluations(steps: int | None, eval_every: int) -> int | None:
+    """Evaluations in a run: every `eval_every` steps and at the last step (each may enter best-K)."""
+    if steps is None:
+        return None
+    return 0 if eval_every <= 0 else math.ceil(steps / eval_every)
+
+
+def role_estimates(
+    size: ModelSize | int, policy: Policy, world_size: int = 1, steps: int | None = None, eval_every: int = 0
+) -> list[RoleEstimate]:
+    """Each role's cadence, contents, keep and size; with `steps`, capped at what a run of that length makes."""
     full = checkpoint_bytes(size, True, world_size)
     params_only = checkpoint_bytes(size, False, world_size)
     rollback_full = policy.full_rollback
@@ -140,9 +161,19 @@ def role_estimates(size: ModelSize | int, policy: Policy, world_size: int = 1) -
             policy.rollback_contents.value,
             policy.rollback_keep,
             full if rollback_full else params_only,
+            checkpoints_made(policy.rollback_every, steps),
         ),
-        RoleEstimate(Role.RECOVERY.value, policy.recovery_every, "full", policy.recovery_keep, full),
-        RoleEstimate(Role.BEST_K.value, policy.best_k, "params", policy.best_k, params_only),
+        RoleEstimate(
+            Role.RECOVERY.value,
+            policy.recovery_every,
+            "full",
+            policy.recovery_keep,
+            full,
+            checkpoints_made(policy.recovery_every, steps),
+        ),
+        RoleEstimate(
+            Role.BEST_K.value, policy.best_k, "params", policy.best_k, params_only, evaluations(steps, eval_every)
+        ),
     ]
 
 
@@ -424,6 +455,7 @@ class Recommendation:
 @dataclass(frozen=True)
 class Plan:
     model_name: str
+    steps: int
     size: ModelSize
     world_size: int
     run_dir: str
@@ -444,11 +476,28 @@ class Plan:
     @property
     def all_full(self) -> int:
         """What the kept checkpoints would cost if every one held full state."""
-        return sum(e.keep for e in self.roles if e.every > 0) * self.full.total
+        return sum(e.kept for e in self.roles if e.every > 0) * self.full.total
+
+    @property
+    def warnings(self) -> list[str]:
+        """Cadences the run is too short to reach, and a run that can never resume exactly."""
+        out = [
+            f"checkpoint.{_EVERY_KEY[e.role]}={e.every} exceeds train.steps={self.steps}: this run makes no "
+            f"{e.role} checkpoint"
+            for e in self.roles
+            if e.every > 0 and e.makes == 0
+        ]
+        full_roles = [e for e in self.roles if e.contents == "full" and e.every > 0 and e.role != Role.BEST_K.value]
+        if self.steps > 0 and not any(e.makes for e in full_roles):
+            out.append("no checkpoint with full state within the run: a crash restarts it from step 0")
+        return out
+
+
+_EVERY_KEY = {Role.ROLLBACK.value: "rollback_every", Role.RECOVERY.value: "recovery_every", Role.BEST_K.value: "best_k"}
 
 
 def recommend_params_rollback(
-    policy: Policy, roles: list[RoleEstimate], world_size: int, size: ModelSize
+    policy: Policy, roles: list[RoleEstimate], world_size: int, size: ModelSize, steps: int | None = None
 ) -> Recommendation | None:
     """When a full checkpoint is large and rollbacks hold full state: the saving of parameters-only rollbacks."""
     full = checkpoint_bytes(size, True, world_size)
@@ -457,7 +506,7 @@ def recommend_params_rollback(
     if policy.rollback_every == 0:
         return None
     lighter = Policy(**{**asdict(policy), "rollback_contents": RollbackContents.PARAMS})
-    after = role_estimates(size, lighter, world_size)
+    after = role_estimates(size, lighter, world_size, steps, roles[2].makes or 0)
     before_cadence, after_cadence = exact_resume_cadence(policy), exact_resume_cadence(lighter)
     return Recommendation(
         saved_bytes=committed_bytes(roles) - committed_bytes(after),
@@ -480,10 +529,12 @@ def build_plan(
     """Everything `curry-train plan` prints, for a resolved config (raises ConfigError for a bad policy)."""
     policy = policy_of(cfg.checkpoint)
     async_save = cfg.checkpoint.async_save
-    roles = role_estimates(size, policy, world_size)
+    steps = cfg.train.steps
+    roles = role_estimates(size, policy, world_size, steps, cfg.train.eval_every)
     timing = timing_of(run_dir, async_save, save_seconds, step_seconds, mtbf_hours)
     return Plan(
         model_name=cfg.model.name,
+        steps=steps,
         size=size,
         world_size=world_size,
         run_dir=str(run_dir),
@@ -495,7 +546,7 @@ def build_plan(
         in_flight=in_flight_bytes(roles),
         committed=committed_bytes(roles),
         storage=measure_storage(run_dir),
-        recommendation=recommend_params_rollback(policy, roles, world_size, size),
+        recommendation=recommend_params_rollback(policy, roles, world_size, size, steps),
         crash=None if at_step is None else crash_target(policy, at_step, async_save),
         spike=None if at_step is None else spike_target(policy, at_step),
         timing=timing,
@@ -559,11 +610,12 @@ def _render_sizes(plan: Plan) -> list[str]:
 
 
 def _render_storage(plan: Plan) -> list[str]:
-    lines = ["storage the policy commits:"]
+    lines = [f"storage the policy commits over train.steps={plan.steps} (a role keeps no more than the run makes):"]
     for e in plan.roles:
         committed = human_bytes(e.committed) if e.every else "-"
+        keep = f"keep {e.keep}" if e.kept == e.keep else f"keep {e.kept} of {e.keep}"
         lines.append(
-            f"  {e.role:<9} {_cadence_label(e):<20} {e.contents:<7} keep {e.keep} x "
+            f"  {e.role:<9} {_cadence_label(e):<20} {e.contents:<7} {keep:<12} x "
             f"{human_bytes(e.bytes_each):>9} = {committed:>9}"
         )
     lines += [
@@ -571,12 +623,13 @@ def _render_storage(plan: Plan) -> list[str]:
         f"{human_bytes(plan.in_flight)}",
         f"  committed {human_bytes(plan.committed)} (an upper bound: a rollback due at the same step as a recovery "
         "is a hard link to it and adds no bytes)",
-        f"  for comparison: {sum(e.keep for e in plan.roles if e.every > 0)} full checkpoints would be "
+        f"  for comparison: {sum(e.kept for e in plan.roles if e.every > 0)} full checkpoints would be "
         f"{human_bytes(plan.all_full)}",
     ]
     s = plan.storage
     held = f" + {human_bytes(s.held_bytes)} held by this run's checkpoints" if s.held_bytes else ""
     lines.append(f"  free space: {human_bytes(s.free_bytes)}{held} at {s.path} (run directory {plan.run_dir})")
+    lines += [f"  WARNING: {warning}" for warning in plan.warnings]
     if not storage_fits(plan):
         consequence = (
             "training will refuse to start (checkpoint.check_storage=false overrides)"
@@ -599,11 +652,17 @@ def _render_recommendation(plan: Plan) -> list[str]:
         f"recommendation: one full checkpoint is {human_bytes(plan.full.total)} (over "
         f"{human_bytes(ROLLBACK_PARAMS_THRESHOLD)}): make rollback checkpoints parameters-only "
         "(checkpoint.rollback_contents=params)",
-        f"  saves {human_bytes(r.saved_bytes)} ({rollback.keep} x "
+        f"  saves {human_bytes(r.saved_bytes)} ({rollback.kept} x "
         f"{human_bytes(plan.full.total - plan.params_only.total)}); committed becomes {human_bytes(r.committed_after)}",
         f"  trade-off: exact resume after a crash then comes from recovery checkpoints only: the worst-case crash "
-        f"loss grows from {r.crash_cadence_before} to {r.crash_cadence_after} steps",
+        f"loss grows from {r.crash_cadence_before} to {_crash_loss(r.crash_cadence_after, plan.steps)}",
     ]
+
+
+def _crash_loss(cadence: int | None, steps: int) -> str:
+    if cadence is None or cadence > steps:
+        return f"the whole run (no recovery checkpoint within train.steps={steps})"
+    return f"{cadence} steps"
 
 
 def _target(target: ResumeTarget, verb: str) -> str:
@@ -637,11 +696,14 @@ def _render_cadence(plan: Plan) -> list[str]:
             for flag, value in (("--save-seconds", t.save_seconds), ("--step-seconds", t.step_seconds))
             if value is None
         ]
+        # Training prints this too: say how the figures come without naming options training does not take.
         return [
-            "cadence: no recommendation: this run directory has no measured "
-            + " and ".join(flag.removeprefix("--").replace("-", " ") for flag in missing)
-            + "; give "
-            + " and ".join(f"{flag} S" for flag in missing)
+            "cadence: no recommendation yet: no "
+            + " and no ".join(flag.removeprefix("--").replace("-", " ") for flag in missing)
+            + " measured in this run directory; the run measures them as it trains, and `curry-train plan` with "
+            "the same overrides then recommends a cadence (or give it "
+            + " ".join(f"{flag} S" for flag in missing)
+            + ")"
         ]
     assert t.save_seconds is not None and t.step_seconds is not None
     lines = [
@@ -685,7 +747,9 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "full_checkpoint": asdict(plan.full) | {"total": plan.full.total},
         "params_only_checkpoint": asdict(plan.params_only) | {"total": plan.params_only.total},
         "bytes_per_checkpoint": {e.role: e.bytes_each for e in plan.roles},
-        "roles": {e.role: asdict(e) | {"committed": e.committed} for e in plan.roles},
+        "roles": {e.role: asdict(e) | {"kept": e.kept, "committed": e.committed} for e in plan.roles},
+        "steps": plan.steps,
+        "warnings": plan.warnings,
         "in_flight_bytes": plan.in_flight,
         "committed_bytes": plan.committed,
         "all_full_bytes": plan.all_full,

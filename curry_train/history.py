@@ -1,0 +1,293 @@
+"""A run's history read back from its directory: launches (attempts), where each stopped, and the events worth a
+line of their own (resumes, rollbacks, preemptions, world-size changes, errors, and any event this module does not
+know). Stdlib and YAML only, so `curry-train status|diff` start fast.
+
+Each launch journals `run_start` (with its `attempt`) and ends with `run_end` (finished), `preempt` (saved and
+stopped) or nothing at all (killed, crashed). For the last case the next launch journals `attempt_end` with the
+last step that attempt completed, read from `metrics.jsonl` (every line carries its launch's `attempt`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from curry_train.journal import Journal, read_journal
+
+# Events that end a launch in order: after them the next launch needs no `attempt_end`.
+ENDING_EVENTS = frozenset({"run_end", "preempt", "attempt_end"})
+# Routine bookkeeping: counted, never a history line of its own. Every other event is one (unknown ones too).
+ROUTINE_EVENTS = frozenset({"run_start", "policy", "save", "delete", "best_k", "latest", "run_end", "attempt_end"})
+
+
+def short_time(iso: object) -> str:
+    """An ISO time as 'YYYY-MM-DD HH:MM:SS' UTC; anything else as written."""
+    text = str(iso)
+    with contextlib.suppress(ValueError):
+        return datetime.fromisoformat(text).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return text
+
+
+def read_metric_lines(path: Path) -> list[dict[str, Any]]:
+    """Every line of `metrics.jsonl` in order (a resumed run's redone steps appear twice); a line cut off by a
+    crash is skipped."""
+    if not path.is_file():
+        return []
+    lines = []
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(raw)
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                lines.append(record)
+    return lines
+
+
+def last_step_of_each_attempt(lines: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """attempt -> its last metrics line: the last step it completed (its last line, not its largest step, since a
+    rollback inside a launch takes the step back)."""
+    last: dict[int, dict[str, Any]] = {}
+    for line in lines:
+        last[int(line.get("attempt", 0))] = line
+    return last
+
+
+def end_unfinished_attempt(journal: Journal, run_dir: Path) -> dict[str, Any] | None:
+    """At the start of a launch: if the previous one left no `run_end`/`preempt`, journal `attempt_end` with the
+    last step it completed. Returns the record written, or None. Call before this launch's `run_start`."""
+    if not journal.enabled or not journal.path.is_file():
+        return None
+    events = read_journal(journal.path)
+    starts = [i for i, e in enumerate(events) if e["event"] == "run_start"]
+    if not starts:
+        return None
+    start = events[starts[-1]]
+    if any(e["event"] in ENDING_EVENTS for e in events[starts[-1] :]):
+        return None
+    attempt = int(start.get("attempt", len(starts) - 1))
+    line = last_step_of_each_attempt(read_metric_lines(run_dir / "metrics.jsonl")).get(attempt)
+    # No metrics line at all: it stopped before its first step completed, so at the step it started from.
+    last_step = int(line["step"]) if line else int(start["step"])
+    fields: dict[str, Any] = {"attempt": attempt, "started_step": int(start["step"])}
+    if line and isinstance(line.get("time"), (int, float)):
+        fields["last_step_time"] = datetime.fromtimestamp(line["time"], UTC).isoformat(timespec="milliseconds")
+    errors = [e for e in events[starts[-1] :] if e["event"] == "error"]
+    fields["reason"] = (
+        f"ended after an error: {errors[-1].get('reason', '?')}"
+        if errors
+        else "no run_end or preempt: the launch was killed or crashed"
+    )
+    return journal.append("attempt_end", last_step, **fields)
+
+
+@dataclass
+class Attempt:
+    """One launch of the run."""
+
+    number: int
+    start: dict[str, Any]
+    events: list[dict[str, Any]] = field(default_factory=list)
+    last_line: dict[str, Any] | None = None  # its last metrics line
+
+    @property
+    def end(self) -> dict[str, Any] | None:
+        return next((e for e in reversed(self.events) if e["event"] in ENDING_EVENTS), None)
+
+    @property
+    def resume(self) -> dict[str, Any] | None:
+        return next((e for e in self.events if e["event"] == "resume"), None)
+
+    @property
+    def last_step(self) -> int | None:
+        """The last step it completed: journaled (`attempt_end`, `run_end`, `preempt`) or from its metrics."""
+        end = self.end
+        if end is not None:
+            return int(end["step"])
+        return int(self.last_line["step"]) if self.last_line else None
+
+
+@dataclass
+class RunHistory:
+    path: Path
+    events: list[dict[str, Any]]
+    lines: list[dict[str, Any]]
+    config: dict[str, Any]
+    attempts: list[Attempt]
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def current(self) -> dict[int, dict[str, Any]]:
+        """step -> its current metrics line (a redone step's later line wins)."""
+        return {line["step"]: line for line in self.lines}
+
+    @property
+    def total_steps(self) -> int | None:
+        steps = self.config.get("train", {}).get("steps")
+        return int(steps) if isinstance(steps, int) else None
+
+    @property
+    def resumes(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["event"] == "resume"]
+
+    def count(self, event: str) -> int:
+        return sum(1 for e in self.events if e["event"] == event)
+
+
+def read_run(path: str | Path) -> RunHistory:
+    """Read a run directory's journal, metrics and config; raises FileNotFoundError naming what is missing."""
+    path = Path(path)
+    journal = path / "journal.jsonl"
+    if not journal.is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no journal.jsonl)")
+    events = read_journal(journal)
+    lines = read_metric_lines(path / "metrics.jsonl")
+    config_path = path / "config.yaml"
+    config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
+    attempts: list[Attempt] = []
+    for event in events:
+        if event["event"] == "run_start":
+            attempts.append(Attempt(int(event.get("attempt", len(attempts))), event))
+        elif attempts:
+            attempts[-1].events.append(event)
+    last_lines = last_step_of_each_attempt(lines)
+    for attempt in attempts:
+        attempt.last_line = last_lines.get(attempt.number)
+    return RunHistory(path, events, lines, config or {}, attempts)
+
+
+# -------------------------------------------------------------------------------------------------- facts
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" + ("" if count == 1 else "s")
+
+
+def _value(value: object, limit: int = 60) -> str:
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _ranges(ranges: object) -> str:
+    """[[0, 8], [16, 24]] -> 'samples [0, 8), [16, 24)'."""
+    if not isinstance(ranges, list) or not ranges:
+        return "no samples"
+    parts = [f"[{r[0]}, {r[1]})" if isinstance(r, list) and len(r) == 2 else _value(r) for r in ranges]
+    return "samples " + ", ".join(parts)
+
+
+def headline(run: RunHistory) -> str:
+    """The run's story in a few words: 'resumed from step 40 (1 resume)' or 'ran straight through'."""
+    parts = []
+    resumes = run.resumes
+    if resumes:
+        steps = ", ".join(str(e["step"]) for e in resumes)
+        parts.append(f"resumed from step{'s' if len(resumes) > 1 else ''} {steps} ({_plural(len(resumes), 'resume')})")
+    rollbacks = [e for e in run.events if e["event"] == "rollback"]
+    if rollbacks:
+        steps = ", ".join(str(e["step"]) for e in rollbacks)
+        parts.append(f"rolled back to step{'s' if len(rollbacks) > 1 else ''} {steps}")
+    for event, word in (("preempt", "preemption"), ("world_size_change", "world-size change"), ("error", "error")):
+        if n := run.count(event):
+            parts.append(_plural(n, word))
+    return ", ".join(parts) if parts else "ran straight through"
+
+
+def _attempt_end_fact(attempt: Attempt) -> str | None:
+    end = attempt.end
+    if end is None or end["event"] == "run_end":
+        return None
+    if end["event"] == "preempt":
+        return f"attempt {attempt.number} preempted ({end.get('signal', '?')}): saved step {end['step']} and stopped"
+    return f"attempt {attempt.number} stopped after step {end['step']} ({end.get('reason', 'no reason recorded')})"
+
+
+def _resume_fact(event: dict[str, Any], attempt: Attempt, previous: Attempt | None) -> str:
+    redone = ""
+    if previous is not None and previous.last_step is not None:
+        redone = f", {_plural(max(previous.last_step - int(event['step']), 0), 'step')} redone"
+    how = "exact" if event.get("exact") else f"{event.get('contents', '?')} state, not exact"
+    return (
+        f"resumed from step {event['step']} at {short_time(event['time'])[11:]} (attempt {attempt.number}{redone}) "
+        f"from {event.get('path', '?')}, {how}"
+    )
+
+
+def _rollback_fact(event: dict[str, Any]) -> str:
+    spike = event.get("spike_step", event.get("abandoned_from"))
+    text = f"rolled back to step {event['step']}" + (f" from step {spike}" if spike is not None else "")
+    if "loss" in event:
+        text += f" (loss {_value(event['loss'])}" + (
+            f", baseline {_value(event['baseline'])})" if "baseline" in event else ")"
+        )
+    if "skipped" in event:
+        text += f"; skipped {_ranges(event['skipped'])}"
+    if "optimizer_restored" in event:
+        text += "; optimizer " + ("restored" if event["optimizer_restored"] else "starts fresh")
+    aside = event.get("set_aside", event.get("abandoned"))
+    if isinstance(aside, list):
+        text += f"; {_plural(len(aside), 'checkpoint')} set aside"
+    return text
+
+
+def _generic_fact(event: dict[str, Any]) -> str:
+    """Any event without a phrasing of its own: its name, step and fields, each shortened."""
+    fields = [f"{k}={_value(v, 40)}" for k, v in event.items() if k not in ("event", "time", "step", "config")]
+    return f"{event['event']} at step {event['step']}" + (f": {' '.join(fields)}" if fields else "")
+
+
+def event_fact(event: dict[str, Any]) -> str:
+    """One line for a non-routine event (resumes are phrased by `history_lines`, which knows the attempts)."""
+    kind = event["event"]
+    if kind == "rollback":
+        return _rollback_fact(event)
+    if kind == "world_size_change":
+        return f"world size changed from {event.get('old', '?')} to {event.get('new', '?')} at step {event['step']}"
+    if kind == "error":
+        where = f" ({event['path']})" if "path" in event else ""
+        return f"error at step {event['step']}{where}: {_value(event.get('reason', '?'), 200)}"
+    if kind == "preempt":
+        return f"preempted ({event.get('signal', '?')}): saved step {event['step']} and stopped"
+    return _generic_fact(event)
+
+
+def history_lines(run: RunHistory) -> list[str]:
+    """'time  fact' lines in journal order: launches, where each stopped, and every non-routine event."""
+    out = []
+    for i, attempt in enumerate(run.attempts):
+        previous = run.attempts[i - 1] if i else None
+        start = attempt.start
+        if attempt.resume is None:
+            ranks = start.get("world_size")
+            on = _plural(ranks, "rank") if isinstance(ranks, int) else "? ranks"
+            out.append((start["time"], f"attempt {attempt.number} started at step {start['step']} on {on}"))
+        for event in attempt.events:
+            kind = event["event"]
+            if kind == "resume":
+                out.append((event["time"], _resume_fact(event, attempt, previous)))
+            elif kind in ENDING_EVENTS and kind != "run_end":
+                fact = _attempt_end_fact(attempt)
+                if fact and event is attempt.end:
+                    out.append((event["time"], fact))
+            elif kind == "run_end":
+                loss = event.get("last_loss")
+                out.append(
+                    (
+                        event["time"],
+                        f"finished at step {event['step']}"
+                        + (f", last loss {loss:.4f}" if isinstance(loss, (int, float)) else ""),
+                    )
+                )
+            elif kind not in ROUTINE_EVENTS:
+                out.append((event["time"], event_fact(event)))
+        if attempt.end is None and attempt is not run.attempts[-1] and attempt.last_step is not None:
+            # An old journal without attempt_end: metrics still say where it stopped.
+            out.append((start["time"], f"attempt {attempt.number} stopped after step {attempt.last_step} (killed)"))
+    return [f"{short_time(time)}  {fact}" for time, fact in out]

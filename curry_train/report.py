@@ -1,0 +1,140 @@
+"""Text for `curry-train status` and `curry-train diff`: a run's facts first, details after."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from curry_train.checkpoint.plan import human_bytes
+from curry_train.checkpoint.store import ABANDONED_PREFIX, RunDir
+from curry_train.history import RunHistory, headline, history_lines
+
+# Metrics compared by `diff` besides the train loss, when both runs have them at common steps.
+COMPARED_METRICS = ("loss", "dev_loss", "lr", "grad_norm")
+
+
+def _progress(run: RunHistory) -> str:
+    last = run.attempts[-1] if run.attempts else None
+    done = last.last_step if last is not None else None
+    total = run.total_steps
+    end = last.end if last is not None else None
+    if end is None:
+        state = "no end journaled yet: running, or killed" if last is not None else "never launched"
+    elif end["event"] == "run_end":
+        state = "finished"
+    elif end["event"] == "preempt":
+        state = "preempted; continue with +resume=latest"
+    else:
+        state = "stopped; continue with +resume=latest"
+    return f"{done if done is not None else 0} of {total if total is not None else '?'} steps done ({state})"
+
+
+def _set_aside_bytes(path: Path) -> tuple[int, int]:
+    """Count and bytes of checkpoints a rollback set aside (`.abandoned-`), which the listing leaves out."""
+    count = size = 0
+    for role_dir in (p for p in path.iterdir() if p.is_dir()):
+        for aside in role_dir.glob(f"{ABANDONED_PREFIX}*"):
+            count += 1
+            size += sum(f.stat().st_size for f in aside.rglob("*") if f.is_file())
+    return count, size
+
+
+def storage_line(run: RunHistory) -> str:
+    """Bytes in use against what the run's plan commits (its last `policy` event)."""
+    store = RunDir(run.path)
+    used = store.disk_usage()
+    text = f"storage: {human_bytes(used)} in {len(store.list())} committed checkpoints (hard links counted once)"
+    aside_count, aside_bytes = _set_aside_bytes(run.path)
+    if aside_count:
+        text += f", plus {human_bytes(aside_bytes)} in {aside_count} set aside by rollbacks"
+    policy = next((e for e in reversed(run.events) if e["event"] == "policy"), None)
+    committed = policy.get("committed_bytes") if policy else None
+    if isinstance(committed, (int, float)) and committed > 0:
+        text += f"; the plan commits {human_bytes(committed)} ({used / committed:.0%} in use)"
+    return text
+
+
+def render_status(run: RunHistory, with_history: bool = True) -> str:
+    """`curry-train status`: the headline on the first line, then progress, history and storage."""
+    store = RunDir(run.path)
+    latest = store.latest()
+    world = run.attempts[-1].start.get("world_size", "?") if run.attempts else "?"
+    lines = [
+        f"{run.name}: {headline(run)}",
+        f"  {_progress(run)}, world size {world}, latest -> {latest.relpath if latest else 'none'}",
+    ]
+    if with_history:
+        lines.append("history:")
+        lines += [f"  {line}" for line in history_lines(run)]
+    lines.append(storage_line(run))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------- diff
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}: config keys as they are typed on the command line."""
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def config_diff(a: RunHistory, b: RunHistory) -> list[tuple[str, Any, Any]]:
+    """(key, value in a, value in b) for every dotted config key that differs; a missing key shows as <absent>."""
+    fa, fb = flatten(a.config), flatten(b.config)
+    absent = "<absent>"
+    return [
+        (k, fa.get(k, absent), fb.get(k, absent))
+        for k in sorted(fa.keys() | fb.keys())
+        if fa.get(k, absent) != fb.get(k, absent)
+    ]
+
+
+def _span(steps: list[int]) -> str:
+    contiguous = steps == list(range(steps[0], steps[-1] + 1))
+    return f"steps {steps[0]}-{steps[-1]}" if contiguous else f"{len(steps)} common steps in {steps[0]}-{steps[-1]}"
+
+
+def metric_diff(a: RunHistory, b: RunHistory, key: str) -> str | None:
+    """One line comparing `key` at the steps both runs have it; None when they share none."""
+    ca, cb = a.current, b.current
+    steps = sorted(
+        s
+        for s in ca.keys() & cb.keys()
+        if isinstance(ca[s].get(key), (int, float)) and isinstance(cb[s].get(key), (int, float))
+    )
+    if not steps:
+        return None
+    differing = [s for s in steps if ca[s][key] != cb[s][key]]
+    if not differing:
+        return f"{key}: bitwise identical over {_span(steps)}"
+    first = differing[0]
+    worst = max(differing, key=lambda s: abs(ca[s][key] - cb[s][key]))
+    diff = abs(ca[worst][key] - cb[worst][key])
+    rel = diff / max(abs(ca[worst][key]), 1e-30)
+    return (
+        f"{key}: differs at {len(differing)} of {len(steps)} common steps ({_span(steps)}); first at step {first} "
+        f"({ca[first][key]:.6g} vs {cb[first][key]:.6g}); largest difference {diff:.3g} at step {worst} "
+        f"(relative {rel:.3g})"
+    )
+
+
+def render_diff(a: RunHistory, b: RunHistory) -> str:
+    """`curry-train diff`: top-line facts, then differing config keys, then the metrics at common steps."""
+    lines = [f"{b.name} {headline(b)}, {a.name} {headline(a)}"]
+    lines.append(f"  {a.name}: {_progress(a)}")
+    lines.append(f"  {b.name}: {_progress(b)}")
+    changed = config_diff(a, b)
+    lines.append(
+        f"config: {len(changed)} key{' differs' if len(changed) == 1 else 's differ'}" + (":" if changed else "")
+    )
+    width = max((len(k) for k, _, _ in changed), default=0)
+    lines += [f"  {k:<{width}}  {va!r} -> {vb!r}" for k, va, vb in changed]
+    compared = [line for key in COMPARED_METRICS if (line := metric_diff(a, b, key)) is not None]
+    lines.append("metrics at common steps:" if compared else "metrics: no common steps")
+    lines += [f"  {line}" for line in compared]
+    return "\n".join(lines)
