@@ -14,7 +14,7 @@ from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, pla
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Config, ConfigError, resolve, validate
 from curry_train.history import RunHistory, read_run
-from curry_train.journal import format_events, read_journal
+from curry_train.journal import Journal, format_events, read_journal
 from curry_train.report import render_diff, render_status
 
 
@@ -61,6 +61,40 @@ def cmd_ls(args: argparse.Namespace) -> int:
         contents = manifest.extra.get("contents", "?")
         print(f"{ckpt.relpath:<52} step {ckpt.step:>8}  {contents:<6}  {human_bytes(manifest.total_bytes):>9}{mark}")
     print(f"disk usage (hard links counted once): {human_bytes(store.disk_usage())}")
+    abandoned = store.abandoned()
+    if abandoned:
+        print(f"set aside by rollbacks (checkpoint.retention.abandoned_keep; `curry-train gc {args.run_dir}` removes):")
+        for item in abandoned:
+            print(f"  {item.relpath:<64} step {item.step:>8}  {human_bytes(item.nbytes):>9}")
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    """Remove the checkpoints that rollbacks set aside (a dry run unless --yes)."""
+    run_dir = _run_dir(args.run_dir)
+    store = RunDir(run_dir)
+    items = store.abandoned()
+    total = sum(item.nbytes for item in items)
+    for item in items:
+        print(f"{item.relpath:<64} step {item.step:>8}  {human_bytes(item.nbytes):>9}")
+    if not items:
+        print(f"{run_dir}: nothing set aside")
+        return 0
+    if not args.yes:
+        print(f"{len(items)} set-aside checkpoint(s), {human_bytes(total)}: dry run, nothing removed; add --yes")
+        return 0
+    latest = store.latest()
+    with Journal(run_dir / "journal.jsonl") as journal:
+        for item in items:
+            journal.append(
+                "delete",
+                latest.step if latest else 0,
+                role=item.role,
+                path=item.relpath,
+                bytes=store.remove_abandoned(item),
+                reason="curry-train gc: set aside by a rollback",
+            )
+    print(f"removed {len(items)} set-aside checkpoint(s), {human_bytes(total)} (hard links shared with kept ones stay)")
     return 0
 
 
@@ -147,6 +181,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "plot": cmd_plot,
     "export": cmd_export,
     "verify": cmd_verify,
+    "gc": cmd_gc,
     "plan": cmd_plan,
     "prepare": prepare.main,
 }
@@ -210,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--event", action="append", help="only these events (repeatable)")
         if name == "diff":
             p.add_argument("other_run_dir", help="the run directory to compare it with")
+        if name == "gc":
+            p.add_argument("--yes", action="store_true", help="remove them (without it: list what would go)")
     return parser
 
 

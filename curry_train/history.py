@@ -171,6 +171,8 @@ def _plural(count: int, word: str) -> str:
 
 
 def _value(value: object, limit: int = 60) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
     text = value if isinstance(value, str) else json.dumps(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -223,10 +225,14 @@ def _resume_fact(event: dict[str, Any], attempt: Attempt, previous: Attempt | No
 def _rollback_fact(event: dict[str, Any]) -> str:
     spike = event.get("spike_step", event.get("abandoned_from"))
     text = f"rolled back to step {event['step']}" + (f" from step {spike}" if spike is not None else "")
-    if "loss" in event:
+    if isinstance(event.get("loss"), float):
         text += f" (loss {_value(event['loss'])}" + (
-            f", baseline {_value(event['baseline'])})" if "baseline" in event else ")"
+            f", baseline {_value(event['baseline'])})" if isinstance(event.get("baseline"), float) else ")"
         )
+    elif event.get("request"):
+        text += f" (by request: +rollback_to={event['request']})"
+    if event.get("injected"):
+        text += " [spike injected by +debug.inject_spike_at]"
     if "skipped" in event:
         text += f"; skipped {_ranges(event['skipped'])}"
     if "optimizer_restored" in event:

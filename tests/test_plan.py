@@ -165,10 +165,11 @@ def test_7b_plan_json(tmp_path: Path) -> None:
     assert data["bytes_per_checkpoint"]["rollback"] == full
     assert 80.8e9 < full < 81.0e9  # 12 B/param: 80.86 GB, plus a few MB of extras
     assert 26.9e9 < params_only < 27.0e9  # 4 B/param
-    # 5 rollback + 3 recovery full, 3 best-K parameters-only, one full save in flight (async): 808.6 GB.
-    assert data["committed_bytes"] == 9 * full + 3 * params_only
-    assert 808e9 < data["committed_bytes"] < 809e9
-    assert data["all_full_bytes"] == 11 * full  # the "about 900 GB for 11 full checkpoints": 889.5 GB
+    # 5 rollback + 3 recovery full, 3 best-K parameters-only, 1 full set aside by a rollback (abandoned_keep), one
+    # full save in flight (async): 889.5 GB.
+    assert data["committed_bytes"] == 10 * full + 3 * params_only
+    assert 889e9 < data["committed_bytes"] < 890e9
+    assert data["all_full_bytes"] == 12 * full  # 970.4 GB
     assert data["free_bytes"] > 0 and data["fits"] == (data["committed_bytes"] <= data["free_bytes"])
     assert data["worst_case_resume_step"] == 2400
     assert data["recommendation"]["saved_bytes"] == 5 * (full - params_only)
@@ -182,7 +183,7 @@ def test_7b_text_recommends_parameters_only_rollbacks(tmp_path: Path, capsys: py
     full, params_only = data["bytes_per_checkpoint"]["recovery"], data["bytes_per_checkpoint"]["best_k"]
     assert "checkpoint.rollback_contents=params" in text
     assert f"saves {human_bytes(5 * (full - params_only))}" in text
-    assert "11 full checkpoints would be 889.5 GB" in text
+    assert "12 full checkpoints would be 970.4 GB" in text
     assert "grows from 100 to 1000 steps" in text
 
 
@@ -195,7 +196,9 @@ def test_a_short_run_budgets_only_the_checkpoints_it_can_make(
     roles = data["roles"]
     assert (roles["rollback"]["kept"], roles["recovery"]["kept"], roles["best_k"]["kept"]) == (2, 0, 2)
     full, params_only = data["bytes_per_checkpoint"]["recovery"], data["bytes_per_checkpoint"]["best_k"]
-    assert data["committed_bytes"] == 2 * full + 2 * params_only + full  # plus one full save in flight
+    # Plus one full checkpoint a rollback may set aside (abandoned_keep=1), and one full save in flight.
+    assert roles["set_aside"]["kept"] == 1
+    assert data["committed_bytes"] == 2 * full + 2 * params_only + full + full
     assert data["warnings"] == [
         "checkpoint.recovery_every=1000 exceeds train.steps=200: this run makes no recovery checkpoint"
     ]

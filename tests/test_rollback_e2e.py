@@ -8,6 +8,7 @@ newest rollback checkpoint at or before step 26 - 8 = 18, which is step 15, and 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -88,7 +89,8 @@ def full(root: Path) -> tuple[Path, Path]:
 def params(root: Path) -> tuple[Path, Path]:
     """The injected run with parameters-only rollbacks straight through, and the same run SIGKILLed once its
     rollback is saved, then resumed with +resume=latest (no full checkpoint exists at or before the target)."""
-    run_train([*RUN, *PARAMS, INJECT, "run.id=params"], root, nproc=2)
+    # wandb offline on this one: the replayed steps and the rollback must reach its charts.
+    run_train([*RUN, *PARAMS, INJECT, "run.id=params", "logger.wandb.mode=offline"], root, nproc=2)
     killed = root / "runs" / "params-killed"
     job = popen_train([*RUN, *PARAMS, INJECT, "run.id=params-killed"], root, nproc=2)
     deadline = time.monotonic() + 300
@@ -191,3 +193,51 @@ def test_a_manual_rollback_is_done_once_and_a_requeue_continues_from_latest(one_
     again = run_train(command, root, nproc=1)  # the same command, requeued
     assert "already rolled back to rollback/step-00000035.dcp" in again.stdout
     assert len(events(run_dir, "rollback")) == 1
+
+
+def wandb_history(path: Path) -> list[dict]:
+    """The rows logged to an offline wandb run: its .wandb file is a LevelDB-style log of protobuf records."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    pos, block, rows, pending = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6] if left >= 7 else 0
+        if left < 7 or kind == 0:  # block trailer or padding
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # FULL, FIRST start a record; MIDDLE, LAST continue
+        if kind in (1, 4):
+            record = pb.Record()
+            record.ParseFromString(pending)
+            if record.WhichOneof("record_type") == "history":
+                rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item})
+    return rows
+
+
+def test_wandb_shows_the_replayed_steps_and_the_rollback(params) -> None:
+    straight, _ = params
+    (run_file,) = (straight / "wandb").glob("offline-run-*/*.wandb")
+    rows = wandb_history(run_file)
+    steps = [row["step"] for row in rows if "loss" in row]
+    # Steps 1-26 (26 is the spike), then 16-40 again on the run's own x-axis: wandb would drop them on its own.
+    assert steps == [*range(1, 27), *range(16, 41)]
+    (event,) = [row for row in rows if "event/rollback" in row]
+    assert event["step"] == 15 and event["event/rollback/spike_step"] == 26
+
+
+def test_ls_shows_and_gc_removes_what_rollbacks_set_aside(full) -> None:
+    straight, _ = full
+    cli = [sys.executable, "-m", "curry_train.cli"]
+    listing = subprocess.run([*cli, "ls", str(straight)], capture_output=True, text=True, env=_env(), check=True)
+    assert "set aside by rollbacks" in listing.stdout and ".abandoned-step-00000025.dcp-" in listing.stdout
+    dry = subprocess.run([*cli, "gc", str(straight)], capture_output=True, text=True, env=_env(), check=True)
+    assert "dry run, nothing removed" in dry.stdout and list(straight.glob("*/.abandoned-*"))
+    gone = subprocess.run([*cli, "gc", str(straight), "--yes"], capture_output=True, text=True, env=_env(), check=True)
+    assert "removed 1 set-aside checkpoint(s)" in gone.stdout and not list(straight.glob("*/.abandoned-*"))
+    deletes = [e for e in events(straight, "delete") if "curry-train gc" in e["reason"]]
+    assert len(deletes) == 1 and ".abandoned-step-00000025" in deletes[0]["path"]

@@ -147,6 +147,9 @@ def evaluations(steps: int | None, eval_every: int) -> int | None:
     return 0 if eval_every <= 0 else math.ceil(steps / eval_every)
 
 
+SET_ASIDE = "set_aside"
+
+
 def role_estimates(
     size: ModelSize | int, policy: Policy, world_size: int = 1, steps: int | None = None, eval_every: int = 0
 ) -> list[RoleEstimate]:
@@ -154,6 +157,7 @@ def role_estimates(
     full = checkpoint_bytes(size, True, world_size)
     params_only = checkpoint_bytes(size, False, world_size)
     rollback_full = policy.full_rollback
+    cadences = (policy.rollback_every, policy.recovery_every)
     return [
         RoleEstimate(
             Role.ROLLBACK.value,
@@ -173,6 +177,15 @@ def role_estimates(
         ),
         RoleEstimate(
             Role.BEST_K.value, policy.best_k, "params", policy.best_k, params_only, evaluations(steps, eval_every)
+        ),
+        # A rollback sets the abandoned trajectory's checkpoints aside; the newest abandoned_keep of them stay.
+        RoleEstimate(
+            SET_ASIDE,
+            int(policy.rollback_every > 0 or policy.recovery_every > 0),
+            "full" if policy.recovery_every > 0 or rollback_full else "params",
+            policy.abandoned_keep,
+            full if policy.recovery_every > 0 or rollback_full else params_only,
+            None if steps is None else sum(checkpoints_made(e, steps) or 0 for e in cadences),
         ),
     ]
 
@@ -286,9 +299,15 @@ def crash_target(policy: Policy, step: int, async_save: bool = False) -> ResumeT
     return ResumeTarget(step, newest.step, newest.relpath, fallback)
 
 
-def spike_target(policy: Policy, step: int) -> ResumeTarget:
-    """A loss spike at ``step``: roll back to the newest rollback or recovery checkpoint strictly before it."""
-    target = rollback_target(checkpoints_before(policy, step), step - 1)
+def spike_distance(cfg: Config) -> int:
+    """How far before a spike an automatic rollback lands at least (a manual one: the step before)."""
+    return cfg.spike.window + cfg.spike.rollback_margin if cfg.spike.enabled else 1
+
+
+def spike_target(policy: Policy, step: int, before_window: int = 1) -> ResumeTarget:
+    """A loss spike seen after ``step``: roll back to the newest rollback or recovery checkpoint at least
+    ``before_window`` steps before it (automatic detection: the baseline window plus its margin)."""
+    target = rollback_target(checkpoints_before(policy, step), step - before_window)
     return ResumeTarget(step, 0, None) if target is None else ResumeTarget(step, target.step, target.relpath)
 
 
@@ -548,7 +567,7 @@ def build_plan(
         storage=measure_storage(run_dir),
         recommendation=recommend_params_rollback(policy, roles, world_size, size, steps),
         crash=None if at_step is None else crash_target(policy, at_step, async_save),
-        spike=None if at_step is None else spike_target(policy, at_step),
+        spike=None if at_step is None else spike_target(policy, at_step, spike_distance(cfg)),
         timing=timing,
         cadence=cadence(policy, timing),
     )
@@ -577,6 +596,8 @@ def storage_refusal(plan: Plan) -> str | None:
 def _cadence_label(e: RoleEstimate) -> str:
     if e.every == 0:
         return "off"
+    if e.role == SET_ASIDE:
+        return "after a rollback"
     return "on dev improvement" if e.role == Role.BEST_K.value else f"every {e.every} steps"
 
 
