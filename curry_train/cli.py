@@ -12,7 +12,7 @@ from pathlib import Path
 from curry_train import prepare
 from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, plan_json, render_plan
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, ConfigError, resolve, validate
+from curry_train.config import Config, ConfigError, compose, resolve, validate
 from curry_train.history import RunHistory, read_run
 from curry_train.journal import Journal, format_events, read_journal
 from curry_train.report import render_diff, render_status
@@ -131,29 +131,29 @@ def cmd_verify(args: argparse.Namespace) -> int:
         problems = store.verify(ckpt)
         bad += bool(problems)
         print(f"{ckpt.relpath}: " + ("ok" if not problems else "; ".join(problems)))
+    for path in store.unreadable():
+        bad += 1
+        print(f"{path.relative_to(store.path)}: no manifest.json: never committed or damaged; never resumed")
+    dangling = store.dangling_latest()
+    if dangling is not None:
+        bad += 1
+        print(f"latest: names {dangling}, which is not a committed checkpoint (the next start repairs the link)")
     return 1 if bad else 0
 
 
 def compose_config(overrides: list[str]) -> tuple[Config, Path]:
     """The resolved config and run directory that training would use with the same overrides."""
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("curry_train.conf", version_base="1.3"):
-        cfg, _resume = resolve(compose("config", overrides=overrides))
+    cfg, _launch = resolve(compose(overrides))
     return cfg, Path(cfg.run.root) / str(cfg.run.id)
 
 
 def _config_error(err: Exception) -> int:
-    # Hydra's message says which override failed; its cause says why (unknown key, wrong type).
-    cause = f" ({err.__cause__})" if err.__cause__ is not None and str(err.__cause__) not in str(err) else ""
-    print(f"curry-train: invalid config: {err}{cause}", file=sys.stderr)
+    print(f"curry-train: invalid config: {err}", file=sys.stderr)
     return 2
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Storage, worst-case resume point and a recommended cadence for a config, before a run starts."""
-    from hydra.errors import ConfigCompositionException
-
     try:
         cfg, run_dir = compose_config(args.overrides)
         validate(cfg, args.world_size)
@@ -167,7 +167,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             step_seconds=args.step_seconds,
             mtbf_hours=args.mtbf_hours,
         )
-    except (ConfigCompositionException, ConfigError) as err:
+    except ConfigError as err:
         return _config_error(err)
     print(json.dumps(plan_json(plan), indent=2) if args.json else render_plan(plan))
     return 0

@@ -7,8 +7,11 @@ at composition, before any process group, data or model is touched. Checks that 
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
@@ -149,6 +152,8 @@ class CheckpointConfig:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     async_save: bool = False
     check_storage: bool = True  # refuse to start when the committed storage does not fit the free space
+    save_final: bool = True  # the last step is always saved with full state, so run_end names a checkpoint
+    preempt_grace_s: float = 30.0  # seconds between the preemption signal and the kill (torchrun's default)
 
     def __post_init__(self) -> None:
         _one_of(self.best_k_direction, "checkpoint.best_k_direction", ("minimize", "maximize"))
@@ -248,6 +253,19 @@ class RunConfig:
     # same run directory after a crash without the user naming it.
     id: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.id is not None:
+            _require(
+                bool(self.id)
+                and "/" not in self.id
+                and "\\" not in self.id
+                and self.id not in (".", "..")
+                and not self.id.startswith("."),
+                "run.id",
+                f"{self.id!r} must be one directory name under run.root: no path separator, not '.', '..' or a "
+                "name starting with '.'",
+            )
+
 
 @dataclass
 class Config:
@@ -340,6 +358,88 @@ class Launch:
     inject_lr_scale: float = 1000.0  # +debug.inject_lr_scale=X
 
 
+CONFIG_MODULE = "curry_train.conf"
+
+
+def schema_keys(node: type = None, prefix: str = "") -> set[str]:  # type: ignore[assignment]
+    """Every dotted key the schema has, groups included (`checkpoint`, `checkpoint.retention.rollback_keep`, ...)."""
+    keys: set[str] = set()
+    for f in dataclasses.fields(node or Config):
+        key = f"{prefix}{f.name}"
+        keys.add(key)
+        kind = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+        if dataclasses.is_dataclass(kind):
+            keys |= schema_keys(kind, f"{key}.")
+    return keys
+
+
+def _nearest(key: str) -> str:
+    close = difflib.get_close_matches(key, sorted(schema_keys()), n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _unknown_key(key: str) -> str:
+    parent = key.rsplit(".", 1)[0] if "." in key else ""
+    siblings = (
+        sorted(
+            k.rsplit(".", 1)[-1] for k in schema_keys() if k.startswith(f"{parent}.") and k.count(".") == key.count(".")
+        )
+        if parent
+        else []
+    )
+    listing = f" (keys of {parent}: {', '.join(siblings)})" if siblings else ""
+    return f"{key}: no such key{_nearest(key)}{listing}"
+
+
+def check_known_keys(raw: DictConfig) -> None:
+    """Refuse keys the schema lacks, `+` additions included: Hydra lets `+group.key=...` add any key, and a typo
+    added that way would otherwise be ignored without a word."""
+    known = schema_keys()
+
+    def walk(node: object, prefix: str) -> None:
+        if not isinstance(node, dict):
+            return
+        for name, value in node.items():
+            key = f"{prefix}{name}"
+            if not prefix and name in (*LAUNCH_KEYS, "hydra"):
+                continue
+            if key not in known:
+                raise ConfigError(
+                    _unknown_key(key) + "; the only keys added with '+' are +resume, +rollback_to and +debug.*"
+                )
+            walk(value, f"{key}.")
+
+    walk(OmegaConf.to_container(raw, resolve=False), "")
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The config training composes from command-line `overrides`; Hydra's errors become one-line ConfigErrors
+    that name the key, the nearest valid key and the allowed values."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            return hydra_compose("config", overrides=overrides)
+    except HydraException as err:
+        raise ConfigError(explain_hydra_error(err)) from None
+
+
+def explain_hydra_error(err: Exception) -> str:
+    cause = str(err.__cause__ or "")
+    full_key = re.search(r"full_key: (\S+)", cause)
+    missing_option = re.search(r"Could not find '([^/']+)/([^']+)'", str(err))
+    if missing_option:
+        options = re.findall(r"^\t(\S+)$", str(err).split("Config search path")[0], flags=re.M)
+        return f"{missing_option[1]}={missing_option[2]}: no such option; available: {', '.join(options)}"
+    if full_key and ("not in" in cause):
+        return _unknown_key(full_key[1])
+    if full_key:
+        return f"{full_key[1]}: {cause.splitlines()[0]}"
+    return str(err).splitlines()[0]
+
+
 def _launch_of(options: dict) -> Launch:
     debug = options.get("debug") or {}
     unknown = sorted(set(debug) - {"inject_spike_at", "inject_lr_scale"})
@@ -377,6 +477,7 @@ def resolve(raw: DictConfig) -> tuple[Config, Launch]:
         options = {key: raw.pop(key, None) for key in LAUNCH_KEYS}
     options = {k: OmegaConf.to_container(v) if isinstance(v, DictConfig) else v for k, v in options.items()}
     launch = _launch_of(options)
+    check_known_keys(raw)
     if raw.run.id is None:
         raw.run.id = default_run_id(raw)
     cfg = OmegaConf.to_object(raw)

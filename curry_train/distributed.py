@@ -7,6 +7,7 @@ One code path for every launch: `python -m curry_train.train` runs as a world of
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,25 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+def die_with_launcher() -> None:
+    """Under torchrun, have the kernel SIGKILL this worker when its launcher dies.
+
+    torchrun starts each worker in a session of its own, so a SIGKILL of torchrun (or of its process group) would
+    leave the workers training and saving for minutes, beside the `+resume=latest` that replaces them. SIGKILL,
+    not SIGTERM: with the launcher gone there is no job to save for, and an interrupted save is never visible.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGKILL))
+    if os.getppid() != parent:  # the launcher died before the request took effect
+        os._exit(1)
 
 
 def pick_device(preference: str) -> torch.device:
@@ -75,10 +95,11 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> nn
 
 
 @torch.no_grad()
-def materialize(model: Transformer, cfg: ModelConfig, device: torch.device, seed: int) -> None:
-    """Allocate the sharded parameters on `device` and fill each rank's shard of the initial values."""
+def materialize(model: Transformer, cfg: ModelConfig, device: torch.device, seed: int, initialize: bool = True) -> None:
+    """Allocate the sharded parameters on `device` and fill each rank's shard of the initial values (not when a
+    resume is about to overwrite every one of them: drawing 7B initial values takes minutes)."""
     model.to_empty(device=device)
-    for name, param in model.named_parameters():
+    for name, param in model.named_parameters() if initialize else ():
         full = init_value(name, param.shape, cfg, seed)
         if isinstance(param, DTensor):
             local = param.to_local()

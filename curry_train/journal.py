@@ -22,6 +22,7 @@ EVENTS: frozenset[str] = frozenset(
         "resume",
         "rollback",
         "spike_injected",
+        "resume_fallback",
         "latest",
         "preempt",
         "world_size_change",

@@ -2,26 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import socket
+import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from curry_train import distributed, spike
+from curry_train import distributed, failures, spike
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan import build_plan, model_size, plan_json, policy_of, render_plan, storage_refusal
 from curry_train.checkpoint.policy import Policy, Role, roles_due
-from curry_train.checkpoint.preemption import Preemption, save_on_preemption
+from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
 from curry_train.checkpoint.resume import ResumeError, ResumePoint, SpikeError, Trainee, agree
 from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
-from curry_train.checkpoint.store import RunDir, fsync_dir
+from curry_train.checkpoint.store import RunDir, RunLock, fsync_dir
 from curry_train.config import Config, ConfigError, Launch, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
 from curry_train.history import end_unfinished_attempt
@@ -112,12 +118,13 @@ def evaluate(model: nn.Module, batches: list[dict], device: torch.device) -> flo
     return distributed.all_reduce_mean([total.item() / len(batches)], device)[0]
 
 
-def build_sharded_model(cfg: Config, env: distributed.Dist) -> tuple[Transformer, int]:
-    """The model on meta, sharded, then materialised: no rank ever holds the whole unsharded model."""
+def build_sharded_model(cfg: Config, env: distributed.Dist, initialize: bool = True) -> tuple[Transformer, int]:
+    """The model on meta, sharded, then materialised: no rank ever holds the whole unsharded model. Without
+    `initialize` the parameters are left as allocated, for a resume that loads every one of them."""
     model = build_model(cfg.model)
     n_params = count_params(model)
     distributed.shard_model(model, env.mesh, use_bf16(cfg, env.device))
-    distributed.materialize(model, cfg.model, env.device, cfg.train.seed)
+    distributed.materialize(model, cfg.model, env.device, cfg.train.seed, initialize)
     return model, n_params
 
 
@@ -130,32 +137,49 @@ class Run:
     plan: Any
     journal: Journal
     log: MetricsLogger
+    lock: RunLock | None  # rank 0's, held until the launch ends
 
 
 def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) -> Run:
-    """Tidy the run directory, decide where to resume and check the storage plan before writing anything new, then
-    open journal and metrics."""
+    """Take the run directory (one writer), tidy it, decide where to resume and check the storage plan before
+    writing anything new, then open journal and metrics. A refusal leaves nothing behind."""
+    group = env.checkpoint_group
     store = RunDir(run_dir)
-    # Opened lazily: a refused start creates nothing.
+    lock = RunLock(run_dir)
+    created = agree(_try(take_run_dir, run_dir, lock) if env.is_main else None, group)
+    # Opened lazily: a refused start writes nothing to it.
     journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
-    agree(_try(resuming.clean_run_dir, store, journal) if env.is_main else None, env.checkpoint_group)
-    point = agree(_try(resuming.find_resume_point, launch, store) if env.is_main else None, env.checkpoint_group)
-    # The plan comes from the config alone (the model on meta): a policy that does not fit the disk refuses to
-    # start and leaves nothing behind.
-    plan = agree(
-        _try(build_plan, cfg, model_size(cfg.model), env.world_size, run_dir) if env.is_main else None,
-        env.checkpoint_group,
-    )
-    refusal = storage_refusal(plan)
-    if refusal is not None:
-        if env.is_main:
-            print(render_plan(plan), flush=True)
-        raise ConfigError(f"checkpoint.check_storage: {refusal}")
+    try:
+        check_shared(run_dir, env)
+        warnings = agree(_try(resuming.clean_run_dir, store, journal) if env.is_main else None, group)
+        for warning in warnings if env.is_main else []:
+            print(f"curry-train: WARNING: {warning}", file=sys.stderr, flush=True)
+        point = agree(_try(resuming.find_resume_point, launch, store) if env.is_main else None, group)
+        if point is not None:
+            say = (lambda line: print(line, file=sys.stderr, flush=True)) if env.is_main else (lambda line: None)
+            point = resuming.choose_verified(point, group, store, journal, say)
+            shapes = parameter_shapes(cfg)
+            agree(_try(resuming.check_shapes, point.path, shapes) if env.is_main else None, group)
+        # The plan comes from the config alone (the model on meta): a policy that does not fit the disk refuses
+        # to start.
+        plan = agree(
+            _try(build_plan, cfg, model_size(cfg.model), env.world_size, run_dir) if env.is_main else None, group
+        )
+        refusal = storage_refusal(plan)
+        if refusal is not None:
+            if env.is_main:
+                print(render_plan(plan), flush=True)
+            raise ConfigError(f"checkpoint.check_storage: {refusal}")
+    except Exception:
+        if env.is_main and created:  # what this launch created, it removes: a refused start leaves nothing
+            lock.release()
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     if env.is_main:
-        make_durable_dir(run_dir)
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
     attempt = count_launches(journal.path) if env.is_main else 0
-    end_unfinished_attempt(journal, run_dir)  # where a killed previous launch stopped, before this run_start
+    if env.is_main:
+        end_unfinished_attempt(journal, run_dir)  # where a killed previous launch stopped, before this run_start
     log = MetricsLogger(
         run_dir,
         cfg.logger,
@@ -170,11 +194,60 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
         point.step if point else 0,
         attempt=attempt,
         world_size=env.world_size,
+        num_workers=cfg.data.num_workers,
         resume=launch.resume,
         rollback_to=launch.rollback_to,
         config=asdict(cfg),
     )
-    return Run(run_dir, point, plan, journal, log)
+    return Run(run_dir, point, plan, journal, log, lock if env.is_main else None)
+
+
+def take_run_dir(run_dir: Path, lock: RunLock) -> bool:
+    """Create the run directory if needed and take its lock (rank 0); returns whether it was created."""
+    created = not run_dir.exists()
+    try:
+        make_durable_dir(run_dir)
+        holder = lock.acquire()
+    except OSError as err:
+        raise ConfigError(f"run.root: cannot write the run directory {run_dir} ({failures.one_line(err)})") from None
+    if holder is not None:
+        raise ConfigError(
+            f"run.id: run directory {run_dir} is in use by another launch ({holder}); wait for it to end, stop it, "
+            "or start another run with run.id=NAME"
+        )
+    return created
+
+
+def check_shared(run_dir: Path, env: distributed.Dist) -> None:
+    """Every rank must see the run directory rank 0 writes: checkpoints are committed by rank 0 from what the
+    others wrote there. A `run.root` on each node's local disk would commit checkpoints without their shards."""
+    if env.world_size == 1:
+        return
+    probe = agree(_try(write_probe, run_dir) if env.is_main else None, env.checkpoint_group)
+    seen = (run_dir / probe[0]).is_file() and (run_dir / probe[0]).read_text() == probe[1]
+    everyone: list[Any] = [None] * env.world_size
+    dist.all_gather_object(everyone, (seen, socket.gethostname()), group=env.checkpoint_group)
+    if env.is_main:
+        (run_dir / probe[0]).unlink(missing_ok=True)
+    blind = [(rank, host) for rank, (ok, host) in enumerate(everyone) if not ok]
+    if blind:
+        rank, host = blind[0]
+        raise ConfigError(
+            f"run.root: rank {rank} on {host} does not see the run directory {run_dir.absolute()} that rank 0 "
+            f"writes ({len(blind)} rank(s) in all): put run.root on a filesystem every node shares"
+        )
+
+
+def write_probe(run_dir: Path) -> tuple[str, str]:
+    token = uuid.uuid4().hex
+    name = f".probe-{token[:8]}"
+    (run_dir / name).write_text(token)
+    return name, token
+
+
+def parameter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
+    """The global shape of every parameter of the configured model (built on meta: nothing allocated)."""
+    return {name: tuple(p.shape) for name, p in build_model(cfg.model).named_parameters()}
 
 
 def make_durable_dir(path: Path) -> None:
@@ -212,10 +285,12 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
             log.print(f"curry-train: run {run_dir} already finished ({point.step} of {t.steps} steps); nothing to do")
             log.close()
             journal.close()
+            if run.lock is not None:
+                run.lock.release()
             return TrainResult(run_dir, point.step, None, None)
 
     corpus = load_checked_corpus(cfg)
-    model, n_params = build_sharded_model(cfg, env)
+    model, n_params = build_sharded_model(cfg, env, initialize=point is None)
     optimizer = build_optimizer(model, cfg.optimizer)
     log.print(
         f"curry-train: model {cfg.model.name} with {n_params:,} parameters ({n_params:.3g}), "
@@ -295,11 +370,14 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
             save_on_preemption(ckpt, policy, done, state, preemption, log.print)
             break
 
+    final_step = progress.step
+    if final_step == t.steps and cfg.checkpoint.save_final:
+        ensure_full_save(ckpt, policy, final_step, state)  # so run_end names an exact-resume checkpoint
     ckpt.wait()
     preemption.uninstall()
-    final_step = progress.step
     if final_step == t.steps:
-        journal.append("run_end", final_step, last_loss=last_loss)
+        latest = ckpt.store.latest() if env.is_main else None
+        journal.append("run_end", final_step, last_loss=last_loss, checkpoint=latest.relpath if latest else None)
     if first_loss is not None:
         log.print(
             f"curry-train: {'finished' if final_step == t.steps else 'stopped after'} {final_step} steps; "
@@ -308,6 +386,8 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         )
     log.close()
     journal.close()
+    if run.lock is not None:
+        run.lock.release()
     return TrainResult(run_dir, final_step, first_loss, last_loss)
 
 
@@ -337,3 +417,14 @@ def _try(fn: Any, *args: Any) -> Any:
         return fn(*args)
     except Exception as err:
         return err
+
+
+def journal_failure(run_dir: Path, rank: int, line: str) -> None:
+    """Journal a failure from whichever rank had it (the run's journal may be rank 0's, but rank 0 may be gone)."""
+    path = run_dir / "journal.jsonl"
+    if not path.exists():
+        return
+    with contextlib.suppress(OSError, ValueError):
+        records = read_journal(path)
+        with Journal(path) as journal:
+            journal.append("error", int(records[-1]["step"]) if records else 0, rank=rank, reason=line)

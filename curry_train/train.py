@@ -1,45 +1,90 @@
 """Entry point: `python -m curry_train.train [overrides]` or `torchrun ... -m curry_train.train [overrides]`.
 
-Thin on purpose: compose and validate the config, set up the process group, call `loop.train`.
+Thin on purpose: compose and validate the config, set up the process group, call `loop.train`; and when something
+fails, say so in one line with an exit status that tells which kind of failure it was (see `failures.py`).
 """
 
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
-import hydra
-from omegaconf import DictConfig
-
-from curry_train import distributed, loop
-from curry_train.checkpoint.resume import SPIKE_EXIT_STATUS
-from curry_train.config import ConfigError, resolve
+from curry_train import distributed, failures, loop
+from curry_train.checkpoint.preemption import StopNow
+from curry_train.checkpoint.resume import ResumeError, SpikeError
+from curry_train.config import ConfigError, compose, resolve
 from curry_train.data import check_data
 
+USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...] [+resume=latest|auto|PATH]
+       torchrun --nproc_per_node=N -m curry_train.train ...
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
-def main(raw: DictConfig) -> None:
+  group=option      model=tiny|small|1b|7b  data=stdlib|text|tokens  checkpoint=default|7b_default ...
+  key=value         any config key, e.g. train.steps=500 checkpoint.rollback_every=50 spike.enabled=true
+  +resume=latest    continue this run (auto: or start fresh when there is nothing to continue)
+  +rollback_to=PATH roll this run back to one of its checkpoints (once; a requeue continues from latest)
+
+Exit status: 0 done (or stopped after a preemption save), 1 failure while training (traceback in
+<run>/failures.log), 2 refused before anything changed (config, data, resume, a run directory in use),
+3 a loss spike the run could not roll back from. See README.md."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(args):
+        print(USAGE)
+        return
     try:
-        cfg, launch = resolve(raw)
+        cfg, launch = resolve(compose(args))
         # Before the process group: a missing or misread data file exits 2 here, naming the key or the file.
         check_data(cfg.data, cfg.model.vocab_size)
     except ConfigError as err:
-        print(f"curry-train: invalid config: {err}", file=sys.stderr)
-        sys.exit(2)
+        _exit(f"invalid config: {err}", failures.EXIT_REFUSED)
+    distributed.die_with_launcher()
     env = distributed.init_distributed(cfg.train.device)
+    run_dir = Path(cfg.run.root) / str(cfg.run.id)
     try:
-        loop.train(cfg, Path(cfg.run.root) / str(cfg.run.id), env, launch)
+        loop.train(cfg, run_dir, env, launch)
     except ConfigError as err:
-        print(f"curry-train: invalid config: {err}", file=sys.stderr)
-        sys.exit(2)
-    except loop.ResumeError as err:
-        print(f"curry-train: cannot resume: {err}", file=sys.stderr)
-        sys.exit(2)
-    except loop.SpikeError as err:
-        print(f"curry-train: stopped on a loss spike: {err}", file=sys.stderr)
-        sys.exit(SPIKE_EXIT_STATUS)
-    finally:
-        distributed.shutdown()
+        _exit(f"invalid config: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
+    except ResumeError as err:
+        _exit(f"cannot resume: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
+    except SpikeError as err:
+        _exit(f"stopped on a loss spike: {err}", failures.EXIT_SPIKE, quiet=env.rank != 0)
+    except StopNow as err:
+        _exit(
+            f"{err}; the last committed checkpoint is intact (+resume=latest)",
+            failures.EXIT_FAILURE,
+            quiet=env.rank != 0,
+        )
+    except Exception as err:
+        # A failure of this rank, or of another that this rank noticed: one line, the traceback in the run
+        # directory. No orderly shutdown of the process group: it would wait for ranks that may be gone.
+        if failures.is_peer_failure(err):
+            line = f"rank {env.rank} stopped: another rank failed ({failures.one_line(err)})"
+            failures.record(err, env.rank, run_dir, line)
+            _exit(line, failures.EXIT_FAILURE, quiet=env.world_size > 1)
+        line = f"rank {env.rank} failed: {failures.one_line(err)}"
+        log = failures.record(err, env.rank, run_dir, line)
+        loop.journal_failure(run_dir, env.rank, line)
+        _exit(line + (f"; traceback in {log}" if log else ""), failures.EXIT_FAILURE)
+    distributed.shutdown()
+
+
+def _exit(line: str, status: int, quiet: bool = False) -> None:
+    if not quiet:
+        print(f"curry-train: {line}", file=sys.stderr, flush=True)
+    if quiet:
+        # Later than rank 0 by a whole second (torchrun's error timestamps are in seconds), so that torchrun's
+        # report names rank 0's line as the root cause.
+        time.sleep(1.0)
+    failures.tell_torchrun(f"curry-train: {line}" if not quiet else "curry-train: stopped with rank 0 (see its line)")
+    sys.stdout.flush()
+    # os._exit, not sys.exit: after a failure, process-group and loader-worker teardown can wait on peers that are
+    # gone; everything this launch must keep (journal, metrics, checkpoints) is already durable.
+    import os
+
+    os._exit(status)
 
 
 if __name__ == "__main__":

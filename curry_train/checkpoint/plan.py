@@ -491,6 +491,8 @@ class Plan:
     spike: ResumeTarget | None
     timing: Timing
     cadence: Cadence | None
+    preempt_grace_s: float = 30.0
+    full_save_seconds: float | None = None  # measured in this run's journal: a whole full save, until committed
 
     @property
     def all_full(self) -> int:
@@ -509,6 +511,12 @@ class Plan:
         full_roles = [e for e in self.roles if e.contents == "full" and e.every > 0 and e.role != Role.BEST_K.value]
         if self.steps > 0 and not any(e.makes for e in full_roles):
             out.append("no checkpoint with full state within the run: a crash restarts it from step 0")
+        if self.full_save_seconds is not None and self.full_save_seconds > self.preempt_grace_s:
+            out.append(
+                f"a full save took {self.full_save_seconds:.0f} s in this run, more than "
+                f"checkpoint.preempt_grace_s={self.preempt_grace_s:g}: a preemption save would be killed before it "
+                "commits; raise torchrun's --shutdown-timeout and SLURM's --signal lead time, then preempt_grace_s"
+            )
         return out
 
 
@@ -516,7 +524,12 @@ _EVERY_KEY = {Role.ROLLBACK.value: "rollback_every", Role.RECOVERY.value: "recov
 
 
 def recommend_params_rollback(
-    policy: Policy, roles: list[RoleEstimate], world_size: int, size: ModelSize, steps: int | None = None
+    policy: Policy,
+    roles: list[RoleEstimate],
+    world_size: int,
+    size: ModelSize,
+    steps: int | None = None,
+    eval_every: int = 0,
 ) -> Recommendation | None:
     """When a full checkpoint is large and rollbacks hold full state: the saving of parameters-only rollbacks."""
     full = checkpoint_bytes(size, True, world_size)
@@ -525,7 +538,7 @@ def recommend_params_rollback(
     if policy.rollback_every == 0:
         return None
     lighter = Policy(**{**asdict(policy), "rollback_contents": RollbackContents.PARAMS})
-    after = role_estimates(size, lighter, world_size, steps, roles[2].makes or 0)
+    after = role_estimates(size, lighter, world_size, steps, eval_every)
     before_cadence, after_cadence = exact_resume_cadence(policy), exact_resume_cadence(lighter)
     return Recommendation(
         saved_bytes=committed_bytes(roles) - committed_bytes(after),
@@ -565,11 +578,13 @@ def build_plan(
         in_flight=in_flight_bytes(roles),
         committed=committed_bytes(roles),
         storage=measure_storage(run_dir),
-        recommendation=recommend_params_rollback(policy, roles, world_size, size, steps),
+        recommendation=recommend_params_rollback(policy, roles, world_size, size, steps, cfg.train.eval_every),
         crash=None if at_step is None else crash_target(policy, at_step, async_save),
         spike=None if at_step is None else spike_target(policy, at_step, spike_distance(cfg)),
         timing=timing,
         cadence=cadence(policy, timing),
+        preempt_grace_s=cfg.checkpoint.preempt_grace_s,
+        full_save_seconds=(measured_save_seconds(run_dir, async_save=False) or (None,))[0],
     )
 
 

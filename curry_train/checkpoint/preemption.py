@@ -10,17 +10,25 @@ from curry_train.checkpoint.policy import Policy, Role, roles_due
 from curry_train.checkpoint.state import Contents
 
 
-class Preemption:
-    """SIGTERM (what schedulers and torchrun send before killing) and SIGUSR1 (SLURM's `--signal` warning) ask
-    the run to finish its step, save a full checkpoint and stop, instead of dying mid-step."""
+class StopNow(KeyboardInterrupt):
+    """A second stop signal: stop at once, without the save the first one asked for."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+class Preemption:
+    """SIGTERM (what schedulers and torchrun send before killing), SIGUSR1 (SLURM's `--signal` warning) and SIGINT
+    (Ctrl-C) ask the run to finish its step, save a full checkpoint and stop, instead of dying mid-step. A second
+    signal stops at once: the last committed checkpoint is intact, a save cut short is never visible."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None:
+            self.uninstall()
+            raise StopNow(f"{signal.Signals(signum).name} received twice: stopped at once")
         self.received = signum
 
     @property
@@ -32,6 +40,18 @@ class Preemption:
             signal.signal(sig, handler)
 
 
+def ensure_full_save(ckpt: Checkpointer, policy: Policy, step: int, state: Callable[[Contents], dict]) -> None:
+    """A full checkpoint of `step`, unless the cadence already saved one (in flight or committed: then finishing it
+    is enough)."""
+    due = roles_due(policy, step)
+    full_rollback = policy.rollback_every > 0 and policy.full_rollback
+    if not (Role.RECOVERY in due or (Role.ROLLBACK in due and full_rollback)):
+        # Saved under a role whose retention will delete it in due course; with both cadences off it is a
+        # recovery checkpoint that stays until removed by hand.
+        role = Role.ROLLBACK if full_rollback and policy.recovery_every == 0 else Role.RECOVERY
+        ckpt.save(step, [role], Contents.FULL, state(Contents.FULL))
+
+
 def save_on_preemption(
     ckpt: Checkpointer,
     policy: Policy,
@@ -41,13 +61,7 @@ def save_on_preemption(
     say: Callable[[str], None],
 ) -> None:
     """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
-    due = roles_due(policy, step)
-    full_rollback = policy.rollback_every > 0 and policy.full_rollback
-    if not (Role.RECOVERY in due or (Role.ROLLBACK in due and full_rollback)):
-        # Saved under a role whose retention will delete it in due course; with both cadences off it is a
-        # recovery checkpoint that stays until removed by hand.
-        role = Role.ROLLBACK if full_rollback and policy.recovery_every == 0 else Role.RECOVERY
-        ckpt.save(step, [role], Contents.FULL, state(Contents.FULL))
+    ensure_full_save(ckpt, policy, step, state)
     ckpt.wait()
     name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
     ckpt.journal.append("preempt", step, signal=name)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch.distributed as dist
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Checkpoint, Role, abandoned_by_rollback, rollback_target, skipped_range
 from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress
-from curry_train.checkpoint.store import Manifest, RunDir
+from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir, check_file
 from curry_train.config import Launch, SpikeConfig
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import read_metrics
@@ -35,9 +35,6 @@ class SpikeError(RuntimeError):
     """A loss spike the run cannot roll back from (no checkpoint early enough, or too many rollbacks): exit 3."""
 
 
-SPIKE_EXIT_STATUS = 3
-
-
 @dataclass
 class ResumePoint:
     path: Path
@@ -46,6 +43,7 @@ class ResumePoint:
     world_size: int
     rollback_to: str | None = None  # a rollback of this run to its checkpoint at this relpath (one-shot)
     note: str | None = None  # what the launch should tell the user about how this point was chosen
+    fallbacks: list[Path] = field(default_factory=list)  # +resume=latest|auto: older full checkpoints, newest first
 
 
 @dataclass
@@ -62,12 +60,13 @@ class Trainee:
 # ------------------------------------------------------------------------------------------ where to resume
 
 
-def clean_run_dir(store: RunDir, journal: Journal) -> None:
+def clean_run_dir(store: RunDir, journal: Journal) -> list[str]:
     """At start (rank 0), before the resume point is chosen: finish a rollback a crash cut short, remove what
     interrupted saves left, and point `latest` at the newest full checkpoint if a crash came between a commit and
     the swap of the link."""
     if not store.path.is_dir():
-        return
+        return []
+    warnings = []
     interrupted = store.finish_interrupted_rollback()
     if interrupted is not None:
         target, moved = interrupted
@@ -78,6 +77,15 @@ def clean_run_dir(store: RunDir, journal: Journal) -> None:
             set_aside=[str(p.relative_to(store.path)) for p in moved],
             reason="finished a rollback that a crash had cut short",
         )
+    for path in store.unreadable():
+        warnings.append(f"{path} is named like a checkpoint but has no manifest.json: it is never resumed")
+        journal.append(
+            "error",
+            0,
+            path=str(path.relative_to(store.path)),
+            reason="named like a checkpoint but has no manifest.json (never committed, or damaged): never resumed",
+        )
+    dangling = store.dangling_latest()
     latest = store.latest()
     for path in store.clean_leftovers():
         journal.append(
@@ -89,12 +97,15 @@ def clean_run_dir(store: RunDir, journal: Journal) -> None:
     latest, newest = store.latest(), store.newest_full()
     if newest is not None and (latest is None or newest.step > latest.step):
         store.set_latest(newest)
-        journal.append(
-            "latest",
-            newest.step,
-            path=newest.relpath,
-            reason="the newest full checkpoint was committed but not yet linked",
+        why = (
+            f"`latest` named {dangling}, which is not a committed checkpoint"
+            if dangling
+            else "the newest full checkpoint was committed but not yet linked"
         )
+        journal.append("latest", newest.step, path=newest.relpath, reason=why)
+        if dangling:
+            warnings.append(f"{why}; it now names {newest.relpath}")
+    return warnings
 
 
 def _point(path: Path, **fields: Any) -> ResumePoint:
@@ -177,7 +188,83 @@ def _latest_point(store: RunDir, request: str) -> ResumePoint | None:
             f"+resume=latest: run directory {store.path} has no committed checkpoint with full state to resume "
             "from; start without +resume, or use +resume=auto to start fresh when there is none"
         )
-    return _point(store.path_of(latest))
+    older = [c for c in store.list() if c.role is not Role.BEST_K and c.step <= latest.step and c != latest]
+    full = [c for c in older if store.manifest(c).extra.get("contents") == Contents.FULL.value]
+    full.sort(key=lambda c: (c.step, c.role is Role.RECOVERY), reverse=True)
+    return _point(store.path_of(latest), fallbacks=[store.path_of(c) for c in full])
+
+
+# -------------------------------------------------------------------------------------------- verification
+
+
+def verify_everywhere(path: Path, group: dist.ProcessGroup) -> list[str]:
+    """Check a checkpoint's files against its manifest before loading it: sizes and crc32, each rank a share of
+    the files (so a large checkpoint is read in parallel), every rank gets every problem."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    try:
+        manifest = Manifest.read(path)
+        names = sorted(manifest.files)
+        mine = [problem for rel in names[rank::world] if (problem := check_file(path, rel, manifest.files[rel]))]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        mine = [f"{MANIFEST}: unreadable ({type(err).__name__}: {err})"]
+    gathered: list[list[str]] = [[] for _ in range(world)]
+    dist.all_gather_object(gathered, mine, group=group)
+    return sorted({problem for part in gathered for problem in part})
+
+
+def choose_verified(
+    point: ResumePoint, ckpt_group: dist.ProcessGroup, store: RunDir, journal: Journal, say: Callable[[str], None]
+) -> ResumePoint:
+    """The first of `point` and its fallbacks whose files match their manifest. A damaged checkpoint named by
+    +resume=PATH (no fallbacks) is an error; +resume=latest falls back, with a warning and a journal line."""
+    candidates = [point.path, *point.fallbacks]
+    for number, path in enumerate(candidates):
+        problems = verify_everywhere(path, ckpt_group)
+        if not problems:
+            chosen = point if number == 0 else _point(path)
+            return chosen
+        relpath = relpath_in(store, path)
+        where = f"{relpath}: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else "")
+        if not point.fallbacks or point.rollback_to is not None:
+            raise ResumeError(f"checkpoint {where}; run `curry-train verify {store.path}` to see every problem")
+        following = relpath_in(store, candidates[number + 1]) if number + 1 < len(candidates) else None
+        say(f"curry-train: WARNING: checkpoint {where}; " + (f"falling back to {following}" if following else ""))
+        journal.append(
+            "resume_fallback",
+            int(Manifest.read(path).step) if (path / MANIFEST).is_file() else 0,
+            path=relpath,
+            problems=problems[:10],
+            fallback=following,
+        )
+    raise ResumeError(
+        f"no checkpoint of {store.path} passed verification (every full checkpoint has damaged files); run "
+        f"`curry-train verify {store.path}`"
+    )
+
+
+def check_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
+    """Before loading: the checkpoint's parameters have the shapes of this model (read from DCP's metadata, no
+    tensor loaded), or one line naming the first tensor that differs and both shapes."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    saved = {
+        key.removeprefix("model."): tuple(meta.size)
+        for key, meta in metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
+    for name, shape in expected.items():
+        if name not in saved:
+            raise ResumeError(f"checkpoint {path} has no tensor {name} that this model has: it is another model")
+        if saved[name] != shape:
+            raise ResumeError(
+                f"checkpoint {path} does not fit this model: {name} is {list(saved[name])} in the checkpoint and "
+                f"{list(shape)} here; resume with the model config the checkpoint was trained with"
+            )
+    extra = sorted(set(saved) - set(expected))
+    if extra:
+        raise ResumeError(f"checkpoint {path} has tensors this model lacks ({extra[0]}, ...): it is another model")
 
 
 # ------------------------------------------------------------------------------------------------- loading

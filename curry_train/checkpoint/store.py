@@ -233,6 +233,51 @@ def _checksum_tree(root: Path, known: dict[str, FileEntry] | None = None) -> dic
     return entries
 
 
+# --------------------------------------------------------------------------------------------- one writer
+
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """An advisory lock on the run directory, held by rank 0 for the life of a launch: one writer per run.
+
+    `flock` locks belong to the open file: the kernel drops them when the holder dies, however it dies, so the
+    lock of a killed launch never blocks its resume. The file records who holds it, for the message of a second
+    launch.
+    """
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = Path(run_dir) / LOCK
+        self._fd: int | None = None
+
+    def acquire(self) -> str | None:
+        """Take the lock; returns None, or a description of the launch that holds it."""
+        import fcntl
+        import socket
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace")
+            os.close(fd)
+            try:
+                h = json.loads(holder)
+                return f"host {h['host']}, pid {h['pid']}, started {h['started']}"
+            except (ValueError, KeyError, TypeError):
+                return "another process (no holder recorded yet)"
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": _now_iso()}).encode(), 0)
+        self._fd = fd
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor drops the lock
+            self._fd = None
+
+
 # --------------------------------------------------------------------------------------------------- RunDir
 
 
@@ -370,6 +415,29 @@ class RunDir:
             ckpt = parse_checkpoint_name(role, entry.name)
             if ckpt is not None and os.path.isfile(os.path.join(entry.path, MANIFEST)):
                 yield ckpt
+
+    def unreadable(self) -> list[Path]:
+        """Directories named like checkpoints but without a manifest (never committed, or damaged since): never
+        listed or resumed, but worth a word, since a reader might take them for checkpoints."""
+        found = []
+        for role in Role:
+            d = self.role_dir(role)
+            if d.is_dir():
+                found += [
+                    Path(e.path)
+                    for e in os.scandir(d)
+                    if not e.name.startswith(".")
+                    and parse_checkpoint_name(role, e.name) is not None
+                    and not os.path.isfile(os.path.join(e.path, MANIFEST))
+                ]
+        return sorted(found)
+
+    def dangling_latest(self) -> str | None:
+        """What `latest` names when that is not a committed checkpoint (None when it is, or there is no link)."""
+        link = self.path / LATEST
+        if link.is_symlink() and self.latest() is None:
+            return os.readlink(link)
+        return None
 
     def is_committed(self, ckpt: Checkpoint) -> bool:
         return (self.path_of(ckpt) / MANIFEST).is_file()
@@ -538,7 +606,7 @@ class RunDir:
             return [f"{d}: {MANIFEST} missing (checkpoint was never committed)"]
         except (ValueError, KeyError, TypeError) as e:
             return [f"{d}: {MANIFEST} unreadable: {e!r}"]
-        problems = [p for rel, e in sorted(manifest.files.items()) if (p := _check_file(d, rel, e))]
+        problems = [p for rel, e in sorted(manifest.files.items()) if (p := check_file(d, rel, e))]
         try:
             on_disk = {p.relative_to(d).as_posix() for p in _data_files(d)}
         except ValueError as e:
@@ -564,7 +632,7 @@ def _tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def _check_file(ckpt_dir: Path, rel: str, entry: FileEntry) -> str | None:
+def check_file(ckpt_dir: Path, rel: str, entry: FileEntry) -> str | None:
     """One human-readable problem with a checkpoint file, or None if size and crc32 match."""
     p = ckpt_dir / rel
     if not p.is_file():

@@ -1,0 +1,71 @@
+"""How a launch ends when something goes wrong: one line for the user, the traceback in the run directory, the
+failure journaled, and an exit status that says which kind of failure it was.
+
+Exit statuses (also in README):
+    0  finished, or stopped after a preemption save
+    1  a failure while training (I/O, a crashed rank, a failed save): the traceback is in <run>/failures.log
+    2  refused before anything changed: config, data, resume point, another launch holding the run directory
+    3  a loss spike the run could not roll back from (see `spike.max_rollbacks`)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+import traceback
+from datetime import UTC, datetime
+from pathlib import Path
+
+EXIT_FAILURE = 1
+EXIT_REFUSED = 2
+EXIT_SPIKE = 3
+FAILURES_LOG = "failures.log"
+
+# What gloo says on a rank whose peer went away: that rank did not fail, it was left alone.
+_PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed")
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed; this one stops because of it (the other rank reports what happened)."""
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    return isinstance(err, PeerFailure) or any(text in str(err) for text in _PEER_GONE)
+
+
+def one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def record(err: BaseException, rank: int, run_dir: Path, line: str) -> Path | None:
+    """Write the traceback to the run directory's failures.log and torchrun's error file; returns the log's path
+    (None when the run directory does not exist: nothing was created, nothing is left behind)."""
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    text = "".join(traceback.format_exception(err))
+    log = run_dir / FAILURES_LOG
+    written = None
+    if run_dir.is_dir():
+        try:
+            with open(log, "a", encoding="utf-8") as f:
+                f.write(f"--- {stamp} rank {rank} pid {os.getpid()} on {socket.gethostname()}: {line}\n{text}\n")
+            written = log
+        except OSError:
+            written = None  # the run directory is what failed (full, read-only): the line still reaches the user
+    tell_torchrun(line + (f"\n(traceback: {written})" if written else ""))
+    return written
+
+
+def tell_torchrun(text: str) -> None:
+    """torchrun's failure report shows this instead of "To enable traceback see ...": the user's one line."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        first = text.splitlines()[0]
+        payload = {
+            "message": {"message": first, "extraInfo": {"py_callstack": text, "timestamp": str(int(time.time()))}}
+        }
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps(payload))
