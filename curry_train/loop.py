@@ -171,9 +171,9 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
                 print(render_plan(plan), flush=True)
             raise ConfigError(f"checkpoint.check_storage: {refusal}")
     except Exception:
-        if env.is_main and created:  # what this launch created, it removes: a refused start leaves nothing
+        if env.is_main and created is not None:  # what this launch created, it removes: a refusal leaves nothing
             lock.release()
-            shutil.rmtree(run_dir, ignore_errors=True)
+            shutil.rmtree(created, ignore_errors=True)
         raise
     if env.is_main:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
@@ -202,9 +202,11 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
     return Run(run_dir, point, plan, journal, log, lock if env.is_main else None)
 
 
-def take_run_dir(run_dir: Path, lock: RunLock) -> bool:
-    """Create the run directory if needed and take its lock (rank 0); returns whether it was created."""
-    created = not run_dir.exists()
+def take_run_dir(run_dir: Path, lock: RunLock) -> Path | None:
+    """Create the run directory if needed and take its lock (rank 0); returns the topmost directory this created
+    (None when the run directory existed), which a refused start removes."""
+    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
+    created = missing[-1] if missing else None
     try:
         make_durable_dir(run_dir)
         holder = lock.acquire()

@@ -126,8 +126,10 @@ def test_parameters_only_rollback(tmp_path: Path) -> None:
     assert [c.step for c in store.list(Role.ROLLBACK)] == [1, 2, 3, 4]
     keys = dcp_keys(store.path_of(store.list(Role.ROLLBACK)[-1]), tmp_path)
     assert set(keys) == {"model", "progress"}
-    # Nothing to resume exactly from: `latest` is never made to point at a parameters-only checkpoint.
-    assert not (run_dir / "latest").exists()
+    # `latest` never points at a parameters-only checkpoint: only at the full one checkpoint.save_final adds at
+    # the last step (a recovery checkpoint: retention leaves the disabled role alone).
+    assert os.readlink(run_dir / "latest") == "recovery/step-00000004.dcp"
+    assert set(dcp_keys(store.path_of(store.list(Role.RECOVERY)[-1]), tmp_path)) >= {"model", "optim", "rng"}
 
 
 def test_kill_during_save_keeps_previous_checkpoints_and_latest(tmp_path: Path) -> None:

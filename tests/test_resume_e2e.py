@@ -85,12 +85,13 @@ def test_resume_latest_with_nothing_to_resume_names_the_run_directory(tmp_path: 
         [*FAST, "train.steps=2", "train.eval_every=0", "checkpoint.recovery_every=2", "run.id=empty", "+resume=auto"],
         tmp_path,
     )
-    # ...and the same command again continues from the checkpoint it left.
+    # ...and the same command again finds the run it left, finished, and says so.
     proc = run_train(
         [*FAST, "train.steps=2", "train.eval_every=0", "checkpoint.recovery_every=2", "run.id=empty", "+resume=auto"],
         tmp_path,
     )
-    assert "resumed from step 2 of recovery/step-00000002.dcp" in proc.stdout
+    assert "resuming from step 2 of" in proc.stdout and "already finished (2 of 2 steps)" in proc.stdout
+    assert [e["event"] for e in read_journal(tmp_path / "runs" / "empty" / "journal.jsonl")].count("run_end") == 1
 
 
 def test_fresh_launch_into_an_existing_run_is_refused(tmp_path: Path) -> None:

@@ -60,6 +60,31 @@ class Trainee:
 # ------------------------------------------------------------------------------------------ where to resume
 
 
+def _journal_unrecorded_saves(store: RunDir, journal: Journal) -> None:
+    """A crash between a commit (the rename) and its journal line leaves a committed checkpoint the journal does
+    not know: journal it now, so the journal stays the complete record of what is on disk."""
+    if not journal.path.exists():
+        return
+    newest_save: dict[str, str] = {}
+    for event in read_journal(journal.path):
+        if event["event"] == "save":
+            newest_save[str(event["path"])] = str(event["time"])
+    for ckpt in store.list():
+        manifest = store.manifest(ckpt)
+        journaled = newest_save.get(ckpt.relpath)
+        if journaled is None or journaled < manifest.created:
+            journal.append(
+                "save",
+                ckpt.step,
+                role=ckpt.role,
+                path=ckpt.relpath,
+                bytes=manifest.total_bytes,
+                contents=manifest.extra.get("contents"),
+                reason="committed before a crash cut its journal line short (recorded at the next start)",
+            )
+
+
+
 def clean_run_dir(store: RunDir, journal: Journal) -> list[str]:
     """At start (rank 0), before the resume point is chosen: finish a rollback a crash cut short, remove what
     interrupted saves left, and point `latest` at the newest full checkpoint if a crash came between a commit and
@@ -94,6 +119,7 @@ def clean_run_dir(store: RunDir, journal: Journal) -> list[str]:
             path=str(path.relative_to(store.path)),
             reason="uncommitted leftover of an interrupted save or delete",
         )
+    _journal_unrecorded_saves(store, journal)
     latest, newest = store.latest(), store.newest_full()
     if newest is not None and (latest is None or newest.step > latest.step):
         store.set_latest(newest)
