@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -122,3 +124,24 @@ def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return (t / dist.get_world_size()).tolist()
+
+
+def agree(value: Any, group: dist.ProcessGroup) -> Any:
+    """Rank 0's value (or the exception it raised), on every rank."""
+    box = [value]
+    dist.broadcast_object_list(box, src=0, group=group)
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def on_rank0(is_main: bool, group: dist.ProcessGroup, fn: Callable[..., Any], *args: Any) -> Any:
+    """`fn(*args)` run by rank 0 alone (it reads or changes the run directory); its result, or the exception it
+    raised, on every rank, so that no rank is left waiting in a collective that rank 0 never reaches."""
+    if not is_main:
+        return agree(None, group)
+    try:
+        value = fn(*args)
+    except Exception as err:
+        value = err
+    return agree(value, group)

@@ -21,15 +21,18 @@ from torch import nn
 
 from curry_train import distributed, failures, spike
 from curry_train.checkpoint import resume as resuming
+from curry_train.checkpoint import rollback
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan import build_plan, model_size, plan_json, policy_of, render_plan, storage_refusal
 from curry_train.checkpoint.policy import Policy, Role, roles_due
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
-from curry_train.checkpoint.resume import ResumeError, ResumePoint, SpikeError, Trainee, agree
+from curry_train.checkpoint.resume import ResumeError, ResumePoint, Trainee
+from curry_train.checkpoint.rollback import SpikeError
 from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
 from curry_train.checkpoint.store import RunDir, RunLock, fsync_dir
 from curry_train.config import Config, ConfigError, Launch, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
+from curry_train.distributed import on_rank0
 from curry_train.history import end_unfinished_attempt
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import MetricsLogger
@@ -146,25 +149,24 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
     group = env.checkpoint_group
     store = RunDir(run_dir)
     lock = RunLock(run_dir)
-    created = agree(_try(take_run_dir, run_dir, lock) if env.is_main else None, group)
+    main = env.is_main
+    created = on_rank0(main, group, take_run_dir, run_dir, lock)
     # Opened lazily: a refused start writes nothing to it.
     journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
     try:
         check_shared(run_dir, env)
-        warnings = agree(_try(resuming.clean_run_dir, store, journal) if env.is_main else None, group)
+        warnings = on_rank0(main, group, resuming.clean_run_dir, store, journal)
         for warning in warnings if env.is_main else []:
             print(f"curry-train: WARNING: {warning}", file=sys.stderr, flush=True)
-        point = agree(_try(resuming.find_resume_point, launch, store) if env.is_main else None, group)
+        point = on_rank0(main, group, resuming.find_resume_point, launch, store)
         if point is not None:
             say = (lambda line: print(line, file=sys.stderr, flush=True)) if env.is_main else (lambda line: None)
             point = resuming.choose_verified(point, group, store, journal, say)
             shapes = parameter_shapes(cfg)
-            agree(_try(resuming.check_shapes, point.path, shapes) if env.is_main else None, group)
+            on_rank0(main, group, resuming.check_shapes, point.path, shapes)
         # The plan comes from the config alone (the model on meta): a policy that does not fit the disk refuses
         # to start.
-        plan = agree(
-            _try(build_plan, cfg, model_size(cfg.model), env.world_size, run_dir) if env.is_main else None, group
-        )
+        plan = on_rank0(main, group, build_plan, cfg, model_size(cfg.model), env.world_size, run_dir)
         refusal = storage_refusal(plan)
         if refusal is not None:
             if env.is_main:
@@ -225,7 +227,7 @@ def check_shared(run_dir: Path, env: distributed.Dist) -> None:
     others wrote there. A `run.root` on each node's local disk would commit checkpoints without their shards."""
     if env.world_size == 1:
         return
-    probe = agree(_try(write_probe, run_dir) if env.is_main else None, env.checkpoint_group)
+    probe = on_rank0(env.is_main, env.checkpoint_group, write_probe, run_dir)
     seen = (run_dir / probe[0]).is_file() and (run_dir / probe[0]).read_text() == probe[1]
     everyone: list[Any] = [None] * env.world_size
     dist.all_gather_object(everyone, (seen, socket.gethostname()), group=env.checkpoint_group)
@@ -323,11 +325,8 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
 
     trainee = Trainee(state, optimizer, progress, saved_fidelity, fidelity_now)
     if point is not None and point.rollback_to is not None:
-        cause = agree(
-            _try(resuming.manual_rollback_cause, point, ckpt.store, t.batch_size) if env.is_main else None,
-            env.checkpoint_group,
-        )
-        resuming.roll_back(point, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
+        cause = on_rank0(env.is_main, env.checkpoint_group, rollback.manual_cause, point, ckpt.store, t.batch_size)
+        rollback.roll_back(point, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
         log.event("rollback", progress.step, spike_step=cause.step)
     elif point is not None:
         resuming.resume(point, ckpt, trainee, env.world_size, log.print)
@@ -354,8 +353,8 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         verdict = spike.judge(rule, progress.loss_window, done, values["loss"]) if cfg.spike.enabled else None
         if verdict is not None and verdict.spike:
             log.log(done, {**values, "spike": True})
-            target, cause = resuming.spike_rollback_point(verdict, done, progress, ckpt, cfg.spike, t.batch_size)
-            resuming.roll_back(target, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
+            target, cause = rollback.spike_target(verdict, done, progress, ckpt, cfg.spike, t.batch_size)
+            rollback.roll_back(target, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
             log.event("rollback", progress.step, spike_step=done)
             batches = data_from(progress.cursor)
             continue
@@ -410,15 +409,6 @@ def count_launches(journal_path: Path) -> int:
     if not journal_path.exists():
         return 0
     return sum(1 for e in read_journal(journal_path) if e["event"] == "run_start")
-
-
-def _try(fn: Any, *args: Any) -> Any:
-    """`fn(*args)`, or the exception it raised, so that `agree` raises it on every rank instead of leaving the
-    other ranks waiting in a broadcast that rank 0 never reaches."""
-    try:
-        return fn(*args)
-    except Exception as err:
-        return err
 
 
 def journal_failure(run_dir: Path, rank: int, line: str) -> None:

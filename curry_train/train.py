@@ -12,7 +12,8 @@ from pathlib import Path
 
 from curry_train import distributed, failures, loop
 from curry_train.checkpoint.preemption import StopNow
-from curry_train.checkpoint.resume import ResumeError, SpikeError
+from curry_train.checkpoint.resume import ResumeError
+from curry_train.checkpoint.rollback import SpikeError
 from curry_train.config import ConfigError, compose, resolve
 from curry_train.data import check_data
 
