@@ -142,6 +142,12 @@ class Run:
     log: MetricsLogger
     lock: RunLock | None  # rank 0's, held until the launch ends
 
+    def close(self) -> None:
+        self.log.close()
+        self.journal.close()
+        if self.lock is not None:
+            self.lock.release()
+
 
 def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) -> Run:
     """Take the run directory (one writer), tidy it, decide where to resume and check the storage plan before
@@ -287,10 +293,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         log.print(f"curry-train: {verb} from step {point.step} of {point.path}")
         if point.step >= t.steps and point.rollback_to is None:
             log.print(f"curry-train: run {run_dir} already finished ({point.step} of {t.steps} steps); nothing to do")
-            log.close()
-            journal.close()
-            if run.lock is not None:
-                run.lock.release()
+            run.close()
             return TrainResult(run_dir, point.step, None, None)
 
     corpus = load_checked_corpus(cfg)
@@ -343,10 +346,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     while progress.step < t.steps:
         step, done = progress.step, progress.step + 1  # 0-based index of this step; completed steps after it
         lr_scale = spike.rewarm_factor(step, progress.rewarm_from, cfg.spike.rewarmup_steps)
-        if done == launch.inject_spike_at and done not in progress.injected:
-            lr_scale *= launch.inject_lr_scale
-            progress.injected.append(done)
-            journal.append("spike_injected", done, lr_scale=launch.inject_lr_scale, reason="+debug.inject_spike_at")
+        lr_scale *= injected_lr_scale(launch, progress, journal, done)
         started = time.perf_counter()
         values, stop = optimizer_step(step, model, optimizer, batches, cfg, env.device, preemption.requested, lr_scale)
         values["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
@@ -385,11 +385,18 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
             f"{'first loss' if start_step == 0 else f'loss at step {start_step + 1} (first of this launch)'} "
             f"{first_loss:.4f}, last loss {last_loss:.4f}"
         )
-    log.close()
-    journal.close()
-    if run.lock is not None:
-        run.lock.release()
+    run.close()
     return TrainResult(run_dir, final_step, first_loss, last_loss)
+
+
+def injected_lr_scale(launch: Launch, progress: Progress, journal: Journal, step: int) -> float:
+    """`+debug.inject_spike_at=STEP`: that step's lr times `inject_lr_scale`, once in the run's life (the progress
+    state remembers it, so neither the replay after the rollback nor a requeue injects it again)."""
+    if step != launch.inject_spike_at or step in progress.injected:
+        return 1.0
+    progress.injected.append(step)
+    journal.append("spike_injected", step, lr_scale=launch.inject_lr_scale, reason="+debug.inject_spike_at")
+    return launch.inject_lr_scale
 
 
 def save_checkpoint(ckpt: Checkpointer, policy: Policy, step: int, values: dict[str, float], state: Any) -> None:
