@@ -210,6 +210,18 @@ def test_a_short_run_budgets_only_the_checkpoints_it_can_make(
     assert "give --save-seconds" not in text and "`curry-train plan` with the same overrides" in text
 
 
+def test_a_run_too_short_for_any_save_warns_per_role_and_renders(capsys: pytest.CaptureFixture[str]) -> None:
+    # train.steps=1 at the default cadences makes no checkpoint at all; the set-aside row (a flag, not a
+    # cadence) must not be reported as one, and the text plan (which training prints at start) must render.
+    data = plan_json(capsys, "train.steps=1")
+    assert data["warnings"] == [
+        "checkpoint.rollback_every=100 exceeds train.steps=1: this run makes no rollback checkpoint",
+        "checkpoint.recovery_every=200 exceeds train.steps=1: this run makes no recovery checkpoint",
+        "no checkpoint with full state within the run: a crash restarts it from step 0",
+    ]
+    assert main(["plan", "train.steps=1"]) == 0
+    assert "WARNING: no checkpoint with full state" in capsys.readouterr().out
+
 def test_a_policy_that_does_not_fit_is_flagged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # 10^7 x 11.4 MB = 114 TB, over a run long enough to make them.
     huge = ["checkpoint.retention.rollback_keep=10000000", "train.steps=1000000000", f"run.root={tmp_path}"]
