@@ -12,7 +12,7 @@ from pathlib import Path
 from curry_train import prepare
 from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, plan_json, render_plan
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, ConfigError, resolve, validate
+from curry_train.config import Config, ConfigError, config_dir, resolve, validate
 from curry_train.history import RunHistory, read_run
 from curry_train.journal import Journal, format_events, read_journal
 from curry_train.report import render_diff, render_status
@@ -136,9 +136,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 def compose_config(overrides: list[str]) -> tuple[Config, Path]:
     """The resolved config and run directory that training would use with the same overrides."""
-    from hydra import compose, initialize_config_module
+    from hydra import compose, initialize_config_dir
 
-    with initialize_config_module("curry_train.conf", version_base="1.3"):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
         cfg, _resume = resolve(compose("config", overrides=overrides))
     return cfg, Path(cfg.run.root) / str(cfg.run.id)
 

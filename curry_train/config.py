@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -289,6 +290,23 @@ def validate(cfg: Config, world_size: int) -> None:
             "model.vocab_size",
             f"byte data needs >= 256, got {cfg.model.vocab_size}",
         )
+
+
+def config_dir() -> Path:
+    """The config tree (config.yaml and one folder per group): `curry_train/conf` in an installed wheel, where
+    pyproject.toml puts it, else `conf/` at the top of the checkout this package was imported from (a checkout on
+    PYTHONPATH, or an editable install). A directory path rather than the module `curry_train.conf`: on a path
+    beside an editable install, that module name can resolve to the other checkout's configs."""
+    package = Path(__file__).resolve().parent
+    installed, checkout = package / "conf", package.parent / "conf"
+    if (installed / "config.yaml").is_file():
+        return installed
+    if (checkout / "config.yaml").is_file() and (package.parent / "pyproject.toml").is_file():
+        return checkout
+    raise FileNotFoundError(
+        f"curry-train: no config tree: neither {installed} (an installed curry-train) nor {checkout} (a checkout) "
+        "holds config.yaml; reinstall curry-train, or run from a complete checkout"
+    )
 
 
 def register_configs() -> None:

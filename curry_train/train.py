@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 
 from curry_train import distributed, loop
 from curry_train.checkpoint.resume import SPIKE_EXIT_STATUS
-from curry_train.config import ConfigError, resolve
+from curry_train.config import ConfigError, config_dir, resolve
 from curry_train.data import check_data
 
 
-@hydra.main(config_path="conf", config_name="config", version_base="1.3")
+@hydra.main(config_path=str(config_dir()), config_name="config", version_base="1.3")
 def main(raw: DictConfig) -> None:
     try:
         cfg, launch = resolve(raw)
