@@ -63,8 +63,9 @@ def test_training_refuses_to_start_when_the_policy_does_not_fit(tmp_path: Path) 
         "logger.wandb.mode=disabled",
         "checkpoint.rollback_every=1",
         "checkpoint.retention.rollback_keep=100000000",
-    ]  # ~1.1 PB of tiny checkpoints
-    proc = run_train(too_much, tmp_path, check=False)
+    ]
+    # ~1.1 PB of tiny checkpoints: the plan keeps no more than a run makes, so the run must be long enough to make them.
+    proc = run_train([*too_much, "train.steps=100000000"], tmp_path, check=False)
     assert proc.returncode == 2
     assert "checkpoint.check_storage" in proc.stderr and "does not fit" in proc.stdout + proc.stderr
     assert not (tmp_path / "runs").exists(), "a refused run leaves nothing behind"
