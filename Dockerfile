@@ -8,6 +8,7 @@ WORKDIR /app
 RUN pip install --no-cache-dir torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY curry_train ./curry_train
+COPY conf ./conf
 RUN pip install --no-cache-dir .
 WORKDIR /work
 ENV PYTHONUNBUFFERED=1

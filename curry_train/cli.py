@@ -9,7 +9,6 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from curry_train import prepare
 from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, plan_json, render_plan
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Config, ConfigError, compose, resolve, validate
@@ -123,6 +122,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Tokenize text files into train.bin, val.bin and their sidecars, for data=tokens."""
+    # Imported here: numpy, tokenizers and the progress bars cost the other commands' start-up otherwise.
+    from curry_train import prepare
+
+    return prepare.main(args)
+
+
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read every committed checkpoint and compare sizes and checksums with its manifest."""
     store = RunDir(_run_dir(args.run_dir))
@@ -183,7 +190,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "verify": cmd_verify,
     "gc": cmd_gc,
     "plan": cmd_plan,
-    "prepare": prepare.main,
+    "prepare": cmd_prepare,
 }
 
 
@@ -221,6 +228,23 @@ def add_export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="config.yaml with the model section (default: the checkpoint's run's)")
 
 
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", help="text files or folders (the suffixes data=text reads)")
+    p.add_argument("--out", required=True, type=Path, help="folder for train.bin, val.bin, sidecars, tokenizer.json")
+    p.add_argument("--tokenizer", help="a tokenizer.json file; default: train a byte-level BPE on the train split")
+    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE (default 8192)")
+    p.add_argument("--dev-fraction", type=float, default=0.05, help="share of files held out as dev (default 0.05)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=1024,
+        help="the data.seq_len you will train with: a split by file name that leaves either side without two "
+        "windows of it holds out the tail of the tokens instead (default 1024)",
+    )
+    p.add_argument("--force", action="store_true", help="replace train.bin and val.bin already in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -231,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
             add_plan_arguments(p)
             continue
         if name == "prepare":
-            prepare.add_arguments(p)
+            add_prepare_arguments(p)
             continue
         if name == "plot":
             p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="one or more run directories")

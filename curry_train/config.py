@@ -13,6 +13,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
@@ -309,6 +310,23 @@ def validate(cfg: Config, world_size: int) -> None:
         )
 
 
+def config_dir() -> Path:
+    """The config tree (config.yaml and one folder per group): `curry_train/conf` in an installed wheel, where
+    pyproject.toml puts it, else `conf/` at the top of the checkout this package was imported from (a checkout on
+    PYTHONPATH, or an editable install). A directory path rather than the module `curry_train.conf`: on a path
+    beside an editable install, that module name can resolve to the other checkout's configs."""
+    package = Path(__file__).resolve().parent
+    installed, checkout = package / "conf", package.parent / "conf"
+    if (installed / "config.yaml").is_file():
+        return installed
+    if (checkout / "config.yaml").is_file() and (package.parent / "pyproject.toml").is_file():
+        return checkout
+    raise FileNotFoundError(
+        f"curry-train: no config tree: neither {installed} (an installed curry-train) nor {checkout} (a checkout) "
+        "holds config.yaml; reinstall curry-train, or run from a complete checkout"
+    )
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -356,9 +374,6 @@ class Launch:
     rollback_to: str | None = None  # +rollback_to=PATH: roll this run back to one of its checkpoints, once
     inject_spike_at: int | None = None  # +debug.inject_spike_at=STEP: multiply that step's lr to cause a spike
     inject_lr_scale: float = 1000.0  # +debug.inject_lr_scale=X
-
-
-CONFIG_MODULE = "curry_train.conf"
 
 
 def schema_keys(node: type = None, prefix: str = "") -> set[str]:  # type: ignore[assignment]
@@ -416,11 +431,11 @@ def compose(overrides: list[str]) -> DictConfig:
     """The config training composes from command-line `overrides`; Hydra's errors become one-line ConfigErrors
     that name the key, the nearest valid key and the allowed values."""
     from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
+    from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
     try:
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+        with initialize_config_dir(str(config_dir()), version_base="1.3"):
             return hydra_compose("config", overrides=overrides)
     except HydraException as err:
         raise ConfigError(explain_hydra_error(err)) from None

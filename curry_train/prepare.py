@@ -234,23 +234,6 @@ def describe(p: Prepared) -> str:
     )
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", help="text files or folders (the suffixes data=text reads)")
-    p.add_argument("--out", required=True, type=Path, help="folder for train.bin, val.bin, sidecars, tokenizer.json")
-    p.add_argument("--tokenizer", help="a tokenizer.json file; default: train a byte-level BPE on the train split")
-    p.add_argument("--vocab-size", type=int, default=8192, help="vocabulary of the trained BPE (default 8192)")
-    p.add_argument("--dev-fraction", type=float, default=0.05, help="share of files held out as dev (default 0.05)")
-    p.add_argument(
-        "--seq-len",
-        type=int,
-        default=1024,
-        help="the data.seq_len you will train with: a split by file name that leaves either side without two "
-        "windows of it holds out the tail of the tokens instead (default 1024)",
-    )
-    p.add_argument("--force", action="store_true", help="replace train.bin and val.bin already in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def main(args: argparse.Namespace) -> int:
     """Tokenize text files into train.bin, val.bin and their sidecars, for data=tokens."""
     existing = [args.out / name for name in ("train.bin", "val.bin") if (args.out / name).exists()]

@@ -30,11 +30,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
 from torch import nn
 
 from curry_train import distributed, loop
-from curry_train.config import Config, resolve, validate
+from curry_train.config import Config, config_dir, resolve, validate
 from curry_train.data import Slicing, build_train_loader, load_corpus
 from curry_train.metrics import MetricsLogger
 from curry_train.optim import build_optimizer
@@ -74,7 +74,7 @@ def compose_config(args: argparse.Namespace) -> Config:
         "logger.progress_bar=false",
         *args.overrides,
     ]
-    with initialize_config_module("curry_train.conf", version_base="1.3"):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
         raw = compose("config", overrides=overrides)
     cfg, _ = resolve(raw)
     if cfg.train.grad_accum != 1:

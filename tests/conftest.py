@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir
+
+from curry_train.config import config_dir
 
 # Every end-to-end test runs the real entry point with these settings: wandb off (one test turns it on), short
 # sequences, and a console line per step so failures show the loss history.
@@ -22,7 +24,7 @@ FAST = [
 
 
 def compose_config(overrides: list[str] | None = None):
-    with initialize_config_module("curry_train.conf", version_base="1.3"):
+    with initialize_config_dir(str(config_dir()), version_base="1.3"):
         return compose("config", overrides=overrides or [])
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,12 +13,19 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-import curry_train
-from curry_train.config import Config, ConfigError, default_run_id, resolve, validate
+from curry_train.config import Config, ConfigError, config_dir, default_run_id, resolve, validate
 from tests.conftest import compose_config
 
-CONF = Path(curry_train.__file__).parent / "conf"
+REPO = Path(__file__).resolve().parents[1]
+CONF = config_dir()
 GROUP_OPTIONS = sorted((group.name, f.stem) for group in CONF.iterdir() if group.is_dir() for f in group.glob("*.yaml"))
+
+
+def test_the_config_tree_is_the_checkouts_top_level_conf() -> None:
+    # DESIGN.md's layout: conf/ beside curry_train/, not inside it; tests compose from there.
+    assert CONF == REPO / "conf"
+    assert not (REPO / "curry_train" / "conf" / "config.yaml").exists()
+    assert {"model", "optimizer", "scheduler", "data", "checkpoint", "logger"} <= {g for g, _ in GROUP_OPTIONS}
 
 
 @pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
@@ -146,16 +154,21 @@ def test_config_yaml_roundtrips_through_omegaconf() -> None:
     assert again == cfg
 
 
+def _files(root: Path, pattern: str) -> set[str]:
+    return {p.relative_to(root).as_posix() for p in root.rglob(pattern) if "__pycache__" not in p.parts}
+
+
 def test_installed_wheel_finds_its_configs(tmp_path: Path) -> None:
-    """The configs ship inside the package: a wheel installed outside the checkout composes every group."""
-    repo = Path(__file__).resolve().parents[1]
+    """The top-level conf/ ships inside the wheel as curry_train/conf: a wheel installed outside the checkout holds
+    every module and config file of the checkout, and training's entry point and `curry-train plan` compose from it
+    run in a folder that is not the checkout."""
     subprocess.run(
         [
             sys.executable,
             "-m",
             "pip",
             "wheel",
-            str(repo),
+            str(REPO),
             "--no-deps",
             "--no-build-isolation",
             "-q",
@@ -167,26 +180,42 @@ def test_installed_wheel_finds_its_configs(tmp_path: Path) -> None:
         timeout=300,
     )
     wheel = next((tmp_path / "dist").glob("curry_train-*.whl"))
+    site = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(tmp_path / "site"), str(wheel)],
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
         check=True,
         capture_output=True,
         timeout=300,
     )
+    assert _files(site / "curry_train", "*.py") == _files(REPO / "curry_train", "*.py")
+    assert _files(site / "curry_train" / "conf", "*.yaml") == _files(REPO / "conf", "*.yaml")
+
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONWARNINGS": "ignore"}
+
+    def run(*args: str) -> str:
+        proc = subprocess.run([sys.executable, *args], cwd=work, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout
+
     probe = (
-        "import curry_train, pathlib; from hydra import compose, initialize_config_module;\n"
-        "from curry_train.config import resolve\n"
-        "assert 'site' in curry_train.__file__, curry_train.__file__\n"
-        "with initialize_config_module('curry_train.conf', version_base='1.3'):\n"
+        "import curry_train; from hydra import compose, initialize_config_dir\n"
+        "from curry_train.config import config_dir, resolve\n"
+        "print(curry_train.__file__, config_dir())\n"
+        "with initialize_config_dir(str(config_dir()), version_base='1.3'):\n"
         "    cfg, _ = resolve(compose('config', overrides=['model=7b', 'checkpoint=7b_default']))\n"
         "print(cfg.model.dim, cfg.checkpoint.recovery_every)\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(tmp_path / "site")}
-    proc = subprocess.run(
-        [sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["4096", "1000"]
+    module, conf, dim, recovery_every = run("-c", probe).split()
+    assert Path(module).is_relative_to(site) and Path(conf) == site / "curry_train" / "conf"
+    assert (dim, recovery_every) == ("4096", "1000")
+    # The training entry point (`@hydra.main`) composes from the installed tree; --cfg job prints it, runs nothing.
+    job = run("-m", "curry_train.train", "--cfg", "job", "model=7b", "checkpoint=7b_default")
+    assert "dim: 4096" in job and "recovery_every: 1000" in job
+    plan = json.loads(run("-m", "curry_train.cli", "plan", "--json", "model=7b", f"run.root={tmp_path / 'runs'}"))
+    assert plan["params"] == 6_738_415_616
+    assert not (work / "runs").exists()
 
 
 def test_launch_options_are_added_with_plus_and_stay_out_of_the_config_and_run_id() -> None:

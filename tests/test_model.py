@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 
@@ -9,10 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from curry_train.config import ModelConfig, resolve
+from curry_train.checkpoint.plan import ModelSize, model_size
+from curry_train.config import ModelConfig, config_dir, resolve
 from curry_train.distributed import local_shard
 from curry_train.model import HF_LLAMA_NAMES, apply_rotary, build_model, count_params, init_value, rotary_tables
+from curry_train.model_shapes import parameter_shapes
 from tests.conftest import compose_config
+
+PRESETS = sorted(p.stem for p in (config_dir() / "model").glob("*.yaml"))
 
 
 def preset(name: str) -> ModelConfig:
@@ -56,6 +61,16 @@ def test_1b_has_tinyllama_parameter_count_on_meta() -> None:
     assert all(p.is_meta for p in model.parameters())
     assert llama_count(32000, 2048, 22, 5632, kv_dim=4 * 2048 // 32) == 1_100_048_384
     assert count_params(model) == 1_100_048_384
+
+
+@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("n_kv_heads", [None, 2])
+def test_parameter_shapes_without_torch_match_the_built_model(name: str, n_kv_heads: int | None) -> None:
+    # `curry-train plan` counts from model_shapes (no torch); the model it counts is model.Transformer.
+    cfg = dataclasses.replace(preset(name), n_kv_heads=n_kv_heads) if n_kv_heads else preset(name)
+    built = {name: tuple(p.shape) for name, p in build_model(cfg).named_parameters()}
+    assert list(parameter_shapes(cfg).items()) == list(built.items())
+    assert model_size(cfg) == ModelSize(count_params(build_model(cfg)), len(built))
 
 
 @pytest.mark.parametrize(("name", "low", "high"), [("small", 50_000_000, 100_000_000), ("tiny", 1, 2_000_000)])

@@ -210,6 +210,19 @@ def test_a_short_run_budgets_only_the_checkpoints_it_can_make(
     assert "give --save-seconds" not in text and "`curry-train plan` with the same overrides" in text
 
 
+def test_a_run_too_short_for_any_save_warns_per_role_and_renders(capsys: pytest.CaptureFixture[str]) -> None:
+    # train.steps=1 at the default cadences makes no checkpoint at all; the set-aside row (a flag, not a
+    # cadence) must not be reported as one, and the text plan (which training prints at start) must render.
+    data = plan_json(capsys, "train.steps=1")
+    assert data["warnings"] == [
+        "checkpoint.rollback_every=100 exceeds train.steps=1: this run makes no rollback checkpoint",
+        "checkpoint.recovery_every=200 exceeds train.steps=1: this run makes no recovery checkpoint",
+        "no checkpoint with full state within the run: a crash restarts it from step 0",
+    ]
+    assert main(["plan", "train.steps=1"]) == 0
+    assert "WARNING: no checkpoint with full state" in capsys.readouterr().out
+
+
 def test_a_policy_that_does_not_fit_is_flagged(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # 10^7 x 11.4 MB = 114 TB, over a run long enough to make them.
     huge = ["checkpoint.retention.rollback_keep=10000000", "train.steps=1000000000", f"run.root={tmp_path}"]
@@ -281,3 +294,17 @@ def test_estimate_within_5_percent_of_real_checkpoints(
     assert all(math.isclose(r, 1.0, abs_tol=0.05) for r in ratios.values()), ratios
     # The run's own journal supplies the save time of the cadence.
     assert data["timing"]["save_source"].startswith("median of")
+
+
+def test_plan_of_a_7b_model_imports_neither_torch_nor_numpy(tmp_path: Path) -> None:
+    # `curry-train plan` counts parameters from the config (model_shapes) and builds no model: importing torch and
+    # its meta kernels was most of its start-up time. `prepare`'s numpy and tokenizers load only for `prepare`.
+    probe = (
+        "import sys; from curry_train.cli import main\n"
+        f"assert main(['plan', 'model=7b', 'checkpoint=7b_default', 'run.root={tmp_path}']) == 0\n"
+        "print(sorted(m for m in ('torch', 'numpy', 'tokenizers', 'wandb') if m in sys.modules))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "6,738,415,616 parameters" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -1,8 +1,8 @@
 """The plan of a checkpoint policy: storage it commits, worst-case resume points, and a Young/Daly cadence.
 
 Everything here is arithmetic over the config, the parameter count and a few measurements of an existing run
-directory (save and step times from its journal and metrics, the free space under it). `model_size` is the one
-place that touches torch: it builds the model on the meta device, which allocates nothing.
+directory (save and step times from its journal and metrics, the free space under it). Nothing here imports torch:
+`model_size` counts parameters from `model_shapes`.
 
 Size model of one DCP checkpoint (FileSystemWriter, one ``.distcp`` file per rank plus ``.metadata``):
     tensor bytes   parameters in fp32 (4 B each); a full checkpoint adds AdamW's exp_avg and exp_avg_sq in fp32
@@ -35,6 +35,7 @@ from curry_train.checkpoint.policy import (
     rollback_target,
 )
 from curry_train.config import CheckpointConfig, Config, ConfigError, ModelConfig
+from curry_train.model_shapes import parameter_shapes
 
 PARAM_BYTES = 4  # FSDP2 keeps fp32 parameter shards even when it computes in bf16
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32 each
@@ -75,12 +76,9 @@ class CheckpointSize:
 
 
 def model_size(cfg: ModelConfig) -> ModelSize:
-    """Parameter count and tensor count of the model, built on the meta device (no memory allocated)."""
-    # Imported here so that `curry-train journal|ls|verify` do not pay for importing torch.
-    from curry_train.model import build_model, count_params
-
-    model = build_model(cfg)
-    return ModelSize(count_params(model), sum(1 for _ in model.parameters()))
+    """Parameter count and tensor count of the model, from its shapes: no torch, so `curry-train plan` starts fast."""
+    shapes = parameter_shapes(cfg)
+    return ModelSize(sum(math.prod(shape) for shape in shapes.values()), len(shapes))
 
 
 def _as_size(size: ModelSize | int) -> ModelSize:
@@ -506,7 +504,7 @@ class Plan:
             f"checkpoint.{_EVERY_KEY[e.role]}={e.every} exceeds train.steps={self.steps}: this run makes no "
             f"{e.role} checkpoint"
             for e in self.roles
-            if e.every > 0 and e.makes == 0 and e.role in _EVERY_KEY
+            if e.role in _EVERY_KEY and e.every > 0 and e.makes == 0  # set_aside's `every` is a flag, no cadence
         ]
         full_roles = [e for e in self.roles if e.contents == "full" and e.every > 0 and e.role != Role.BEST_K.value]
         if self.steps > 0 and not any(e.makes for e in full_roles):
