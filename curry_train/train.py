@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
+
+import yaml
 
 from curry_train import distributed, failures, loop
 from curry_train.checkpoint.preemption import StopNow
@@ -24,6 +27,7 @@ USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...]
   key=value         any config key, e.g. train.steps=500 checkpoint.rollback_every=50 spike.enabled=true
   +resume=latest    continue this run (auto: or start fresh when there is nothing to continue)
   +rollback_to=PATH roll this run back to one of its checkpoints (once; a requeue continues from latest)
+  --cfg job         print the resolved config and stop
 
 Exit status: 0 done (or stopped after a preemption save), 1 failure while training (traceback in
 <run>/failures.log), 2 refused before anything changed (config, data, resume, a run directory in use),
@@ -35,8 +39,14 @@ def main(argv: list[str] | None = None) -> None:
     if {"-h", "--help"} & set(args):
         print(USAGE)
         return
+    show = "--cfg" in args  # as Hydra's `--cfg job`: print the resolved config and stop
+    if show:
+        args = [a for i, a in enumerate(args) if a != "--cfg" and (i == 0 or args[i - 1] != "--cfg")]
     try:
         cfg, launch = resolve(compose(args))
+        if show:
+            print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
+            return
         # Before the process group: a missing or misread data file exits 2 here, naming the key or the file.
         check_data(cfg.data, cfg.model.vocab_size)
     except ConfigError as err:

@@ -210,7 +210,7 @@ def test_installed_wheel_finds_its_configs(tmp_path: Path) -> None:
     module, conf, dim, recovery_every = run("-c", probe).split()
     assert Path(module).is_relative_to(site) and Path(conf) == site / "curry_train" / "conf"
     assert (dim, recovery_every) == ("4096", "1000")
-    # The training entry point (`@hydra.main`) composes from the installed tree; --cfg job prints it, runs nothing.
+    # The training entry point composes from the installed tree; --cfg job prints it, runs nothing.
     job = run("-m", "curry_train.train", "--cfg", "job", "model=7b", "checkpoint=7b_default")
     assert "dim: 4096" in job and "recovery_every: 1000" in job
     plan = json.loads(run("-m", "curry_train.cli", "plan", "--json", "model=7b", f"run.root={tmp_path / 'runs'}"))
