@@ -504,7 +504,7 @@ class Plan:
             f"checkpoint.{_EVERY_KEY[e.role]}={e.every} exceeds train.steps={self.steps}: this run makes no "
             f"{e.role} checkpoint"
             for e in self.roles
-            if e.every > 0 and e.makes == 0
+            if e.every > 0 and e.makes == 0 and e.role in _EVERY_KEY  # set-aside checkpoints have no cadence key
         ]
         full_roles = [e for e in self.roles if e.contents == "full" and e.every > 0 and e.role != Role.BEST_K.value]
         if self.steps > 0 and not any(e.makes for e in full_roles):
