@@ -52,6 +52,7 @@ from curry_train.metrics import read_metrics
 from curry_train.optim import build_optimizer
 
 SCRIPTS = Path(__file__).resolve().parent
+SECTIONS = ["io", "loop", "step", "policy"]
 CHECKPOINT_OFF = ["checkpoint.rollback_every=0", "checkpoint.recovery_every=0", "checkpoint.best_k=0"]
 GOALS = {  # name: (target, "max" or "min" or "band")
     "async_stall_vs_sync": (0.10, "max"),
@@ -78,6 +79,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--step-rounds", type=int, default=3, help="bench_step rounds (plain against harness)")
     p.add_argument("--step-steps", type=int, default=10, help="bench_step timed steps per round and variant")
     p.add_argument("--policy-steps", type=int, default=110, help="steps of each default-policy run (0: skip)")
+    p.add_argument("--only", nargs="*", default=SECTIONS, choices=SECTIONS, help="sections to run (a rerun)")
     return p.parse_args()
 
 
@@ -349,41 +351,42 @@ def step_rows(args: argparse.Namespace, env: distributed.Dist) -> dict[str, Any]
 
 
 def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict, policy: dict) -> dict[str, Any]:
-    med = {name: statistics.median(t) for name, t in io.items()}
+    """Rows and ratios of the sections that ran (all of them unless --only)."""
     rows: dict[str, dict[str, float]] = {}
+    ratios: dict[str, float] = {}
+    med = {name: statistics.median(t) for name, t in io.items()}
     for name, seconds in med.items():
         rows[name] = {"seconds": seconds, "bytes": nbytes, "mb_per_s": nbytes / seconds / 1e6}
-    w = {name: statistics.median(t) for name, t in loops["windows"].items()}
-    n = max(1, loops["saves"])
-    rows["loop_off"] = {"seconds": w["off"]}
-    for mode in ("async", "sync"):
-        rows[f"loop_{mode}"] = {"seconds": w[mode], "extra_per_save_s": (w[mode] - w["off"]) / n}
-    journal = statistics.fmean(loops["journal_costs"]) if loops["journal_costs"] else float("nan")
-    rows["async_journal_cost"] = {"seconds": journal}
-    rows["plain_step"] = {"seconds": steps["plain"]}
-    rows["harness_step"] = {"seconds": steps["harness"]}
+    if med:
+        ratios["sync_save_vs_disk_write"] = med["disk_write"] / med["sync_save"]  # a throughput ratio
+        ratios["dcp_save_vs_disk_write"] = med["disk_write"] / med["dcp_save"]
+        ratios["resume_load_vs_dcp_load"] = med["resume_load"] / med["dcp_load"]
+    if loops:
+        w = {name: statistics.median(t) for name, t in loops["windows"].items()}
+        n = max(1, loops["saves"])
+        rows["loop_off"] = {"seconds": w["off"]}
+        for mode in ("async", "sync"):
+            rows[f"loop_{mode}"] = {"seconds": w[mode], "extra_per_save_s": (w[mode] - w["off"]) / n}
+        journal = statistics.fmean(loops["journal_costs"]) if loops["journal_costs"] else float("nan")
+        rows["async_journal_cost"] = {"seconds": journal}
+        async_extra, sync_extra = rows["loop_async"]["extra_per_save_s"], rows["loop_sync"]["extra_per_save_s"]
+        ratios["async_stall_vs_sync"] = async_extra / sync_extra if sync_extra > 0 else float("nan")
+        ratios["journal_cost_vs_outside"] = journal / async_extra if async_extra > 0 else float("nan")
+    if steps:
+        rows["plain_step"] = {"seconds": steps["plain"]}
+        rows["harness_step"] = {"seconds": steps["harness"]}
+        ratios["harness_vs_plain_step"] = steps["harness"] / steps["plain"]
     if policy:
         rows["policy_off"] = {"seconds": statistics.median(policy["policy_off"])}
         rows["policy_default"] = {"seconds": statistics.median(policy["policy_default"])}
-    async_extra, sync_extra = rows["loop_async"]["extra_per_save_s"], rows["loop_sync"]["extra_per_save_s"]
-    ratios = {
-        "async_stall_vs_sync": async_extra / sync_extra if sync_extra > 0 else float("nan"),
-        "journal_cost_vs_outside": journal / async_extra if async_extra > 0 else float("nan"),
-        "sync_save_vs_disk_write": med["disk_write"] / med["sync_save"],  # a throughput ratio
-        "dcp_save_vs_disk_write": med["disk_write"] / med["dcp_save"],
-        "resume_load_vs_dcp_load": med["resume_load"] / med["dcp_load"],
-        "harness_vs_plain_step": steps["harness"] / steps["plain"],
-    }
-    if policy:
         ratios["default_policy_cost"] = rows["policy_default"]["seconds"] / rows["policy_off"]["seconds"] - 1
     goals = {}
     for name, (target, kind) in GOALS.items():
-        if name not in ratios:
-            continue
-        value = ratios[name]
-        met = {"max": value <= target, "min": value >= target, "band": abs(value - 1) <= target}[kind]
-        goals[name] = {"value": value, "target": target, "kind": kind, "met": bool(met)}
-    return {"rows": rows, "ratios": ratios, "goals": goals, "saves_per_loop_run": loops["saves"]}
+        if name in ratios:
+            value = ratios[name]
+            met = {"max": value <= target, "min": value >= target, "band": abs(value - 1) <= target}[kind]
+            goals[name] = {"value": value, "target": target, "kind": kind, "met": bool(met)}
+    return {"rows": rows, "ratios": ratios, "goals": goals, "saves_per_loop_run": loops.get("saves", 0)}
 
 
 def print_table(result: dict[str, Any]) -> None:
@@ -414,10 +417,10 @@ def main() -> None:
             scratch.mkdir(parents=True)
         dist.barrier()
         load_before = os.getloadavg()
-        io, nbytes = io_rows(args, env, scratch)
-        loops = loop_rows(args, env, scratch)
-        steps = step_rows(args, env)
-        policy = policy_rows(args, env, scratch) if args.policy_steps > 0 else {}
+        io, nbytes = io_rows(args, env, scratch) if "io" in args.only else ({}, 0)
+        loops = loop_rows(args, env, scratch) if "loop" in args.only else {}
+        steps = step_rows(args, env) if "step" in args.only else {}
+        policy = policy_rows(args, env, scratch) if args.policy_steps > 0 and "policy" in args.only else {}
         if env.is_main:
             result = summarize(io, nbytes, loops, steps, policy)
             result["machine"] = (

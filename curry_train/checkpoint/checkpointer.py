@@ -285,6 +285,7 @@ class Checkpointer:
             cost_seconds=None if cost is None else round(cost, 4),
             stage_seconds=round(pending.stage_seconds, 4),
             write_seconds=round(max(w.seconds for w in pending.written), 4),
+            write_cpu_seconds=round(max(w.cpu_seconds for w in pending.written), 4),
             mode="async" if self.async_save else "sync",
         )
         for ckpt in pending.checkpoints[1:]:
