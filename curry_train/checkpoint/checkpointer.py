@@ -297,16 +297,17 @@ class Checkpointer:
 
     @staticmethod
     def _costs(pending: PendingSave) -> tuple[float, float | None]:
-        """The training thread's blocked time, and what the save cost training: the blocked time plus the extra
-        time of the steps it overlapped over the baseline step (the start's blocking lies inside the first of
-        those steps; the final wait's, when there is one, lies outside them). None without a baseline yet."""
+        """The training thread's blocked time, and what the save cost training: that blocked time plus the extra
+        time, over the baseline step, of the steps it overlapped (each measured from the end of the start, or of
+        the previous step, to the end of the step, so the blocked time is not counted twice). None without a
+        baseline yet."""
         waited = 0.0 if pending.waiting_since is None else time.perf_counter() - pending.waiting_since
         blocking = pending.blocking_seconds + waited
         if not pending.overlapped:  # started and finished within one step: all of it blocked training
             return blocking, blocking
         if pending.baseline is None:
             return blocking, None
-        return blocking, max(0.0, sum(t - pending.baseline for t in pending.overlapped)) + waited
+        return blocking, blocking + max(0.0, sum(t - pending.baseline for t in pending.overlapped))
 
     def _link_committed(self, source: Checkpoint, ckpt: Checkpoint) -> None:
         """`ckpt` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns

@@ -277,19 +277,11 @@ class SaveJob:
         self.writer.finish(self.metadata, results)
 
 
-def _lower_priority(nice: int) -> None:
-    if nice and hasattr(os, "setpriority"):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)  # Linux: this thread only
-
-
 class Writer:
     """The run's one writer thread: at most one save is written at a time, in order."""
 
     def __init__(self) -> None:
-        nice = int(os.environ.get("CURRY_TRAIN_WRITER_NICE", "0"))
-        self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="curry-train-writer", initializer=_lower_priority, initargs=(nice,)
-        )
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curry-train-writer")
 
     def submit(self, job: SaveJob) -> Future[Written]:
         job.future = self._pool.submit(job.write)
