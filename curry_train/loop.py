@@ -318,7 +318,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         return fidelity_record(model, env.device, slicing.indices_at(progress.cursor, 0))
 
     def state(contents: Contents) -> dict:
-        fidelity = (fidelity_now, saved_fidelity.update)
+        fidelity = (lambda: slicing.indices_at(progress.cursor, 0), saved_fidelity.update)
         return app_state(contents, model, optimizer, progress, scheduler, env.rank, env.device, fidelity=fidelity)
 
     def data_from(cursor: int) -> Iterator[dict]:

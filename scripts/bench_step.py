@@ -104,9 +104,11 @@ def plain_optimizer(model: nn.Module, cfg: Config) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps)
 
 
-def make_plain_step(model: nn.Module, opt: torch.optim.Optimizer, grad_clip: float) -> Callable[[Batch], None]:
+def make_plain_step(
+    model: nn.Module, opt: torch.optim.Optimizer, grad_clip: float, device: torch.device
+) -> Callable[[Batch], None]:
     def step(batch: Batch) -> None:
-        x, y = batch["input"], batch["target"]
+        x, y = batch["input"].to(device), batch["target"].to(device)
         logits = model(x)
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
@@ -228,45 +230,51 @@ def print_report(result: dict) -> None:
     print(f"harness/plain ratio: {result['ratio']:.3f}")
 
 
+def measure(args: argparse.Namespace, cfg: Config, env: distributed.Dist) -> dict:
+    """The side-by-side timing on an initialised process group (also called by scripts/bench_checkpoint.py)."""
+    validate(cfg, env.world_size)
+    per_variant = args.rounds * (args.warmup + args.steps)
+    batches = prefetch_batches(cfg, env, per_variant)
+
+    plain_model, n_params = loop.build_sharded_model(cfg, env)
+    plain = make_plain_step(plain_model, plain_optimizer(plain_model, cfg), cfg.train.grad_clip, env.device)
+
+    harness_model, _ = loop.build_sharded_model(cfg, env)
+    with tempfile.TemporaryDirectory(prefix="bench_step-") as run_dir:
+        log = MetricsLogger(Path(run_dir), cfg.logger, cfg.train.steps, env.is_main, wandb_config=asdict(cfg))
+        harness = Harness(cfg, env, harness_model, build_optimizer(harness_model, cfg.optimizer), log)
+        times = run_rounds({"plain": plain, "harness": harness.run}, batches, args)
+        log.close()
+    phases = phase_breakdown(harness, args.warmup, args.steps)
+
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    stats = {name: summarize(t, tokens_per_step) for name, t in times.items()}
+    result = {
+        "torch": torch.__version__,
+        "world_size": env.world_size,
+        "threads": torch.get_num_threads(),
+        "model": cfg.model.name,
+        "params": n_params,
+        "seq_len": cfg.data.seq_len,
+        "batch_size": cfg.train.batch_size,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "rounds": args.rounds,
+        "variants": stats,
+        "harness_phases_s": phases,
+        "ratio": stats["harness"]["median_s"] / stats["plain"]["median_s"],
+        "round_ratios": round_ratios(times, args.steps),
+        "step_times_s": times,
+    }
+    return result
+
+
 def main() -> None:
     args = parse_args()
     cfg = compose_config(args)
     env = distributed.init_distributed("cpu")
     try:
-        validate(cfg, env.world_size)
-        per_variant = args.rounds * (args.warmup + args.steps)
-        batches = prefetch_batches(cfg, env, per_variant)
-
-        plain_model, n_params = loop.build_sharded_model(cfg, env)
-        plain = make_plain_step(plain_model, plain_optimizer(plain_model, cfg), cfg.train.grad_clip)
-
-        harness_model, _ = loop.build_sharded_model(cfg, env)
-        with tempfile.TemporaryDirectory(prefix="bench_step-") as run_dir:
-            log = MetricsLogger(Path(run_dir), cfg.logger, cfg.train.steps, env.is_main, wandb_config=asdict(cfg))
-            harness = Harness(cfg, env, harness_model, build_optimizer(harness_model, cfg.optimizer), log)
-            times = run_rounds({"plain": plain, "harness": harness.run}, batches, args)
-            log.close()
-        phases = phase_breakdown(harness, args.warmup, args.steps)
-
-        tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
-        stats = {name: summarize(t, tokens_per_step) for name, t in times.items()}
-        result = {
-            "torch": torch.__version__,
-            "world_size": env.world_size,
-            "threads": torch.get_num_threads(),
-            "model": cfg.model.name,
-            "params": n_params,
-            "seq_len": cfg.data.seq_len,
-            "batch_size": cfg.train.batch_size,
-            "steps": args.steps,
-            "warmup": args.warmup,
-            "rounds": args.rounds,
-            "variants": stats,
-            "harness_phases_s": phases,
-            "ratio": stats["harness"]["median_s"] / stats["plain"]["median_s"],
-            "round_ratios": round_ratios(times, args.steps),
-            "step_times_s": times,
-        }
+        result = measure(args, cfg, env)
         if env.is_main:
             print_report(result)
             if args.json:

@@ -201,14 +201,45 @@ def test_policy_block_printed_and_journaled(two_rank_run: Path) -> None:
     json.dumps(policy)
 
 
-def test_async_saves_commit_the_same_checkpoints(tmp_path: Path, two_rank_run: Path) -> None:
-    run_train([*FAST, *CADENCES, "checkpoint.async_save=true"], tmp_path, nproc=2)
+def test_best_k_at_a_cadence_step_is_hard_links_of_that_save(two_rank_run: Path) -> None:
+    # Evaluations at 3, 6, 9, 12 and rollback saves at every even step: best-K at 6 and 12 link the step's save.
+    events = read_journal(two_rank_run / "journal.jsonl")
+    admitted = [e["step"] for e in events if e["event"] == "best_k"]
+    best_saves = {e["step"]: e for e in events if e["event"] == "save" and e["role"] == "best_k"}
+    at_cadence = [s for s in admitted if s % 2 == 0]
+    assert at_cadence, f"no best-K admission at a cadence step: {admitted}"
+    for step in at_cadence:
+        assert best_saves[step].get("linked_from", "").endswith(f"step-{step:08d}.dcp"), best_saves[step]
+    for step in admitted:
+        if step % 2:
+            assert "linked_from" not in best_saves[step], "a best-K save at a step without a save was linked"
+    store = RunDir(two_rank_run)
+    for ckpt in store.list(Role.BEST_K):
+        source = store.manifest(ckpt).linked_from
+        if source is not None and (two_rank_run / source).exists():
+            assert (two_rank_run / source / "__1_0.distcp").stat().st_ino == (
+                store.path_of(ckpt) / "__1_0.distcp"
+            ).stat().st_ino
+
+
+def test_default_saves_are_asynchronous_and_journal_their_cost(two_rank_run: Path) -> None:
+    saves = [e for e in read_journal(two_rank_run / "journal.jsonl") if e["event"] == "save" and "linked_from" not in e]
+    assert saves and all(e["mode"] == "async" for e in saves)
+    assert all(0 <= e["blocking_seconds"] <= e["seconds"] for e in saves)
+    # The first save has no step without a save before it to compare with; later ones report what they cost.
+    assert all(e["cost_seconds"] is not None and e["cost_seconds"] >= 0 for e in saves[1:])
+
+
+def test_sync_saves_commit_the_same_checkpoints(tmp_path: Path, two_rank_run: Path) -> None:
+    run_train([*FAST, *CADENCES, "checkpoint.async_save=false"], tmp_path, nproc=2)
     run_dir = only_run_dir(tmp_path / "runs")
-    sync_store, async_store = RunDir(two_rank_run), RunDir(run_dir)
-    assert [(c.role, c.step) for c in async_store.list()] == [(c.role, c.step) for c in sync_store.list()]
+    async_store, sync_store = RunDir(two_rank_run), RunDir(run_dir)
+    assert [(c.role, c.step) for c in sync_store.list()] == [(c.role, c.step) for c in async_store.list()]
     assert os.readlink(run_dir / "latest") == "recovery/step-00000012.dcp"
-    for ckpt in async_store.list():
-        assert async_store.verify(ckpt) == []
+    for ckpt in sync_store.list():
+        assert sync_store.verify(ckpt) == []
     saves = [e for e in read_journal(run_dir / "journal.jsonl") if e["event"] == "save" and "linked_from" not in e]
-    assert saves and all(0 <= e["blocking_seconds"] <= e["seconds"] for e in saves)
+    assert saves and all(e["mode"] == "sync" and 0 <= e["blocking_seconds"] <= e["seconds"] for e in saves)
+    # A synchronous save costs training exactly the time it blocks.
+    assert all(e["cost_seconds"] == e["blocking_seconds"] for e in saves)
     assert not [p for p in run_dir.rglob(".tmp-*")]

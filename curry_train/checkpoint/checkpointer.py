@@ -6,38 +6,72 @@ Every rank calls `save` (DCP is collective); only rank 0 touches the run directo
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.policy import Checkpoint, Policy, Role, best_k_decision, retention
 from curry_train.checkpoint.state import Contents, ProgressState
-from curry_train.checkpoint.store import FileEntry, RunDir, file_entry
+from curry_train.checkpoint.store import RunDir
 from curry_train.journal import Journal
 
 
 @dataclass
 class PendingSave:
-    """A save whose bytes are being written (asynchronously) and that is not committed yet."""
+    """A save from its start to its commit: one set of bytes, written for the first checkpoint, linked for the rest."""
 
     checkpoints: list[Checkpoint]  # the first is written; the others become hard links of it
     contents: Contents
     started: float
-    staging: Path | None = None
-    future: Future | None = None
-    blocking_seconds: float = 0.0
-    known: dict[str, FileEntry] = field(default_factory=dict)  # checksums the writing ranks computed
-    committer: threading.Thread | None = None  # rank 0's commit of an asynchronous save
-    commit_error: Exception | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # for the manifest: where the data stood at this step
+    job: io.SaveJob | None = None
+    stage_seconds: float = 0.0
+    blocking_seconds: float = 0.0  # the training thread's time inside save() and wait() for this save
+    overlapped: list[float] = field(default_factory=list)  # the step intervals it was in flight during
+    mark: float = 0.0  # when the current overlapped interval began
+    waiting_since: float | None = None  # when wait() began blocking on it (a synchronous save: right after start)
+    baseline: float | None = None  # the step time without a save, when its bytes were durable
+    written: list[io.Written] = field(default_factory=list)  # every rank's report, once all are durable
+    committer: threading.Thread | None = None  # rank 0's commit while training goes on
+    commit_error: Exception | None = None
+
+    @property
+    def step(self) -> int:
+        return self.checkpoints[0].step
+
+
+class StepClock:
+    """Wall time between `poll()` calls (one a step, on the loop's path), to tell what a save cost training.
+
+    A save in flight slows the steps it overlaps (its writer shares the cores, the memory bandwidth and the GIL);
+    that extra time, not the time the training thread spent inside `save()`, is what it cost. The baseline is the
+    median of recent intervals with no save started, waited for or in flight, so an occasional evaluation step
+    does not move it.
+    """
+
+    def __init__(self, window: int = 25) -> None:
+        self.clean: deque[float] = deque(maxlen=window)
+        self.last: float | None = None
+        self.dirty = False  # the current interval had a save in it
+
+    def tick(self, now: float, busy: bool) -> None:
+        if self.last is not None and not self.dirty:
+            self.clean.append(now - self.last)
+        self.last, self.dirty = now, busy
+
+    def baseline(self) -> float | None:
+        return statistics.median(self.clean) if self.clean else None
 
 
 class Checkpointer:
@@ -48,7 +82,7 @@ class Checkpointer:
         journal: Journal,
         group: dist.ProcessGroup,
         rank: int,
-        async_save: bool = False,
+        async_save: bool = True,
     ) -> None:
         self.store = store
         self.policy = policy
@@ -57,7 +91,12 @@ class Checkpointer:
         self.rank = rank
         self.is_main = rank == 0
         self.async_save = async_save
-        self.pending: PendingSave | None = None
+        self.stager = io.Stager()  # one per run: its buffers are reused by every asynchronous save
+        self.writer = io.Writer()  # one per run: one save written at a time
+        self.writing: PendingSave | None = None  # every rank: bytes being written
+        self.committing: PendingSave | None = None  # rank 0: durable bytes being committed
+        self.durable: tuple[int, Checkpoint] | None = None  # the last save whose bytes every rank made durable
+        self.clock = StepClock()
         self.best: list[Checkpoint] = self._shared_listing(Role.BEST_K)
 
     def _shared_listing(self, role: Role) -> list[Checkpoint]:
@@ -69,15 +108,23 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------------------ saving
 
     def save(self, step: int, roles: list[Role], contents: Contents, state: dict[str, Stateful]) -> None:
-        """Save one set of bytes for `roles` at `step` (the first role is written, the others linked)."""
+        """Save one set of bytes for `roles` at `step` (the first role is written, the others linked).
+
+        Asynchronous (the default): returns once the state is staged and the save planned; the bytes are written
+        in the background and committed by a later `poll()` or `wait()`. Synchronous: the same save, waited for."""
         self.wait()
         # Recovery is written and the other role linked to it: recovery is kept longest, and `latest` names it.
         ordered = sorted(roles, key=lambda role: role is not Role.RECOVERY)
         checkpoints = [Checkpoint(role, step) for role in ordered]
         self._start(PendingSave(checkpoints, contents, time.perf_counter(), extra=_data_position(state)), state)
+        if not self.async_save:
+            self.wait()
 
     def consider_best_k(self, step: int, value: float, state_factory: Callable[[], dict[str, Stateful]]) -> bool:
-        """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k."""
+        """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k.
+
+        At a step that already has a save in flight or durable (the cadence roles often fall on evaluation steps),
+        the best-K checkpoint becomes hard links of that save, which holds the parameters too: no wait, no write."""
         if self.policy.best_k == 0:
             return False
         # Six significant digits keep the name readable (dev-loss-2.34102-step-...) at any scale of the metric;
@@ -90,11 +137,8 @@ class Checkpointer:
         decision = best_k_decision(self.policy, self.best, step, value)
         if not decision.admit:
             return False
-        self.wait()
         ckpt = Checkpoint(Role.BEST_K, step, metric=value, metric_name=self.policy.best_k_metric)
         self.best = [c for c in self.best if c not in decision.evict] + [ckpt]
-        state = state_factory()
-        pending = PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=_data_position(state))
         if self.is_main:
             self.journal.append(
                 "best_k",
@@ -104,97 +148,145 @@ class Checkpointer:
                 reason=decision.reason,
                 evict=[c.relpath for c in decision.evict],
             )
-        self._start(pending, state)
+        if self.writing is not None and self.writing.step == step:
+            self.writing.checkpoints.append(ckpt)  # linked when the save commits
+            return True
+        if self.durable is not None and self.durable[0] == step:
+            self._link_committed(self.durable[1], ckpt)
+            return True
+        self.wait()
+        state = state_factory()
+        self._start(PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=_data_position(state)), state)
+        if not self.async_save:
+            self.wait()
         return True
 
     def _start(self, pending: PendingSave, state: dict[str, Stateful]) -> None:
+        """Stage (asynchronous saves) and plan the save on every rank, then hand it to the writer thread."""
         first = pending.checkpoints[0]
-        # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name)
-        # before DCP's planning collective lets the other ranks write into it.
-        box = [str(self.store.staging_dir(first)) if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        pending.staging = Path(box[0])
-        started = time.perf_counter()
-        if self.async_save:
-            pending.future = io.async_save(state, pending.staging, self.group)
-            pending.blocking_seconds = time.perf_counter() - started
-            self.pending = pending
-        else:
-            try:
-                io.save(state, pending.staging, self.group)
-            except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
-                self._journal_error(first, f"save failed: {err!r}; earlier checkpoints are intact")
-                raise
-            pending.known = self._gather_own_checksums(pending.staging)
-            pending.blocking_seconds = time.perf_counter() - started
-            self._finish(pending)
-
-    def _gather_own_checksums(self, staging: Path) -> dict[str, FileEntry]:
-        """Each rank checksums the shard files it wrote, in parallel, and rank 0 gets them all: rank 0 alone
-        re-reading every rank's bytes would take minutes for a large model."""
-        own = {p.name: file_entry(p) for p in sorted(staging.glob(f"__{self.rank}_*.distcp"))}
-        gathered: list[dict[str, FileEntry] | None] = [None] * dist.get_world_size(self.group) if self.is_main else []
-        dist.gather_object(own, gathered if self.is_main else None, dst=0, group=self.group)
-        return {k: v for part in gathered if part for k, v in part.items()}
+        try:
+            # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name)
+            # before the planning collective lets the other ranks write into it.
+            box = [str(self.store.staging_dir(first)) if self.is_main else None]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            state_dict = io.to_state_dict(state)
+            if self.async_save:
+                # Parameters and optimizer state change only at optimizer.step(): a copy taken now is the step's.
+                state_dict = self.stager.stage(state_dict)
+            pending.stage_seconds = time.perf_counter() - pending.started
+            pending.job = io.SaveJob.start(state_dict, Path(box[0]), self.group)
+        except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
+            self._journal_error(first, f"save failed: {err!r}; earlier checkpoints are intact")
+            raise
+        self.writer.submit(pending.job)
+        pending.mark = time.perf_counter()
+        pending.blocking_seconds = pending.mark - pending.started
+        self.writing = pending
+        self.clock.dirty = True
 
     def poll(self) -> None:
-        """Start committing an asynchronous save whose bytes are all written; cheap when nothing is pending."""
-        pending = self.pending
-        if pending is not None and pending.future is not None and pending.future.done() and pending.committer is None:
-            self._begin_commit(pending)
+        """Once a step on every rank: commit a save whose bytes every rank has made durable.
 
-    def wait(self) -> None:
-        """Block until the pending asynchronous save (if any) is written and committed."""
-        pending, self.pending = self.pending, None
+        While a save is in flight this costs one tiny all-reduce on the checkpoint group, so that all ranks agree
+        on the step at which they gather their reports (a collective every rank reaches, on the training thread)."""
+        now = time.perf_counter()
+        done_committing = self.committing is not None and self.committing.committer is not None
+        if done_committing and not self.committing.committer.is_alive() and self.committing.commit_error is None:
+            self.committing = None
+        pending = self.writing
+        self.clock.tick(now, busy=pending is not None or self.committing is not None)
         if pending is None:
             return
-        assert pending.future is not None
-        try:
-            pending.future.result()
-        except Exception as err:  # the write failed: keep every existing checkpoint, say what happened
-            self._journal_error(pending.checkpoints[0], f"asynchronous save failed: {err!r}")
-            raise
-        if pending.committer is None:
-            self._begin_commit(pending)
-        assert pending.committer is not None
-        pending.committer.join()
-        if pending.commit_error is not None:
-            raise pending.commit_error
+        pending.overlapped.append(now - pending.mark)
+        pending.mark = now
+        assert pending.job is not None and pending.job.future is not None
+        done = torch.tensor([int(pending.job.future.done())], dtype=torch.int32)
+        dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
+        if done.item():
+            self._collect(pending)
+            self._begin_commit(pending, inline=False)
 
-    def _begin_commit(self, pending: PendingSave) -> None:
-        """Commit in a thread of rank 0's: fsync and checksums of a large checkpoint take long, and they touch only
-        the filesystem and the journal (no collectives), so training need not wait for them."""
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written and committed, on every rank."""
+        started = time.perf_counter()
+        pending = self.writing
+        if pending is not None:
+            assert pending.job is not None and pending.job.future is not None
+            pending.waiting_since = started
+            futures_wait([pending.job.future])
+            self._collect(pending)
+            self._begin_commit(pending, inline=True)
+        self._join_commit()
+
+    def _collect(self, pending: PendingSave) -> None:
+        """Every rank's report of its durable files, on every rank: a failed write anywhere fails the save
+        everywhere, and rank 0 gets the checksums each rank computed of its own files."""
+        self.writing = None
+        assert pending.job is not None and pending.job.future is not None
+        err = pending.job.future.exception()
+        mine: io.Written | str = f"rank {self.rank}: {err!r}" if err is not None else pending.job.future.result()
+        reports: list[Any] = [None] * dist.get_world_size(self.group)
+        dist.all_gather_object(reports, mine, group=self.group)
+        failed = [r for r in reports if isinstance(r, str)]
+        if failed:
+            self._journal_error(
+                pending.checkpoints[0], f"save failed: {'; '.join(failed)}; earlier checkpoints are intact"
+            )
+            raise RuntimeError(f"checkpoint save of {pending.checkpoints[0].relpath} failed: {'; '.join(failed)}")
+        pending.written = reports
+        self.durable = (pending.step, pending.checkpoints[0])
+        pending.baseline = self.clock.baseline()
+
+    def _begin_commit(self, pending: PendingSave, inline: bool) -> None:
+        """Rank 0 commits: inline when the caller waits anyway, else in a thread (fsyncs of directories, the
+        manifest, links and retention touch only the filesystem and the journal, no collective)."""
+        if not self.is_main:
+            return
 
         def commit() -> None:
             try:
-                if self.is_main:
-                    self._commit(pending)
+                self._commit(pending)
             except Exception as err:
                 pending.commit_error = err
                 self._journal_error(pending.checkpoints[0], f"commit failed: {err!r}; earlier checkpoints are intact")
 
+        self.committing = pending
         pending.committer = threading.Thread(target=commit, name="curry-train-commit")
         pending.committer.start()
+        if inline:
+            self._join_commit()
 
-    def _finish(self, pending: PendingSave) -> None:
-        if self.is_main:
-            self._commit(pending)
+    def _join_commit(self) -> None:
+        pending, self.committing = self.committing, None
+        if pending is None or pending.committer is None:
+            return
+        pending.committer.join()
+        if pending.commit_error is not None:
+            raise pending.commit_error
 
     def _commit(self, pending: PendingSave) -> None:
         first = pending.checkpoints[0]
+        assert pending.job is not None
+        pending.job.finish_metadata([w.results for w in pending.written])
+        known = {name: entry for w in pending.written for name, entry in w.files.items()}
         # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
         extra = {"contents": pending.contents.value, "world_size": dist.get_world_size(self.group), **pending.extra}
-        committing = time.perf_counter()
-        manifest = self.store.commit(first, pending.staging, extra=extra, known=pending.known)
-        if pending.committer is None:  # a synchronous save commits on the training thread
-            pending.blocking_seconds += time.perf_counter() - committing
-        seconds = time.perf_counter() - pending.started
+        # Every data file was fsynced by its rank's writer before that rank reported it, and `.metadata` by
+        # FileSystemWriter.finish (sync_files=True): the commit fsyncs only directories and the manifest.
+        durable = frozenset(known) | {".metadata"}
+        manifest = self.store.commit(first, pending.job.staging, extra=extra, known=known, durable=durable)
+        blocking, cost = self._costs(pending)
         self._journal_save(
             first,
             manifest.total_bytes,
             pending.contents,
-            seconds=round(seconds, 4),
-            blocking_seconds=round(pending.blocking_seconds, 4),
+            seconds=round(time.perf_counter() - pending.started, 4),
+            blocking_seconds=round(blocking, 4),
+            cost_seconds=None if cost is None else round(cost, 4),
+            stage_seconds=round(pending.stage_seconds, 4),
+            write_seconds=round(max(w.seconds for w in pending.written), 4),
+            write_cpu_seconds=round(max(w.cpu_seconds for w in pending.written), 4),
+            mode="async" if self.async_save else "sync",
         )
         for ckpt in pending.checkpoints[1:]:
             linked = self.store.link(first, ckpt)
@@ -202,6 +294,43 @@ class Checkpointer:
         if pending.contents is Contents.FULL:
             self.store.set_latest(first)
         self._apply_retention(first.step)
+
+    @staticmethod
+    def _costs(pending: PendingSave) -> tuple[float, float | None]:
+        """The training thread's blocked time, and what the save cost training: that blocked time plus the extra
+        time, over the baseline step, of the steps it overlapped (each measured from the end of the start, or of
+        the previous step, to the end of the step, so the blocked time is not counted twice). None without a
+        baseline yet."""
+        waited = 0.0 if pending.waiting_since is None else time.perf_counter() - pending.waiting_since
+        blocking = pending.blocking_seconds + waited
+        if not pending.overlapped:  # started and finished within one step: all of it blocked training
+            return blocking, blocking
+        if pending.baseline is None:
+            return blocking, None
+        return blocking, blocking + max(0.0, sum(t - pending.baseline for t in pending.overlapped))
+
+    def _link_committed(self, source: Checkpoint, ckpt: Checkpoint) -> None:
+        """`ckpt` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
+        of a failure."""
+        outcome: Exception | None = None
+        if self.is_main:
+            try:
+                self._join_commit()
+                linked = self.store.link(source, ckpt)
+                self._journal_save(
+                    ckpt,
+                    linked.total_bytes,
+                    Contents(linked.extra["contents"]),
+                    seconds=0.0,
+                    linked_from=source.relpath,
+                )
+                self._apply_retention(ckpt.step)
+            except Exception as err:
+                outcome = err
+        box = [outcome]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        if box[0] is not None:
+            raise box[0]
 
     def _journal_error(self, ckpt: Checkpoint, reason: str) -> None:
         if self.is_main:

@@ -175,19 +175,64 @@ def rng_digest(device: torch.device) -> str:
     return h.hexdigest()[:16]
 
 
+def _digest(named: Any) -> str:
+    h = hashlib.sha256()
+    for name, tensor in named:
+        local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+        h.update(name.encode())
+        # Hashed through the buffer protocol: the same bytes as a copy would give, without the copy.
+        h.update(local.detach().cpu().contiguous().view(torch.uint8).numpy())
+    return h.hexdigest()[:16]
+
+
 @torch.no_grad()
 def param_digest(model: nn.Module) -> str:
     """A fingerprint of the bytes of this rank's parameter shards (bitwise: any flipped bit changes it)."""
-    h = hashlib.sha256()
-    for name, param in model.named_parameters():
-        local = param.to_local() if isinstance(param, DTensor) else param
-        h.update(name.encode())
-        h.update(local.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
+    return _digest(model.named_parameters())
 
 
 def fidelity_record(model: nn.Module, device: torch.device, next_indices: list[int]) -> dict[str, Any]:
     return {"params": param_digest(model), "rng": rng_digest(device), "next_indices": list(next_indices)}
+
+
+class DeferredFidelity:
+    """This rank's fidelity record in a state dict being saved, with the parameter digest left to the writer.
+
+    The digest hashes every parameter shard; computed at `state_dict()` time it would cost the training thread a
+    pass over the parameters on every full save, and one more, uselessly, when `dcp.load` collects state dicts to
+    load into. The writer resolves it from the state being written (the staged copy of an asynchronous save), whose
+    `model` entries are the same shards, under the same names, as `model.named_parameters()` gives after a load.
+    """
+
+    def __init__(self, param_names: list[str], rng: str, next_indices: list[int]) -> None:
+        self.param_names = param_names
+        self.rng = rng
+        self.next_indices = next_indices
+
+    def resolve_for_save(self, state_dict: dict[str, Any]) -> bytes:
+        model = state_dict["model"]
+        params = _digest((name, model[name]) for name in self.param_names)
+        return pickle.dumps({"params": params, "rng": self.rng, "next_indices": self.next_indices})
+
+
+class FidelityState(Stateful):
+    """The fidelity record under `rank<r>`: written deferred, loaded into `put` for the check after a resume."""
+
+    def __init__(
+        self, rank: int, model: nn.Module, device: torch.device, next_indices: Callable[[], list[int]], put: Callable
+    ) -> None:
+        self.key = f"rank{rank}"
+        self.model = model
+        self.device = device
+        self.next_indices = next_indices
+        self.put = put
+
+    def state_dict(self) -> dict[str, Any]:
+        names = [name for name, _ in self.model.named_parameters()]
+        return {self.key: DeferredFidelity(names, rng_digest(self.device), list(self.next_indices()))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.put(pickle.loads(state_dict[self.key]))
 
 
 def app_state(
@@ -198,14 +243,16 @@ def app_state(
     scheduler: dict[str, int | float],
     rank: int,
     device: torch.device,
-    fidelity: tuple[Callable[[], dict[str, Any]], Callable[[dict[str, Any]], None]] | None = None,
+    fidelity: tuple[Callable[[], list[int]], Callable[[dict[str, Any]], None]] | None = None,
 ) -> dict[str, Stateful]:
-    """The DCP state dict of a checkpoint with `contents`: Stateful objects that DCP saves and loads in place."""
+    """The DCP state dict of a checkpoint with `contents`: Stateful objects that DCP saves and loads in place.
+
+    `fidelity`: where the next batch starts (its sample indices) and where a loaded fidelity record goes."""
     state: dict[str, Stateful] = {"model": ModelState(model), "progress": ProgressState(progress)}
     if contents is Contents.FULL:
         state["optim"] = OptimState(model, optimizer)
         state["scheduler"] = DictState(scheduler)
         state["rng"] = PerRankState(rank, lambda: capture_rng(device), lambda s: restore_rng(s, device))
         if fidelity is not None:
-            state["fidelity"] = PerRankState(rank, *fidelity)
+            state["fidelity"] = FidelityState(rank, model, device, *fidelity)
     return state

@@ -209,10 +209,12 @@ def _data_files(root: Path) -> Iterator[Path]:
             yield p
 
 
-def _fsync_tree(root: Path) -> None:
-    """fsync every file, then every directory bottom-up (so each dir entry is durable too)."""
+def _fsync_tree(root: Path, durable: frozenset[str] = frozenset()) -> None:
+    """fsync every file (but those in `durable`, relative paths), then every directory bottom-up (so each dir entry
+    is durable too)."""
     for p in _data_files(root):
-        fsync_file(p)
+        if p.relative_to(root).as_posix() not in durable:
+            fsync_file(p)
     for dirpath, _dirnames, _filenames in os.walk(root, topdown=False):
         fsync_dir(dirpath)
 
@@ -322,13 +324,19 @@ class RunDir:
         staging: Path,
         extra: dict[str, Any] | None = None,
         known: dict[str, FileEntry] | None = None,
+        durable: frozenset[str] = frozenset(),
     ) -> Manifest:
         """Make a fully written staging dir durable and visible under its final name (`known`: checksums the
-        writing ranks computed of their own files)."""
+        writing ranks computed of their own files).
+
+        `durable`: files (relative paths) whose writer already fsynced them and reported so before this call. They
+        are not fsynced again: fsync makes a file's data durable whichever process or descriptor calls it, and the
+        data cannot have changed since (nothing writes a staging file after its writer closed it), so a second call
+        would only wait on the disk for nothing. Their directory entries are still fsynced below, with the rest."""
         staging = Path(staging)
         if not staging.is_dir():
             raise FileNotFoundError(f"staging dir does not exist: {staging}")
-        _fsync_tree(staging)
+        _fsync_tree(staging, durable)
         manifest = Manifest(
             role=ckpt.role,
             step=ckpt.step,

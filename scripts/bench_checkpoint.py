@@ -1,0 +1,443 @@
+"""What checkpointing costs, against its floors, measured side by side in one run on one machine and one state.
+
+    python scripts/bench_checkpoint.py --model small --nproc 2 --json bench.json     # launches torchrun itself
+    python scripts/bench_checkpoint.py --model tiny --nproc 2 --reps 1 --loop-steps 8 --save-every 3 \\
+        --step-rounds 2 --step-steps 2 --policy-steps 4                             # a smoke run, seconds
+
+Rows (each repetition runs every row of its section, in an order that rotates between repetitions, so drift on a
+shared machine cancels; a figure is the median over repetitions, the slowest rank's time):
+  disk write / read   each rank writes its checkpoint share sequentially and fsyncs (as `dd conv=fdatasync`),
+                      then reads it back after dropping its pages from the cache (posix_fadvise)
+  dcp.save / load     raw `dcp.save` / `dcp.load` of the harness's full state, the floor curry-train builds on
+  sync save           curry-train's synchronous save (stage-free write, checksums, commit, journal)
+  resume load         curry-train's resume load (DCP load plus the fidelity check)
+  loop off/async/sync `loop.train` for --loop-steps steps, a full save every --save-every steps (none for off);
+                      extra wall time of the training window (first to last step's metrics line) per save
+  plain / harness     one optimizer step: a minimal hand-written FSDP2 loop against the harness (bench_step.py)
+  policy off/default  `loop.train` at the `default` checkpoint cadences against checkpointing off
+Goals compare these ratios with the targets of the fast-checkpoints issue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from hydra import compose, initialize_config_module
+from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+from curry_train import distributed, loop
+from curry_train.checkpoint import resume as resuming
+from curry_train.checkpoint.checkpointer import Checkpointer
+from curry_train.checkpoint.plan import policy_of
+from curry_train.checkpoint.policy import Role
+from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
+from curry_train.checkpoint.store import RunDir
+from curry_train.config import Config, Launch, resolve
+from curry_train.data import Slicing, build_train_loader
+from curry_train.journal import Journal, read_journal
+from curry_train.metrics import read_metrics
+from curry_train.optim import build_optimizer
+
+SCRIPTS = Path(__file__).resolve().parent
+SECTIONS = ["io", "loop", "step", "policy"]
+CHECKPOINT_OFF = ["checkpoint.rollback_every=0", "checkpoint.recovery_every=0", "checkpoint.best_k=0"]
+GOALS = {  # name: (target, "max" or "min" or "band")
+    "async_stall_vs_sync": (0.10, "max"),
+    "journal_cost_vs_outside": (0.20, "band"),
+    "sync_save_vs_disk_write": (0.80, "min"),
+    "resume_load_vs_dcp_load": (1.10, "max"),
+    "harness_vs_plain_step": (1.02, "max"),
+    "default_policy_cost": (0.03, "max"),
+}
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="small", help="model preset (conf/model/*.yaml)")
+    p.add_argument("--nproc", type=int, default=2, help="ranks; the script launches torchrun itself")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--json", type=Path, default=None, help="write every figure here")
+    p.add_argument("--dir", type=Path, default=Path("bench-checkpoint"), help="scratch directory (removed after)")
+    p.add_argument("--reps", type=int, default=2, help="repetitions of the I/O rows and of the loop runs")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=4, help="global sequences per step")
+    p.add_argument("--loop-steps", type=int, default=29, help="steps of each loop run")
+    p.add_argument("--save-every", type=int, default=5, help="full-save cadence of the async and sync loop runs")
+    p.add_argument("--step-rounds", type=int, default=3, help="bench_step rounds (plain against harness)")
+    p.add_argument("--step-steps", type=int, default=10, help="bench_step timed steps per round and variant")
+    p.add_argument("--policy-steps", type=int, default=110, help="steps of each default-policy run (0: skip)")
+    p.add_argument("--only", nargs="*", default=SECTIONS, choices=SECTIONS, help="sections to run (a rerun)")
+    return p.parse_args()
+
+
+def relaunch(args: argparse.Namespace) -> None:
+    """Not under torchrun yet: run this script under it with --nproc ranks."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # torchrun's parser would take --nproc for its own --nproc-per-node (a prefix): leave it out, it is said above.
+    forwarded, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--nproc="):
+            skip = False
+            continue
+        skip = arg == "--nproc"
+        if not skip:
+            forwarded.append(arg)
+    raise SystemExit(subprocess.run([*cmd, __file__, *forwarded], env=env).returncode)
+
+
+def config(args: argparse.Namespace, *overrides: str) -> Config:
+    base = [
+        f"model={args.model}",
+        f"data.seq_len={args.seq_len}",
+        "data.max_bytes=2000000",
+        f"train.batch_size={args.batch_size}",
+        f"train.device={args.device}",
+        "logger.wandb.mode=disabled",
+        "logger.progress_bar=false",
+        "logger.console_every=100000",
+    ]
+    with initialize_config_module("curry_train.conf", version_base="1.3"):
+        cfg, _ = resolve(compose("config", overrides=[*base, *overrides]))
+    return cfg
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    """Seconds for `fn` on every rank (barriers around it: the slowest rank's time)."""
+    dist.barrier()
+    start = time.perf_counter()
+    fn()
+    dist.barrier()
+    return time.perf_counter() - start
+
+
+def drop_cache(root: Path) -> None:
+    """Drop the page-cache pages of every file under `root` (they are fsynced, so clean): the next read hits disk."""
+    if dist.get_rank() == 0:
+        for p in root.rglob("*"):
+            if p.is_file():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+    dist.barrier()
+
+
+def tree_bytes(root: Path) -> int:
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+# --------------------------------------------------------------------------------------------- the I/O rows
+
+
+class IoBench:
+    """The harness's full state after two steps, and the rows that save or load it."""
+
+    def __init__(self, args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> None:
+        self.env, self.scratch = env, scratch
+        cfg = config(args, "train.steps=1000")
+        self.model, _ = loop.build_sharded_model(cfg, env)
+        self.optimizer = build_optimizer(self.model, cfg.optimizer)
+        corpus = loop.load_checked_corpus(cfg)
+        slicing = Slicing(cfg.train.batch_size, env.world_size, env.rank, cfg.train.grad_accum)
+        batches = iter(build_train_loader(corpus.train, cfg.data, slicing, cfg.train.seed))
+        for step in range(2):  # Adam's moments exist from the first step on
+            loop.optimizer_step(step, self.model, self.optimizer, batches, cfg, env.device)
+        self.progress = Progress(step=2, cursor=2 * cfg.train.batch_size, world_size=env.world_size)
+        self.scheduler: dict[str, int | float] = {"step": 2, "lr": 0.0}
+        saved: dict[str, Any] = {}
+        next_indices = lambda: slicing.indices_at(self.progress.cursor, 0)  # noqa: E731
+
+        def state(contents: Contents, fidelity: bool = True) -> dict:
+            extra = {"fidelity": (next_indices, saved.update)} if fidelity else {}
+            m, o, p, s, r, d = self.model, self.optimizer, self.progress, self.scheduler, env.rank, env.device
+            return app_state(contents, m, o, p, s, r, d, **extra)
+
+        self.state = state
+        self.trainee = resuming.Trainee(
+            state, self.optimizer, self.progress, saved, lambda: fidelity_record(self.model, env.device, next_indices())
+        )
+        run = scratch / "io-run"
+        if env.is_main:
+            run.mkdir(parents=True, exist_ok=True)
+        dist.barrier()
+        policy = policy_of(cfg.checkpoint)
+        journal = Journal(run / "journal.jsonl", enabled=env.is_main)
+        self.ckpt = Checkpointer(RunDir(run), policy, journal, env.checkpoint_group, env.rank, async_save=False)
+        self.dcp_dir = scratch / "raw.dcp"
+        self.disk_file = scratch / f"disk-{env.rank}.bin"
+        self.saved_bytes = 0
+
+    def dcp_save(self) -> float:
+        if self.env.is_main:
+            shutil.rmtree(self.dcp_dir, ignore_errors=True)
+        writer = FileSystemWriter(self.dcp_dir, sync_files=True)
+        seconds = timed(
+            lambda: dcp.save(
+                self.state(Contents.FULL, False), storage_writer=writer, process_group=self.env.checkpoint_group
+            )
+        )
+        self.saved_bytes = tree_bytes(self.dcp_dir) if self.env.is_main else 0
+        return seconds
+
+    def dcp_load(self) -> float:
+        drop_cache(self.dcp_dir)
+        reader = FileSystemReader(self.dcp_dir)
+        return timed(
+            lambda: dcp.load(
+                self.state(Contents.FULL, False), storage_reader=reader, process_group=self.env.checkpoint_group
+            )
+        )
+
+    def sync_save(self) -> float:
+        self.progress.step += 1  # a new step each time: a save at a committed step would replace it
+        return timed(
+            lambda: self.ckpt.save(self.progress.step, [Role.RECOVERY], Contents.FULL, self.state(Contents.FULL))
+        )
+
+    def resume_load(self) -> float:
+        store = self.ckpt.store
+        path = store.path_of(store.latest()) if self.env.is_main else None
+        box = [path]
+        dist.broadcast_object_list(box, src=0, group=self.env.checkpoint_group)
+        drop_cache(box[0])
+        point = resuming.ResumePoint(box[0], self.progress.step, Contents.FULL, self.env.world_size)
+        return timed(lambda: resuming.load(point, self.ckpt, self.trainee, self.env.world_size))
+
+    def disk_write(self) -> float:
+        share = max(1, self.shared_bytes() // self.env.world_size)
+        block = os.urandom(8 << 20)
+
+        def write() -> None:
+            with open(self.disk_file, "wb", buffering=0) as f:
+                left = share
+                while left > 0:
+                    left -= f.write(memoryview(block)[: min(left, len(block))])
+                os.fsync(f.fileno())
+
+        return timed(write)
+
+    def disk_read(self) -> float:
+        fd = os.open(self.disk_file, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(fd)
+
+        def read() -> None:
+            with open(self.disk_file, "rb", buffering=0) as f:
+                while f.read(8 << 20):
+                    pass
+
+        return timed(read)
+
+    def shared_bytes(self) -> int:
+        box = [self.saved_bytes]
+        dist.broadcast_object_list(box, src=0, group=self.env.checkpoint_group)
+        return int(box[0])
+
+
+def io_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> tuple[dict[str, list[float]], int]:
+    bench = IoBench(args, env, scratch)
+    bench.dcp_save()  # untimed: sizes the disk rows, warms the code paths
+    rows = {
+        "disk_write": bench.disk_write,
+        "dcp_save": bench.dcp_save,
+        "sync_save": bench.sync_save,
+        "disk_read": bench.disk_read,
+        "dcp_load": bench.dcp_load,
+        "resume_load": bench.resume_load,
+    }
+    times: dict[str, list[float]] = {name: [] for name in rows}
+    saves = ["disk_write", "dcp_save", "sync_save"]
+    loads = ["disk_read", "dcp_load", "resume_load"]
+    for rep in range(args.reps):
+        k = rep % len(saves)
+        for name in saves[k:] + saves[:k]:
+            times[name].append(bench.dcp_save() if name == "dcp_save" else rows[name]())
+        for name in loads[k:] + loads[:k]:
+            times[name].append(rows[name]())
+    return times, bench.shared_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ loop runs
+
+
+def run_loop(cfg: Config, env: distributed.Dist, run_dir: Path) -> Path:
+    if env.is_main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    dist.barrier()
+    loop.train(cfg, run_dir, env, Launch())
+    dist.barrier()
+    return run_dir
+
+
+def window(run_dir: Path, first: int, last: int) -> float:
+    """Seconds from the metrics line of step `first` to that of step `last` (rank 0 writes them as steps end)."""
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    return metrics[last]["time"] - metrics[first]["time"]
+
+
+def journal_costs(run_dir: Path) -> list[float]:
+    events = read_journal(run_dir / "journal.jsonl")
+    return [e["cost_seconds"] for e in events if e["event"] == "save" and e.get("cost_seconds") is not None]
+
+
+def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> dict[str, Any]:
+    saving = [f"checkpoint.rollback_every={args.save_every}", "checkpoint.recovery_every=0", "checkpoint.best_k=0"]
+    common = [f"train.steps={args.loop_steps}", "train.eval_every=0", "checkpoint.check_storage=false"]
+    variants = {
+        "off": config(args, *common, *CHECKPOINT_OFF),
+        "async": config(args, *common, *saving, "checkpoint.async_save=true"),
+        "sync": config(args, *common, *saving, "checkpoint.async_save=false"),
+    }
+    # Saves inside the window only: a save in the last steps would be waited for at exit, outside it.
+    saves = len([s for s in range(1, args.loop_steps + 1) if s % args.save_every == 0 and s < args.loop_steps])
+    windows: dict[str, list[float]] = {name: [] for name in variants}
+    costs: list[float] = []
+    names = list(variants)
+    for rep in range(args.reps):
+        for name in names[rep % 3 :] + names[: rep % 3]:
+            run_dir = run_loop(variants[name], env, scratch / f"loop-{name}")
+            if env.is_main:
+                windows[name].append(window(run_dir, 1, args.loop_steps))
+                if name == "async":
+                    costs += journal_costs(run_dir)[:saves]
+    return {"windows": windows, "saves": saves, "journal_costs": costs}
+
+
+def policy_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> dict[str, list[float]]:
+    common = [f"train.steps={args.policy_steps}", "checkpoint=default", "checkpoint.check_storage=false"]
+    variants = {"policy_off": config(args, *common, *CHECKPOINT_OFF), "policy_default": config(args, *common)}
+    windows: dict[str, list[float]] = {name: [] for name in variants}
+    for name, cfg in variants.items():
+        run_dir = run_loop(cfg, env, scratch / name)
+        if env.is_main:
+            windows[name].append(window(run_dir, 1, args.policy_steps))
+    return windows
+
+
+def step_rows(args: argparse.Namespace, env: distributed.Dist) -> dict[str, Any]:
+    sys.path.insert(0, str(SCRIPTS))  # scripts/ is not a package
+    import bench_step
+
+    ns = argparse.Namespace(
+        model=args.model,
+        steps=args.step_steps,
+        warmup=2,
+        rounds=args.step_rounds,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_bytes=2_000_000,
+        overrides=[f"train.device={args.device}"],
+    )
+    result = bench_step.measure(ns, bench_step.compose_config(ns), env)
+    return {"plain": result["variants"]["plain"]["median_s"], "harness": result["variants"]["harness"]["median_s"]}
+
+
+# --------------------------------------------------------------------------------------------------- report
+
+
+def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict, policy: dict) -> dict[str, Any]:
+    """Rows and ratios of the sections that ran (all of them unless --only)."""
+    rows: dict[str, dict[str, float]] = {}
+    ratios: dict[str, float] = {}
+    med = {name: statistics.median(t) for name, t in io.items()}
+    for name, seconds in med.items():
+        rows[name] = {"seconds": seconds, "bytes": nbytes, "mb_per_s": nbytes / seconds / 1e6}
+    if med:
+        ratios["sync_save_vs_disk_write"] = med["disk_write"] / med["sync_save"]  # a throughput ratio
+        ratios["dcp_save_vs_disk_write"] = med["disk_write"] / med["dcp_save"]
+        ratios["resume_load_vs_dcp_load"] = med["resume_load"] / med["dcp_load"]
+    if loops:
+        w = {name: statistics.median(t) for name, t in loops["windows"].items()}
+        n = max(1, loops["saves"])
+        rows["loop_off"] = {"seconds": w["off"]}
+        for mode in ("async", "sync"):
+            rows[f"loop_{mode}"] = {"seconds": w[mode], "extra_per_save_s": (w[mode] - w["off"]) / n}
+        journal = statistics.fmean(loops["journal_costs"]) if loops["journal_costs"] else float("nan")
+        rows["async_journal_cost"] = {"seconds": journal}
+        async_extra, sync_extra = rows["loop_async"]["extra_per_save_s"], rows["loop_sync"]["extra_per_save_s"]
+        ratios["async_stall_vs_sync"] = async_extra / sync_extra if sync_extra > 0 else float("nan")
+        ratios["journal_cost_vs_outside"] = journal / async_extra if async_extra > 0 else float("nan")
+    if steps:
+        rows["plain_step"] = {"seconds": steps["plain"]}
+        rows["harness_step"] = {"seconds": steps["harness"]}
+        ratios["harness_vs_plain_step"] = steps["harness"] / steps["plain"]
+    if policy:
+        rows["policy_off"] = {"seconds": statistics.median(policy["policy_off"])}
+        rows["policy_default"] = {"seconds": statistics.median(policy["policy_default"])}
+        ratios["default_policy_cost"] = rows["policy_default"]["seconds"] / rows["policy_off"]["seconds"] - 1
+    goals = {}
+    for name, (target, kind) in GOALS.items():
+        if name in ratios:
+            value = ratios[name]
+            met = {"max": value <= target, "min": value >= target, "band": abs(value - 1) <= target}[kind]
+            goals[name] = {"value": value, "target": target, "kind": kind, "met": bool(met)}
+    return {"rows": rows, "ratios": ratios, "goals": goals, "saves_per_loop_run": loops.get("saves", 0)}
+
+
+def print_table(result: dict[str, Any]) -> None:
+    print(f"\n{result['machine']}")
+    print(f"{'row':<22}{'seconds':>10}{'MB/s':>10}{'extra/save s':>14}")
+    for name, row in result["rows"].items():
+        mbs = f"{row['mb_per_s']:.0f}" if "mb_per_s" in row else ""
+        extra = f"{row['extra_per_save_s']:.3f}" if "extra_per_save_s" in row else ""
+        print(f"{name:<22}{row['seconds']:>10.3f}{mbs:>10}{extra:>14}")
+    print("ratios:")
+    for name, value in result["ratios"].items():
+        goal = result["goals"].get(name)
+        verdict = (
+            "" if goal is None else f"  goal {goal['kind']} {goal['target']}: {'met' if goal['met'] else 'NOT met'}"
+        )
+        print(f"  {name:<26}{value:>8.3f}{verdict}")
+
+
+def main() -> None:
+    args = parse_args()
+    if "RANK" not in os.environ and args.nproc > 1:
+        relaunch(args)
+    env = distributed.init_distributed(args.device)
+    scratch = args.dir.resolve()
+    try:
+        if env.is_main:
+            shutil.rmtree(scratch, ignore_errors=True)
+            scratch.mkdir(parents=True)
+        dist.barrier()
+        load_before = os.getloadavg()
+        io, nbytes = io_rows(args, env, scratch) if "io" in args.only else ({}, 0)
+        loops = loop_rows(args, env, scratch) if "loop" in args.only else {}
+        steps = step_rows(args, env) if "step" in args.only else {}
+        policy = policy_rows(args, env, scratch) if args.policy_steps > 0 and "policy" in args.only else {}
+        if env.is_main:
+            result = summarize(io, nbytes, loops, steps, policy)
+            result["machine"] = (
+                f"torch {torch.__version__}, {env.world_size} ranks on {args.device}, {os.cpu_count()} CPUs, "
+                f"model {args.model}, {args.batch_size} x {args.seq_len} tokens a step, checkpoint {nbytes / 1e6:.0f} "
+                f"MB, load average {load_before[0]:.2f} before and {os.getloadavg()[0]:.2f} after"
+            )
+            result["raw"] = {"io": io, "loops": loops, "steps": steps, "policy": policy}
+            result["args"] = {k: str(v) for k, v in vars(args).items()}
+            print_table(result)
+            if args.json:
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
+    finally:
+        if env.is_main:
+            shutil.rmtree(scratch, ignore_errors=True)
+        distributed.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Fast checkpoints: reused staging buffers, best-K as hard links of a save in flight, the fidelity digest off the
+load path, and the benchmark's smoke run. Real DCP files on a real (world-of-one) gloo process group."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from curry_train import distributed, loop
+from curry_train.checkpoint import state as state_module
+from curry_train.checkpoint.checkpointer import Checkpointer
+from curry_train.checkpoint.io import Stager
+from curry_train.checkpoint.plan import policy_of
+from curry_train.checkpoint.policy import Checkpoint, Role
+from curry_train.checkpoint.state import Contents, Progress, app_state, param_digest
+from curry_train.checkpoint.store import RunDir
+from curry_train.config import resolve
+from curry_train.journal import Journal, read_journal
+from tests.conftest import _env, compose_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_stager_reuses_its_buffers_and_holds_the_state_of_its_call() -> None:
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4))
+    stager = Stager()
+    first = stager.stage({"model": model.state_dict(), "meta": {"lr": [0.1, 0.2]}})
+    ptrs = {k: v.data_ptr() for k, v in first["model"].items()}
+    before = {k: v.clone() for k, v in first["model"].items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # what optimizer.step() does after the save was staged
+    assert all(torch.equal(first["model"][k], before[k]) for k in before), "the staged copy followed the model"
+    assert stager.allocations == 4
+    second = stager.stage({"model": model.state_dict(), "meta": {"lr": [0.1, 0.2]}})
+    assert stager.allocations == 4, "a second save of the same state allocated new buffers"
+    assert {k: v.data_ptr() for k, v in second["model"].items()} == ptrs
+    assert all(torch.equal(second["model"][k], v) for k, v in model.state_dict().items())
+
+
+@pytest.fixture
+def world_of_one(tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """A tiny FSDP2 model, its optimizer after one step, and a Checkpointer on a world-of-one gloo group."""
+    cfg, _ = resolve(compose_config(["model=tiny", "train.device=cpu", "data.seq_len=32", "data.max_bytes=200000"]))
+    env = distributed.init_distributed("cpu")
+    try:
+        model, _ = loop.build_sharded_model(cfg, env)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        model(torch.randint(0, 256, (2, 32))).sum().backward()
+        optimizer.step()
+        progress = Progress(step=1, cursor=8)
+        saved: dict[str, Any] = {}
+
+        def state(contents: Contents) -> dict:
+            fidelity = (lambda: [8, 9], saved.update)
+            return app_state(contents, model, optimizer, progress, {"step": 1}, 0, env.device, fidelity=fidelity)
+
+        run = tmp_path / "run"
+        run.mkdir()
+        journal = Journal(run / "journal.jsonl")
+        policy = policy_of(cfg.checkpoint)
+        ckpt = Checkpointer(RunDir(run), policy, journal, env.checkpoint_group, env.rank, async_save=True)
+        yield {"ckpt": ckpt, "state": state, "model": model, "optimizer": optimizer, "saved": saved, "run": run}
+        journal.close()
+    finally:
+        distributed.shutdown()
+
+
+def test_best_k_at_a_step_with_a_save_in_flight_is_hard_links_of_it(world_of_one: dict[str, Any]) -> None:
+    ckpt, state, run = world_of_one["ckpt"], world_of_one["state"], world_of_one["run"]
+    ckpt.save(1, [Role.RECOVERY], Contents.FULL, state(Contents.FULL))
+    assert ckpt.writing is not None, "an asynchronous save returned after its write"
+    factory_calls = []
+    assert ckpt.consider_best_k(1, 3.25, lambda: factory_calls.append(1) or state(Contents.PARAMS))
+    assert factory_calls == [], "best-K collected a state to write although the step's save holds the parameters"
+    ckpt.wait()
+    store = RunDir(run)
+    recovery = store.path_of(Checkpoint(Role.RECOVERY, 1))
+    best = store.path_of(store.list(Role.BEST_K)[0])
+    for name in ("__0_0.distcp", ".metadata"):
+        assert (recovery / name).stat().st_ino == (best / name).stat().st_ino
+    assert store.verify(store.list(Role.BEST_K)[0]) == []
+    saves = [e for e in read_journal(run / "journal.jsonl") if e["event"] == "save"]
+    assert [(e["role"], e.get("linked_from")) for e in saves] == [
+        ("recovery", None),
+        ("best_k", "recovery/step-00000001.dcp"),
+    ]
+    assert saves[0]["mode"] == "async" and saves[0]["cost_seconds"] is not None
+
+
+def test_best_k_at_a_committed_step_links_too_and_buffers_are_reused(world_of_one: dict[str, Any]) -> None:
+    ckpt, state, run = world_of_one["ckpt"], world_of_one["state"], world_of_one["run"]
+    ckpt.save(1, [Role.ROLLBACK], Contents.FULL, state(Contents.FULL))
+    ckpt.wait()
+    allocated, ptrs = ckpt.stager.allocations, {k: b.data_ptr() for k, b in ckpt.stager.buffers.items()}
+    assert ckpt.consider_best_k(1, 3.0, lambda: state(Contents.PARAMS))
+    ckpt.save(2, [Role.ROLLBACK], Contents.FULL, state(Contents.FULL))
+    ckpt.wait()
+    assert ckpt.stager.allocations == allocated, "the second save allocated staging buffers again"
+    assert {k: b.data_ptr() for k, b in ckpt.stager.buffers.items()} == ptrs
+    store = RunDir(run)
+    best = store.list(Role.BEST_K)
+    assert [c.step for c in best] == [1] and store.manifest(best[0]).linked_from == "rollback/step-00000001.dcp"
+    assert [c.step for c in store.list(Role.ROLLBACK)] == [1, 2]
+
+
+def test_fidelity_digest_comes_from_the_save_and_is_not_computed_on_load(
+    world_of_one: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ckpt, state, model, saved = (
+        world_of_one["ckpt"],
+        world_of_one["state"],
+        world_of_one["model"],
+        world_of_one["saved"],
+    )
+    ckpt.save(1, [Role.RECOVERY], Contents.FULL, state(Contents.FULL))
+    ckpt.wait()
+    digests = []
+    real_digest = state_module._digest
+    monkeypatch.setattr(state_module, "_digest", lambda named: digests.append(1) or real_digest(named))
+    ckpt.load(ckpt.store.path_of(Checkpoint(Role.RECOVERY, 1)), state(Contents.FULL))
+    assert digests == [], "loading computed the parameter digest"
+    # The writer's digest, taken from the staged copy, is the live parameters' digest: a resume's check passes.
+    assert saved["params"] == param_digest(model) and saved["next_indices"] == [8, 9]
+
+
+def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    args = ["--model", "tiny", "--nproc", "2", "--reps", "1", "--loop-steps", "6", "--save-every", "2"]
+    args += ["--step-rounds", "2", "--step-steps", "2", "--policy-steps", "4", "--json", str(out)]
+    args += ["--dir", str(tmp_path / "scratch")]
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "bench_checkpoint.py"), *args],
+        cwd=tmp_path,
+        env={**_env(), "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = {"disk_write", "disk_read", "dcp_save", "dcp_load", "sync_save", "resume_load", "loop_off", "loop_async"}
+    rows |= {"loop_sync", "async_journal_cost", "plain_step", "harness_step", "policy_off", "policy_default"}
+    assert set(result["rows"]) == rows
+    assert all(row["seconds"] > 0 for name, row in result["rows"].items() if name != "async_journal_cost")
+    assert set(result["goals"]) == {
+        "async_stall_vs_sync",
+        "journal_cost_vs_outside",
+        "sync_save_vs_disk_write",
+        "resume_load_vs_dcp_load",
+        "harness_vs_plain_step",
+        "default_policy_cost",
+    }
+    assert "load average" in result["machine"] and "harness_vs_plain_step" in proc.stdout
+    assert not (tmp_path / "scratch").exists(), "the benchmark left its scratch directory behind"
