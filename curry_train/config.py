@@ -374,6 +374,8 @@ class Launch:
     rollback_to: str | None = None  # +rollback_to=PATH: roll this run back to one of its checkpoints, once
     inject_spike_at: int | None = None  # +debug.inject_spike_at=STEP: multiply that step's lr to cause a spike
     inject_lr_scale: float = 1000.0  # +debug.inject_lr_scale=X
+    fail_save_at: int | None = None  # +debug.fail_save_at=STEP: the disk fills up while that step's save writes
+    fail_save_rank: int = 0  # +debug.fail_save_rank=R: on this rank
 
 
 def schema_keys(node: type = None, prefix: str = "") -> set[str]:  # type: ignore[assignment]
@@ -457,17 +459,20 @@ def explain_hydra_error(err: Exception) -> str:
 
 def _launch_of(options: dict) -> Launch:
     debug = options.get("debug") or {}
-    unknown = sorted(set(debug) - {"inject_spike_at", "inject_lr_scale"})
+    unknown = sorted(set(debug) - {"inject_spike_at", "inject_lr_scale", "fail_save_at", "fail_save_rank"})
     _require(
         not unknown,
         f"debug.{unknown[0] if unknown else ''}",
-        "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X",
+        "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X, +debug.fail_save_at=STEP, "
+        "+debug.fail_save_rank=R",
     )
     launch = Launch(
         resume=None if options.get("resume") is None else str(options["resume"]),
         rollback_to=None if options.get("rollback_to") is None else str(options["rollback_to"]),
         inject_spike_at=None if debug.get("inject_spike_at") is None else int(debug["inject_spike_at"]),
         inject_lr_scale=float(debug.get("inject_lr_scale", Launch.inject_lr_scale)),
+        fail_save_at=None if debug.get("fail_save_at") is None else int(debug["fail_save_at"]),
+        fail_save_rank=int(debug.get("fail_save_rank", 0)),
     )
     _require(
         launch.resume is None or launch.rollback_to is None,

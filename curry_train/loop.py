@@ -306,7 +306,10 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     )
     log.print(render_plan(run.plan))
     journal.append("policy", 0, **plan_json(run.plan))
-    ckpt = Checkpointer(RunDir(run_dir), policy, journal, env.checkpoint_group, env.rank, cfg.checkpoint.async_save)
+    fault = None if launch.fail_save_at is None else (launch.fail_save_at, launch.fail_save_rank)
+    ckpt = Checkpointer(
+        RunDir(run_dir), policy, journal, env.checkpoint_group, env.rank, cfg.checkpoint.async_save, fault
+    )
 
     progress = Progress(world_size=env.world_size)
     scheduler: dict[str, int | float] = {"step": 0, "lr": 0.0}

@@ -86,10 +86,10 @@ def _exit(line: str, status: int, quiet: bool = False) -> None:
     if not quiet:
         print(f"curry-train: {line}", file=sys.stderr, flush=True)
     if quiet:
-        # Later than rank 0 by a whole second (torchrun's error timestamps are in seconds), so that torchrun's
-        # report names rank 0's line as the root cause.
+        # Later than the rank that tells the user by a whole second (torchrun's error timestamps are in seconds),
+        # so that torchrun's report names that rank's line as the root cause.
         time.sleep(1.0)
-    failures.tell_torchrun(f"curry-train: {line}" if not quiet else "curry-train: stopped with rank 0 (see its line)")
+    failures.tell_torchrun(f"curry-train: {line}")
     sys.stdout.flush()
     # os._exit, not sys.exit: after a failure, process-group and loader-worker teardown can wait on peers that are
     # gone; everything this launch must keep (journal, metrics, checkpoints) is already durable.

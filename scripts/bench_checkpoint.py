@@ -35,7 +35,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from hydra import compose, initialize_config_module
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from curry_train import distributed, loop
@@ -45,7 +44,7 @@ from curry_train.checkpoint.plan import policy_of
 from curry_train.checkpoint.policy import Role
 from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, Launch, resolve
+from curry_train.config import Config, Launch, compose, resolve
 from curry_train.data import Slicing, build_train_loader
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import read_metrics
@@ -110,8 +109,7 @@ def config(args: argparse.Namespace, *overrides: str) -> Config:
         "logger.progress_bar=false",
         "logger.console_every=100000",
     ]
-    with initialize_config_module("curry_train.conf", version_base="1.3"):
-        cfg, _ = resolve(compose("config", overrides=[*base, *overrides]))
+    cfg, _ = resolve(compose([*base, *overrides]))
     return cfg
 
 

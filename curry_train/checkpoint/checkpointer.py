@@ -24,6 +24,7 @@ from curry_train.checkpoint import io
 from curry_train.checkpoint.policy import Checkpoint, Policy, Role, best_k_decision, retention
 from curry_train.checkpoint.state import Contents, ProgressState
 from curry_train.checkpoint.store import RunDir
+from curry_train.failures import PeerFailure
 from curry_train.journal import Journal
 
 
@@ -83,8 +84,10 @@ class Checkpointer:
         group: dist.ProcessGroup,
         rank: int,
         async_save: bool = True,
+        fail_save_at: tuple[int, int] | None = None,
     ) -> None:
         self.store = store
+        self.fail_save_at = fail_save_at  # (step, rank): +debug.fail_save_at, a full disk while that save writes
         self.policy = policy
         self.journal = journal
         self.group = group
@@ -96,6 +99,8 @@ class Checkpointer:
         self.writing: PendingSave | None = None  # every rank: bytes being written
         self.committing: PendingSave | None = None  # rank 0: durable bytes being committed
         self.durable: tuple[int, Checkpoint] | None = None  # the last save whose bytes every rank made durable
+        # Every rank: the save whose commit rank 0 is carrying out, until every rank has heard how it went.
+        self.commit_pending: Checkpoint | None = None
         self.clock = StepClock()
         self.best: list[Checkpoint] = self._shared_listing(Role.BEST_K)
 
@@ -174,7 +179,8 @@ class Checkpointer:
                 # Parameters and optimizer state change only at optimizer.step(): a copy taken now is the step's.
                 state_dict = self.stager.stage(state_dict)
             pending.stage_seconds = time.perf_counter() - pending.started
-            pending.job = io.SaveJob.start(state_dict, Path(box[0]), self.group)
+            full_disk = self.fail_save_at == (first.step, self.rank)
+            pending.job = io.SaveJob.start(state_dict, Path(box[0]), self.group, full_disk)
         except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
             self._journal_error(first, f"save failed: {err!r}; earlier checkpoints are intact")
             raise
@@ -190,19 +196,20 @@ class Checkpointer:
         While a save is in flight this costs one tiny all-reduce on the checkpoint group, so that all ranks agree
         on the step at which they gather their reports (a collective every rank reaches, on the training thread)."""
         now = time.perf_counter()
-        done_committing = self.committing is not None and self.committing.committer is not None
-        if done_committing and not self.committing.committer.is_alive() and self.committing.commit_error is None:
-            self.committing = None
         pending = self.writing
-        self.clock.tick(now, busy=pending is not None or self.committing is not None)
-        if pending is None:
+        self.clock.tick(now, busy=pending is not None or self.commit_pending is not None)
+        if pending is None and self.commit_pending is None:
             return
-        pending.overlapped.append(now - pending.mark)
-        pending.mark = now
-        assert pending.job is not None and pending.job.future is not None
-        done = torch.tensor([int(pending.job.future.done())], dtype=torch.int32)
-        dist.all_reduce(done, op=dist.ReduceOp.MIN, group=self.group)
-        if done.item():
+        if pending is not None:
+            pending.overlapped.append(now - pending.mark)
+            pending.mark = now
+            assert pending.job is not None and pending.job.future is not None
+        # One tiny all-reduce: is any rank's write still going, and how is rank 0's commit doing.
+        still_writing = pending is not None and not pending.job.future.done()
+        flags = torch.tensor([int(still_writing), self._commit_state()], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+        self._settle_commit(int(flags[1]))
+        if pending is not None and not flags[0]:
             self._collect(pending)
             self._begin_commit(pending, inline=False)
 
@@ -216,7 +223,32 @@ class Checkpointer:
             futures_wait([pending.job.future])
             self._collect(pending)
             self._begin_commit(pending, inline=True)
-        self._join_commit()
+        if self.commit_pending is not None:
+            if self.is_main and self.committing is not None and self.committing.committer is not None:
+                self.committing.committer.join()
+            flags = torch.tensor([self._commit_state()], dtype=torch.int32)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
+            self._settle_commit(int(flags[0]))
+
+    _RUNNING, _COMMITTED, _FAILED = 0, 1, 2
+
+    def _commit_state(self) -> int:
+        """Rank 0's commit of the pending save: running, committed or failed (other ranks say running)."""
+        committing = self.committing
+        if not self.is_main or committing is None or committing.committer is None or committing.committer.is_alive():
+            return self._RUNNING
+        return self._FAILED if committing.commit_error is not None else self._COMMITTED
+
+    def _settle_commit(self, state: int) -> None:
+        """What every rank does once it has heard how rank 0's commit went: go on, or stop (all of them)."""
+        if state == self._RUNNING or self.commit_pending is None:
+            return
+        failed, self.commit_pending = self.commit_pending, None
+        committing, self.committing = self.committing, None
+        if state == self._FAILED:
+            if self.is_main and committing is not None and committing.commit_error is not None:
+                raise committing.commit_error
+            raise PeerFailure(f"rank 0 could not commit {failed.relpath} (its message says why)")
 
     def _collect(self, pending: PendingSave) -> None:
         """Every rank's report of its durable files, on every rank: a failed write anywhere fails the save
@@ -229,17 +261,25 @@ class Checkpointer:
         dist.all_gather_object(reports, mine, group=self.group)
         failed = [r for r in reports if isinstance(r, str)]
         if failed:
+            relpath = pending.checkpoints[0].relpath
             self._journal_error(
                 pending.checkpoints[0], f"save failed: {'; '.join(failed)}; earlier checkpoints are intact"
             )
-            raise RuntimeError(f"checkpoint save of {pending.checkpoints[0].relpath} failed: {'; '.join(failed)}")
+            if err is not None:  # this rank's own failure: it tells the user
+                raise OSError(
+                    getattr(err, "errno", None),
+                    f"could not write {relpath} ({err}); the checkpoints committed before it and `latest` are intact",
+                ) from err
+            raise PeerFailure(f"{failed[0].split(':')[0]} could not write {relpath}")
         pending.written = reports
         self.durable = (pending.step, pending.checkpoints[0])
         pending.baseline = self.clock.baseline()
 
     def _begin_commit(self, pending: PendingSave, inline: bool) -> None:
         """Rank 0 commits: inline when the caller waits anyway, else in a thread (fsyncs of directories, the
-        manifest, links and retention touch only the filesystem and the journal, no collective)."""
+        manifest, links and retention touch only the filesystem and the journal, no collective). Every rank then
+        hears how it went, at the next `poll()` or `wait()`, and a failure stops them all."""
+        self.commit_pending = pending.checkpoints[0]
         if not self.is_main:
             return
 
@@ -254,21 +294,14 @@ class Checkpointer:
         pending.committer = threading.Thread(target=commit, name="curry-train-commit")
         pending.committer.start()
         if inline:
-            self._join_commit()
-
-    def _join_commit(self) -> None:
-        pending, self.committing = self.committing, None
-        if pending is None or pending.committer is None:
-            return
-        pending.committer.join()
-        if pending.commit_error is not None:
-            raise pending.commit_error
+            pending.committer.join()
 
     def _commit(self, pending: PendingSave) -> None:
         first = pending.checkpoints[0]
         assert pending.job is not None
         pending.job.finish_metadata([w.results for w in pending.written])
         known = {name: entry for w in pending.written for name, entry in w.files.items()}
+        _check_reported(pending.job.staging, known)
         # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
         extra = {"contents": pending.contents.value, "world_size": dist.get_world_size(self.group), **pending.extra}
         # Every data file was fsynced by its rank's writer before that rank reported it, and `.metadata` by
@@ -313,9 +346,9 @@ class Checkpointer:
         """`ckpt` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
         of a failure."""
         outcome: Exception | None = None
+        self.wait()  # the source's commit, heard by every rank
         if self.is_main:
             try:
-                self._join_commit()
                 linked = self.store.link(source, ckpt)
                 self._journal_save(
                     ckpt,
@@ -378,3 +411,22 @@ def _data_position(state: dict[str, Stateful]) -> dict[str, Any]:
     if not isinstance(progress, ProgressState):
         return {}
     return {"cursor": progress.progress.cursor, "skipped": [list(r) for r in progress.progress.skipped]}
+
+
+def _check_reported(staging: Path, reported: dict[str, Any]) -> None:
+    """Rank 0 commits what the ranks report they wrote, checked against what it sees and what DCP's `.metadata`
+    references: on nodes that do not share `run.root`, rank 0 would otherwise commit a checkpoint without the other
+    nodes' shards, and retention would then delete the good ones."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    seen = {p.name for p in staging.iterdir()}
+    unseen = sorted(set(reported) - seen)
+    if unseen:
+        raise RuntimeError(
+            f"rank 0 does not see {unseen[0]} ({len(unseen)} file(s) in all) that another rank wrote into {staging}: "
+            "run.root must be a filesystem every node shares"
+        )
+    referenced = {info.relative_path for info in FileSystemReader(str(staging)).read_metadata().storage_data.values()}
+    unreported = sorted(referenced - set(reported))
+    if unreported:
+        raise RuntimeError(f"{staging / '.metadata'} references {unreported[0]}, which no rank reported writing")

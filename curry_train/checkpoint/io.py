@@ -14,6 +14,7 @@ The files are ordinary DCP files: PyTorch's own tools read them.
 from __future__ import annotations
 
 import copy
+import errno
 import inspect
 import io
 import os
@@ -162,10 +163,11 @@ class _ChecksummingFile:
 class _ChecksummingFileSystem(FileSystem):
     """DCP's local filesystem, recording size and CRC-32 of every data file this rank writes."""
 
-    def __init__(self) -> None:
+    def __init__(self, full_disk: bool = False) -> None:
         super().__init__()
         self.entries: dict[str, FileEntry] = {}
         self._lock = threading.Lock()
+        self.full_disk = full_disk  # +debug.fail_save_at: the disk fills up as this rank writes its shard
 
     @contextmanager
     def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
@@ -174,6 +176,9 @@ class _ChecksummingFileSystem(FileSystem):
             with super().create_stream(path, mode) as stream:
                 yield stream
             return
+        if self.full_disk:
+            path.write_bytes(b"\0" * 4096)  # what a write that runs out of space leaves: part of a file
+            raise OSError(errno.ENOSPC, f"No space left on device (injected by +debug.fail_save_at): {path}")
         with path.open("wb") as raw:
             stream = _ChecksummingFile(raw)
             yield stream
@@ -234,11 +239,13 @@ class SaveJob:
     timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, state_dict: dict[str, Any], staging: Path, group: dist.ProcessGroup) -> SaveJob:
+    def start(
+        cls, state_dict: dict[str, Any], staging: Path, group: dist.ProcessGroup, full_disk: bool = False
+    ) -> SaveJob:
         """Plan the save of `state_dict` (already staged, or live for a synchronous save) on every rank."""
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         writer = FileSystemWriter(staging, sync_files=True, single_file_per_rank=True, thread_count=1)
-        writer.fs = _ChecksummingFileSystem()
+        writer.fs = _ChecksummingFileSystem(full_disk)
         planner = _Planner(state_dict)
         planner.set_up_planner(state_dict=state_dict, storage_meta=writer.storage_meta(), is_coordinator=rank == 0)
         if "kwargs" in inspect.signature(writer.set_up_storage_writer).parameters:
