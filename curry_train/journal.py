@@ -109,6 +109,22 @@ class Journal:
         self.close()
 
 
+class Deferred:
+    """Journal lines held back and written later in order: what a launch finds and tidies before its `run_start`
+    line is journaled after it, so each launch's lines follow its own `run_start`."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, int, dict[str, object]]] = []
+
+    def append(self, event: str, step: int, **fields: object) -> None:
+        self.records.append((event, step, fields))
+
+    def replay(self, journal: Journal) -> None:
+        for event, step, fields in self.records:
+            journal.append(event, step, **fields)
+        self.records.clear()
+
+
 def _repair_torn_tail(path: Path) -> None:
     """Before appending, end a final line that a crash left without its newline.
 

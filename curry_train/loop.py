@@ -34,7 +34,7 @@ from curry_train.config import Config, ConfigError, Launch, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
 from curry_train.distributed import on_rank0
 from curry_train.history import end_unfinished_attempt
-from curry_train.journal import Journal, read_journal
+from curry_train.journal import Deferred, Journal, read_journal
 from curry_train.metrics import MetricsLogger
 from curry_train.model import Transformer, build_model, count_params
 from curry_train.optim import build_optimizer, lr_at, set_lr
@@ -157,17 +157,19 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
     lock = RunLock(run_dir)
     main = env.is_main
     created = on_rank0(main, group, take_run_dir, run_dir, lock)
-    # Opened lazily: a refused start writes nothing to it.
+    # Opened lazily: a refused start writes nothing to it. What the start finds and tidies is journaled after
+    # this launch's run_start.
     journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
+    found = Deferred()
     try:
         check_shared(run_dir, env)
-        warnings = on_rank0(main, group, resuming.clean_run_dir, store, journal)
+        warnings = on_rank0(main, group, resuming.clean_run_dir, store, found)
         for warning in warnings if env.is_main else []:
             print(f"curry-train: WARNING: {warning}", file=sys.stderr, flush=True)
         point = on_rank0(main, group, resuming.find_resume_point, launch, store)
         if point is not None:
             say = (lambda line: print(line, file=sys.stderr, flush=True)) if env.is_main else (lambda line: None)
-            point = resuming.choose_verified(point, group, store, journal, say)
+            point = resuming.choose_verified(point, group, store, found, say)
             shapes = parameter_shapes(cfg)
             on_rank0(main, group, resuming.check_shapes, point.path, shapes)
         # The plan comes from the config alone (the model on meta): a policy that does not fit the disk refuses
@@ -207,6 +209,8 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
         rollback_to=launch.rollback_to,
         config=asdict(cfg),
     )
+    if env.is_main:
+        found.replay(journal)
     return Run(run_dir, point, plan, journal, log, lock if env.is_main else None)
 
 

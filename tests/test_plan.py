@@ -317,3 +317,18 @@ def test_plan_of_a_7b_model_imports_neither_torch_nor_numpy(tmp_path: Path) -> N
     assert proc.returncode == 0, proc.stderr
     assert "6,738,415,616 parameters" in proc.stdout
     assert proc.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_the_plan_warns_when_a_full_save_outlasts_the_preemption_grace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "slow"
+    run_dir.mkdir()
+    with Journal(run_dir / "journal.jsonl") as journal:
+        journal.append("save", 10, role="recovery", seconds=50.0, blocking_seconds=1.0, contents="full")
+    args = [f"run.root={tmp_path}", "run.id=slow", "checkpoint.preempt_grace_s=30"]
+    assert main(["plan", *args]) == 0
+    text = capsys.readouterr().out
+    assert "a full save took 50 s in this run, more than checkpoint.preempt_grace_s=30" in text
+    assert main(["plan", *args[:-1], "checkpoint.preempt_grace_s=60"]) == 0
+    assert "preempt_grace_s" not in capsys.readouterr().out

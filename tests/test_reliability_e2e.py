@@ -3,6 +3,7 @@ directory, Ctrl-C, a run directory that only one node sees. One base run is made
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -40,7 +41,7 @@ def one_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.startswith("curry-train:")]
     assert len(lines) == 1, stderr[-3000:]
     # No traceback of curry-train's own code (torchrun prints one of its own when a worker fails).
-    assert 'curry_train/' not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
+    assert "curry_train/" not in stderr and "KeyboardInterrupt" not in stderr, stderr[-3000:]
     return lines[0]
 
 
@@ -242,6 +243,44 @@ def test_sigint_saves_and_stops(tmp_path: Path) -> None:
     assert os.readlink(run_dir / "latest").endswith(f"/step-{preempt['step']:08d}.dcp")
 
 
+# ----------------------------------------------------------------------------------- a dead launcher
+
+
+def test_workers_die_with_their_launcher(tmp_path: Path) -> None:
+    """torchrun starts its workers in sessions of their own: a SIGKILL of torchrun alone must not leave them
+    training (they ask the kernel for SIGKILL when their parent dies)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("kill_and_resume", REPO / "scripts" / "kill_and_resume.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    process_tree = script.process_tree
+    args = [*FAST, "train.steps=400", "train.eval_every=0", "checkpoint.recovery_every=0", "run.id=orphans"]
+    job = popen_train(args, tmp_path, nproc=2)
+    try:
+        _wait_for_steps(tmp_path / "runs" / "orphans" / "metrics.jsonl", 2, job)
+        workers = [pid for pid in process_tree(job.pid) if pid != job.pid]
+        assert len(workers) >= 2
+        job.kill()  # torchrun alone, not its process tree
+        job.communicate(timeout=60)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and [pid for pid in workers if _alive(pid)]:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if _alive(pid)], "workers outlived their launcher"
+    finally:
+        for pid in process_tree(job.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 # ------------------------------------------------------------------------------ a run root not shared
 
 
@@ -283,3 +322,22 @@ def test_a_run_root_that_is_not_shared_is_refused(tmp_path: Path) -> None:
     for out in outs:
         assert "run.root: rank 1 on" in out and "does not see the run directory" in out, outs
     assert not list((tmp_path / "node0" / "runs" / "r").glob(".probe-*"))
+
+
+def test_a_commit_refuses_files_rank_0_cannot_see_or_no_rank_reported(tmp_path: Path) -> None:
+    """What rank 0 commits is what the ranks reported writing, checked against what it sees and what DCP's
+    .metadata references (a run.root that is not shared would commit a checkpoint without other nodes' shards)."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from curry_train.checkpoint.checkpointer import _check_reported
+
+    staging = tmp_path / ".tmp-step-00000001.dcp"
+    dcp.save({"w": torch.arange(8.0)}, checkpoint_id=str(staging), no_dist=True)
+    shards = {p.name: None for p in staging.glob("*.distcp")}
+    assert shards
+    _check_reported(staging, shards)  # consistent: nothing raised
+    with pytest.raises(RuntimeError, match="rank 0 does not see __1_0.distcp"):
+        _check_reported(staging, {**shards, "__1_0.distcp": None})
+    with pytest.raises(RuntimeError, match="which no rank reported writing"):
+        _check_reported(staging, {})

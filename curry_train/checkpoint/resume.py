@@ -22,7 +22,7 @@ from curry_train.checkpoint.policy import Checkpoint, Role
 from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress
 from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir, check_file
 from curry_train.config import Launch
-from curry_train.journal import Journal, read_journal
+from curry_train.journal import Deferred, Journal, read_journal
 
 
 class ResumeError(RuntimeError):
@@ -54,13 +54,14 @@ class Trainee:
 # ------------------------------------------------------------------------------------------ where to resume
 
 
-def _journal_unrecorded_saves(store: RunDir, journal: Journal) -> None:
+def _journal_unrecorded_saves(store: RunDir, journal: Journal | Deferred) -> None:
     """A crash between a commit (the rename) and its journal line leaves a committed checkpoint the journal does
     not know: journal it now, so the journal stays the complete record of what is on disk."""
-    if not journal.path.exists():
+    path = store.path / "journal.jsonl"
+    if not path.exists():
         return
     newest_save: dict[str, str] = {}
-    for event in read_journal(journal.path):
+    for event in read_journal(path):
         if event["event"] == "save":
             newest_save[str(event["path"])] = str(event["time"])
     for ckpt in store.list():
@@ -78,7 +79,7 @@ def _journal_unrecorded_saves(store: RunDir, journal: Journal) -> None:
             )
 
 
-def clean_run_dir(store: RunDir, journal: Journal) -> list[str]:
+def clean_run_dir(store: RunDir, journal: Journal | Deferred) -> list[str]:
     """At start (rank 0), before the resume point is chosen: finish a rollback a crash cut short, remove what
     interrupted saves left, and point `latest` at the newest full checkpoint if a crash came between a commit and
     the swap of the link."""
@@ -232,7 +233,11 @@ def verify_everywhere(path: Path, group: dist.ProcessGroup) -> list[str]:
 
 
 def choose_verified(
-    point: ResumePoint, ckpt_group: dist.ProcessGroup, store: RunDir, journal: Journal, say: Callable[[str], None]
+    point: ResumePoint,
+    ckpt_group: dist.ProcessGroup,
+    store: RunDir,
+    journal: Journal | Deferred,
+    say: Callable[[str], None],
 ) -> ResumePoint:
     """The first of `point` and its fallbacks whose files match their manifest. A damaged checkpoint named by
     +resume=PATH (no fallbacks) is an error; +resume=latest falls back, with a warning and a journal line."""
