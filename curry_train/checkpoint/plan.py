@@ -394,23 +394,24 @@ def _median(values: list[float]) -> float | None:
 def measured_save_seconds(run_dir: Path, async_save: bool) -> tuple[float, int] | None:
     """Median time training paid per full save in this run's journal, and how many saves that covers.
 
-    Asynchronous saves cost training their ``blocking_seconds`` (staging to host memory), synchronous ones their
-    ``seconds``. Hard-linked saves (``linked_from``) cost nothing and are skipped.
+    Asynchronous saves cost training their ``cost_seconds`` (blocked time plus the extra time of the steps they
+    overlapped), synchronous ones their ``seconds``. Hard-linked saves (``linked_from``) cost nothing and are skipped.
     """
     from curry_train.journal import read_journal  # stdlib-only module; imported here to keep plan's imports small
 
     path = run_dir / "journal.jsonl"
     if not path.is_file():
         return None
-    key = "blocking_seconds" if async_save else "seconds"
-    values = [
-        float(r[key])
-        for r in read_journal(path)
-        if r["event"] == "save"
-        and not r.get("linked_from")
-        and r.get("contents", "full") == "full"
-        and isinstance(r.get(key), (int, float))
-    ]
+    # An asynchronous save costs training what its steps lost (`cost_seconds`, measured against clean steps), not
+    # just its blocked time; journals written before that field existed have only `blocking_seconds`.
+    keys = ("cost_seconds", "blocking_seconds") if async_save else ("seconds",)
+    values = []
+    for r in read_journal(path):
+        if r["event"] != "save" or r.get("linked_from") or r.get("contents", "full") != "full":
+            continue
+        value = next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None)
+        if value is not None:
+            values.append(float(value))
     median = _median(values)
     return None if median is None else (median, len(values))
 
