@@ -74,3 +74,34 @@ def only_run_dir(root: Path) -> Path:
     dirs = [p for p in root.iterdir() if p.is_dir()]
     assert len(dirs) == 1, f"expected one run directory under {root}, found {dirs}"
     return dirs[0]
+
+
+def kill_and_resume(
+    root: Path, overrides: list[str], kill_at: int, nproc: int = 2, name: str = "kill-and-resume", timeout: float = 600
+) -> tuple[Path, Path, str]:
+    """`scripts/kill_and_resume.py` as users run it: a straight run, the same run SIGKILLed after `kill_at` steps,
+    that run resumed. Returns the straight and the killed run directories and the script's output."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "kill_and_resume.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            "--nproc",
+            str(nproc),
+            "--kill-at-step",
+            str(kill_at),
+            "--root",
+            str(root),
+            "--name",
+            name,
+            "--",
+            *overrides,
+        ],
+        cwd=root,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return root / f"{name}-straight", root / f"{name}-killed", proc.stdout

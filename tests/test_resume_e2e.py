@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +9,7 @@ import pytest
 from curry_train.checkpoint.resume import ResumeError, check_fidelity
 from curry_train.journal import read_journal
 from curry_train.metrics import read_metrics
-from tests.conftest import FAST, _env, run_train
+from tests.conftest import FAST, kill_and_resume, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 RESUMABLE = [
@@ -27,19 +25,9 @@ RESUMABLE = [
 @pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
 def test_sigkill_then_resume_latest_is_bitwise_identical(tmp_path: Path, async_save: bool) -> None:
     """The user-facing script: straight run, run SIGKILLed after step 7, that run resumed with +resume=latest."""
-    script = [sys.executable, str(REPO / "scripts" / "kill_and_resume.py"), "--nproc", "2", "--kill-at-step", "7"]
     overrides = [*RESUMABLE, f"checkpoint.async_save={str(async_save).lower()}"]
-    proc = subprocess.run(
-        [*script, "--root", str(tmp_path), "--", *overrides],
-        cwd=tmp_path,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "result: bitwise identical" in proc.stdout
-    killed = tmp_path / "kill-and-resume-killed"
+    _, killed, out = kill_and_resume(tmp_path, overrides, kill_at=7)
+    assert "result: bitwise identical" in out
     events = read_journal(killed / "journal.jsonl")
     resume = [e for e in events if e["event"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 5 and resume[0]["exact"] is True

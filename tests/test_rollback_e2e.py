@@ -19,7 +19,7 @@ import pytest
 
 from curry_train.journal import read_journal
 from curry_train.metrics import read_metrics
-from tests.conftest import FAST, _env, popen_train, run_train
+from tests.conftest import FAST, _env, kill_and_resume, popen_train, run_train
 
 REPO = Path(__file__).resolve().parents[1]
 BATCH = 8  # FAST's train.batch_size
@@ -71,18 +71,10 @@ def clean(root: Path) -> Path:
 def full(root: Path) -> tuple[Path, Path]:
     """The injected run (full rollbacks) straight through, and the same run SIGKILLed after its rollback (at step
     33 of the new trajectory; the spiked one reached 26) and resumed with +resume=latest."""
-    script = [sys.executable, str(REPO / "scripts" / "kill_and_resume.py"), "--nproc", "2", "--kill-at-step", "33"]
-    proc = subprocess.run(
-        [*script, "--root", str(root / "kr"), "--", *RUN, INJECT],
-        cwd=root,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "result: bitwise identical" in proc.stdout
-    return root / "kr" / "kill-and-resume-straight", root / "kr" / "kill-and-resume-killed"
+    (root / "kr").mkdir()
+    straight, killed, out = kill_and_resume(root / "kr", [*RUN, INJECT], kill_at=33)
+    assert "result: bitwise identical" in out
+    return straight, killed
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ from curry_train.history import read_run
 from curry_train.journal import read_journal
 from curry_train.metrics import read_metrics
 from curry_train.model import Transformer
-from tests.conftest import FAST, _env
+from tests.conftest import FAST, kill_and_resume
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -41,17 +39,8 @@ OVERRIDES = [
 def runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(straight run, killed-and-resumed run) directories, shared by every test here."""
     root = tmp_path_factory.mktemp("runs")
-    script = [sys.executable, str(REPO / "scripts" / "kill_and_resume.py"), "--nproc", "1", "--kill-at-step", "7"]
-    proc = subprocess.run(
-        [*script, "--root", str(root), "--name", "tools", "--", *OVERRIDES],
-        cwd=root,
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return root / "tools-straight", root / "tools-killed"
+    straight, killed, _ = kill_and_resume(root, OVERRIDES, kill_at=7, nproc=1, name="tools", timeout=300)
+    return straight, killed
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> list[str]:
