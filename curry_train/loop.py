@@ -166,7 +166,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
         warnings = on_rank0(main, group, resuming.clean_run_dir, store, found)
         for warning in warnings if env.is_main else []:
             print(f"curry-train: WARNING: {warning}", file=sys.stderr, flush=True)
-        point = on_rank0(main, group, resuming.find_resume_point, launch, store)
+        point = on_rank0(main, group, resuming.find_resume_point, launch, store, asdict(cfg))
         if point is not None:
             say = (lambda line: print(line, file=sys.stderr, flush=True)) if env.is_main else (lambda line: None)
             point = resuming.choose_verified(point, group, store, found, say)

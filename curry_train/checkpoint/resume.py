@@ -23,6 +23,7 @@ from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress
 from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir, check_file
 from curry_train.config import Launch
 from curry_train.journal import Deferred, Journal, read_journal
+from curry_train.metrics import read_metrics
 
 
 class ResumeError(RuntimeError):
@@ -155,15 +156,15 @@ def _rolled_back_before(store: RunDir, relpath: str) -> dict | None:
     )
 
 
-def find_resume_point(launch: Launch, store: RunDir) -> ResumePoint | None:
+def find_resume_point(launch: Launch, store: RunDir, config: dict[str, Any] | None = None) -> ResumePoint | None:
     """Where this launch continues from (rank 0 reads the disk, after leftovers were cleaned)."""
     request = launch.rollback_to or launch.resume
     if request is None:
         metrics = store.path / "metrics.jsonl"
         if store.list() or (metrics.exists() and metrics.stat().st_size > 0):
             raise ResumeError(
-                f"run directory {store.path} already holds a run; continue it with +resume=latest "
-                "(or +resume=auto), or start a new one with run.id=NAME"
+                f"run directory {store.path} already holds a run ({describe_run(store, config)}); continue it with "
+                "+resume=latest (or +resume=auto), or start another beside it with run.id=NAME"
             )
         return None
     if request in ("latest", "auto") and launch.rollback_to is None:
@@ -195,6 +196,45 @@ def find_resume_point(launch: Launch, store: RunDir) -> ResumePoint | None:
             f"+{'rollback_to' if launch.rollback_to else 'resume'}={request}: {path} is not a committed "
             f"curry-train checkpoint ({type(err).__name__}: {err})"
         ) from None
+
+
+def describe_run(store: RunDir, config: dict[str, Any] | None) -> str:
+    """What a run directory holds, in a few words: steps done, when it was last launched, how its config differs."""
+    import yaml
+
+    words = []
+    metrics = store.path / "metrics.jsonl"
+    if metrics.exists():
+        words.append(f"{max(read_metrics(metrics), default=0)} steps done")
+    journal = store.path / "journal.jsonl"
+    if journal.exists():
+        starts = [e for e in read_journal(journal) if e["event"] == "run_start"]
+        if starts:
+            words.append(f"last launched {str(starts[-1]['time'])[:16].replace('T', ' ')}")
+    saved = store.path / "config.yaml"
+    if config is not None and saved.exists():
+        before, now = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(config)
+        changed = [
+            f"{k}={before.get(k)!r} there, {now.get(k)!r} here"
+            for k in sorted(set(before) | set(now))
+            if before.get(k) != now.get(k)
+        ]
+        if changed:
+            more = f" and {len(changed) - 3} more" if len(changed) > 3 else ""
+            words.append("config differs: " + "; ".join(changed[:3]) + more)
+        else:
+            words.append("the same config")
+    return ", ".join(words) or "checkpoints"
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= _flat(value, f"{prefix}{key}.")
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def _latest_point(store: RunDir, request: str) -> ResumePoint | None:
