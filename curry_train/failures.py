@@ -42,8 +42,8 @@ def one_line(err: BaseException) -> str:
 
 
 def record(err: BaseException, rank: int, run_dir: Path, line: str) -> Path | None:
-    """Write the traceback to the run directory's failures.log and torchrun's error file; returns the log's path
-    (None when the run directory does not exist: nothing was created, nothing is left behind)."""
+    """Write the traceback to the run directory's failures.log; returns the log's path (None when the run
+    directory does not exist: nothing was created, nothing is left behind)."""
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     text = "".join(traceback.format_exception(err))
     log = run_dir / FAILURES_LOG
@@ -55,7 +55,6 @@ def record(err: BaseException, rank: int, run_dir: Path, line: str) -> Path | No
             written = log
         except OSError:
             written = None  # the run directory is what failed (full, read-only): the line still reaches the user
-    tell_torchrun(line + (f"\n(traceback: {written})" if written else ""))
     return written
 
 

@@ -37,6 +37,7 @@ from curry_train.history import end_unfinished_attempt
 from curry_train.journal import Deferred, Journal, read_journal
 from curry_train.metrics import MetricsLogger
 from curry_train.model import Transformer, build_model, count_params
+from curry_train.model_shapes import parameter_shapes
 from curry_train.optim import build_optimizer, lr_at, set_lr
 
 __all__ = ["ResumeError", "SpikeError", "TrainResult", "optimizer_step", "train"]
@@ -153,6 +154,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
     """Take the run directory (one writer), tidy it, decide where to resume and check the storage plan before
     writing anything new, then open journal and metrics. A refusal leaves nothing behind."""
     group = env.checkpoint_group
+    config = asdict(cfg)
     store = RunDir(run_dir)
     lock = RunLock(run_dir)
     main = env.is_main
@@ -166,14 +168,12 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
         warnings = on_rank0(main, group, resuming.clean_run_dir, store, found)
         for warning in warnings if env.is_main else []:
             print(f"curry-train: WARNING: {warning}", file=sys.stderr, flush=True)
-        point = on_rank0(main, group, resuming.find_resume_point, launch, store, asdict(cfg))
+        point = on_rank0(main, group, resuming.find_resume_point, launch, store, config)
         if point is not None:
             say = (lambda line: print(line, file=sys.stderr, flush=True)) if env.is_main else (lambda line: None)
             point = resuming.choose_verified(point, group, store, found, say)
-            shapes = parameter_shapes(cfg)
-            on_rank0(main, group, resuming.check_shapes, point.path, shapes)
-        # The plan comes from the config alone (the model on meta): a policy that does not fit the disk refuses
-        # to start.
+            on_rank0(main, group, resuming.check_shapes, point.path, parameter_shapes(cfg.model))
+        # The plan comes from the config alone: a policy that does not fit the disk refuses to start.
         plan = on_rank0(main, group, build_plan, cfg, model_size(cfg.model), env.world_size, run_dir)
         refusal = storage_refusal(plan)
         if refusal is not None:
@@ -186,7 +186,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
             shutil.rmtree(created, ignore_errors=True)
         raise
     if env.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     attempt = count_launches(journal.path) if env.is_main else 0
     if env.is_main:
         end_unfinished_attempt(journal, run_dir)  # where a killed previous launch stopped, before this run_start
@@ -196,7 +196,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
         cfg.train.steps,
         env.is_main,
         attempt=attempt,
-        wandb_config=asdict(cfg),
+        wandb_config=config,
         run_id=run_dir.name,
     )
     journal.append(
@@ -207,7 +207,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
         num_workers=cfg.data.num_workers,
         resume=launch.resume,
         rollback_to=launch.rollback_to,
-        config=asdict(cfg),
+        config=config,
     )
     if env.is_main:
         found.replay(journal)
@@ -257,11 +257,6 @@ def write_probe(run_dir: Path) -> tuple[str, str]:
     name = f".probe-{token[:8]}"
     (run_dir / name).write_text(token)
     return name, token
-
-
-def parameter_shapes(cfg: Config) -> dict[str, tuple[int, ...]]:
-    """The global shape of every parameter of the configured model (built on meta: nothing allocated)."""
-    return {name: tuple(p.shape) for name, p in build_model(cfg.model).named_parameters()}
 
 
 def make_durable_dir(path: Path) -> None:

@@ -7,6 +7,7 @@ from typing import Any
 
 from curry_train.checkpoint.plan import human_bytes
 from curry_train.checkpoint.store import ABANDONED_PREFIX, RunDir
+from curry_train.config import flatten
 from curry_train.history import RunHistory, headline, history_lines
 
 # Metrics compared by `diff` besides the train loss, when both runs have them at common steps.
@@ -71,16 +72,6 @@ def render_status(run: RunHistory, with_history: bool = True) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------- diff
-
-
-def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    """{'a': {'b': 1}} -> {'a.b': 1}: config keys as they are typed on the command line."""
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        out.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return out
 
 
 def config_diff(a: RunHistory, b: RunHistory) -> list[tuple[str, Any, Any]]:

@@ -6,6 +6,7 @@ fails, say so in one line with an exit status that tells which kind of failure i
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict
@@ -83,18 +84,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _exit(line: str, status: int, quiet: bool = False) -> None:
-    if not quiet:
-        print(f"curry-train: {line}", file=sys.stderr, flush=True)
     if quiet:
         # Later than the rank that tells the user by a whole second (torchrun's error timestamps are in seconds),
         # so that torchrun's report names that rank's line as the root cause.
         time.sleep(1.0)
+    else:
+        print(f"curry-train: {line}", file=sys.stderr, flush=True)
     failures.tell_torchrun(f"curry-train: {line}")
     sys.stdout.flush()
     # os._exit, not sys.exit: after a failure, process-group and loader-worker teardown can wait on peers that are
     # gone; everything this launch must keep (journal, metrics, checkpoints) is already durable.
-    import os
-
     os._exit(status)
 
 

@@ -11,7 +11,6 @@ from curry_train.journal import read_journal
 from curry_train.metrics import read_metrics
 from tests.conftest import FAST, kill_and_resume, run_train
 
-REPO = Path(__file__).resolve().parents[1]
 RESUMABLE = [
     *FAST,
     "train.steps=14",

@@ -21,7 +21,6 @@ from curry_train.metrics import read_metrics
 from curry_train.model import Transformer
 from tests.conftest import FAST, kill_and_resume
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
 OVERRIDES = [
     *FAST,

@@ -1,9 +1,7 @@
-"""Carrying out a resume or a rollback: choose the checkpoint, load it, check it, rewind the run directory.
+"""Carrying out a resume: tidy the run directory, choose the checkpoint, verify it, load it, check it.
 
-The decisions are pure functions in `policy.py` (target, what to set aside, which samples to skip) and in
-`curry_train/spike.py` (is this a spike, how many rollbacks recently); this module applies them to the model, the
-optimizer, the progress counters and the run directory. Rank 0 alone reads and changes the run directory; what it
-decides reaches every rank through `agree`, errors included.
+Rank 0 alone reads and changes the run directory; what it decides reaches every rank through
+`distributed.on_rank0`, errors included. Rollbacks (`rollback.py`) load through `load` here.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Checkpoint, Role
 from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress
 from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir, check_file
-from curry_train.config import Launch
+from curry_train.config import Launch, flatten
 from curry_train.journal import Deferred, Journal, read_journal
 from curry_train.metrics import read_metrics
 
@@ -138,10 +136,7 @@ def point_of(path: Path, **fields: Any) -> ResumePoint:
 
 def _own_checkpoint(store: RunDir, path: Path) -> Checkpoint | None:
     """The checkpoint of this run directory that `path` names, if it names one."""
-    try:
-        relpath = path.resolve().relative_to(store.path.resolve()).as_posix()
-    except ValueError:
-        return None
+    relpath = relpath_in(store, path)
     return next((c for c in store.list() if c.relpath == relpath), None)
 
 
@@ -213,7 +208,7 @@ def describe_run(store: RunDir, config: dict[str, Any] | None) -> str:
             words.append(f"last launched {str(starts[-1]['time'])[:16].replace('T', ' ')}")
     saved = store.path / "config.yaml"
     if config is not None and saved.exists():
-        before, now = _flat(yaml.safe_load(saved.read_text()) or {}), _flat(config)
+        before, now = flatten(yaml.safe_load(saved.read_text()) or {}), flatten(config)
         changed = [
             f"{k}={before.get(k)!r} there, {now.get(k)!r} here"
             for k in sorted(set(before) | set(now))
@@ -225,16 +220,6 @@ def describe_run(store: RunDir, config: dict[str, Any] | None) -> str:
         else:
             words.append("the same config")
     return ", ".join(words) or "checkpoints"
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out |= _flat(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _latest_point(store: RunDir, request: str) -> ResumePoint | None:

@@ -75,6 +75,7 @@ def roll_back(
     def rewind_run_dir() -> tuple[list[str], list[Role]]:
         committed = ckpt.store.list()
         moved = ckpt.store.roll_back(target, abandoned_by_rollback(committed, point.step))
+        set_aside = [str(p.relative_to(ckpt.store.path)) for p in moved]
         ckpt.journal.append(
             "rollback",
             point.step,
@@ -84,12 +85,10 @@ def roll_back(
             skipped_steps=cause.step - point.step + spike.skip_extra_steps,
             optimizer_restored=not fresh_optimizer,
             rewarmup_steps=spike.rewarmup_steps if fresh_optimizer else 0,
-            set_aside=[str(p.relative_to(ckpt.store.path)) for p in moved],
+            set_aside=set_aside,
             **cause.fields,
         )
-        return [str(p.relative_to(ckpt.store.path)) for p in moved], [
-            c.role for c in committed if c.step == point.step and c.role is not Role.BEST_K
-        ]
+        return set_aside, [c.role for c in committed if c.step == point.step and c.role is not Role.BEST_K]
 
     set_aside, roles = on_rank0(ckpt.is_main, ckpt.group, rewind_run_dir)
     # The target step again, now with the skipped range in its progress: a crash from here on resumes the new
