@@ -153,6 +153,7 @@ class CheckpointConfig:
     rollback_contents: str = "full"  # full: parameters + optimizer + RNG + data position; params: parameters only
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     async_save: bool = True  # written by a background writer from a staged copy; false waits for every save
+    direct_io: bool = True  # data files bypass the page cache (O_DIRECT) where the filesystem allows it
     check_storage: bool = True  # refuse to start when the committed storage does not fit the free space
     save_final: bool = True  # the last step is always saved with full state, so run_end names a checkpoint
     preempt_grace_s: float = 30.0  # seconds between the preemption signal and the kill (torchrun's default)

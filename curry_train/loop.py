@@ -306,8 +306,9 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     log.print(render_plan(run.plan))
     journal.append("policy", 0, **plan_json(run.plan))
     fault = None if launch.fail_save_at is None else (launch.fail_save_at, launch.fail_save_rank)
+    c = cfg.checkpoint
     ckpt = Checkpointer(
-        RunDir(run_dir), policy, journal, env.checkpoint_group, env.rank, cfg.checkpoint.async_save, fault
+        RunDir(run_dir), policy, journal, env.checkpoint_group, env.rank, c.async_save, fault, c.direct_io
     )
 
     progress = Progress(world_size=env.world_size)
@@ -316,8 +317,8 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     dev = dev_batches(corpus.dev, cfg.data, slicing, t.seed, t.eval_batches)
     saved_fidelity: dict[str, Any] = {}
 
-    def fidelity_now() -> dict[str, Any]:
-        return fidelity_record(model, env.device, slicing.indices_at(progress.cursor, 0))
+    def fidelity_now(algorithm: str) -> dict[str, Any]:
+        return fidelity_record(model, env.device, slicing.indices_at(progress.cursor, 0), algorithm)
 
     def state(contents: Contents) -> dict:
         fidelity = (lambda: slicing.indices_at(progress.cursor, 0), saved_fidelity.update)

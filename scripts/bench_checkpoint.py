@@ -166,9 +166,8 @@ class IoBench:
             return app_state(contents, m, o, p, s, r, d, **extra)
 
         self.state = state
-        self.trainee = resuming.Trainee(
-            state, self.optimizer, self.progress, saved, lambda: fidelity_record(self.model, env.device, next_indices())
-        )
+        now = lambda algorithm: fidelity_record(self.model, env.device, next_indices(), algorithm)  # noqa: E731
+        self.trainee = resuming.Trainee(state, self.optimizer, self.progress, saved, now)
         run = scratch / "io-run"
         if env.is_main:
             run.mkdir(parents=True, exist_ok=True)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from curry_train.checkpoint import checksum
 from curry_train.checkpoint.policy import Checkpoint, Role
-from curry_train.checkpoint.store import MANIFEST, REPLACED_PREFIX, Manifest, RunDir, _link_or_copy, crc32_file
+from curry_train.checkpoint.store import MANIFEST, REPLACED_PREFIX, Manifest, RunDir, _link_or_copy
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARDS = ("__0_0.distcp", "__1_0.distcp", ".metadata")
@@ -69,7 +70,7 @@ def test_commit_makes_checkpoint_listable_with_correct_manifest(run: RunDir) -> 
     assert on_disk["created"].endswith("+00:00")
     assert set(on_disk["files"]) == set(contents)
     for name, data in contents.items():
-        assert on_disk["files"][name] == {"bytes": len(data), "crc32": crc32_file(final / name)}
+        assert on_disk["files"][name] == {"bytes": len(data), "xxh3_64": checksum.of_file(final / name)}
     assert on_disk["total_bytes"] == sum(len(d) for d in contents.values()) == manifest.total_bytes
     assert run.manifest(ckpt) == manifest
     assert Manifest.from_dict(manifest.to_dict()) == manifest
@@ -317,7 +318,7 @@ def test_verify_catches_flipped_byte_and_truncation(run: RunDir) -> None:
     data[12_345] ^= 0x01
     shard.write_bytes(bytes(data))
     [problem] = run.verify(rb(100))
-    assert "__0_0.distcp" in problem and "crc32" in problem
+    assert "__0_0.distcp" in problem and "checksum" in problem and "corrupted" in problem
 
     other = final / "__1_0.distcp"
     other.write_bytes(other.read_bytes()[:-7])
@@ -457,6 +458,34 @@ def test_commit_uses_checksums_the_writing_ranks_computed(run: RunDir) -> None:
     assert manifest.files[names[0]] == known[names[0]]
     assert manifest.files[names[1]] == file_entry(run.path_of(rc(7)) / names[1])
     assert run.verify(rc(7)) == []
+
+
+def test_a_manifest_of_crc32_checksums_still_verifies(run: RunDir) -> None:
+    """Checkpoints committed before xxh3 name crc32 in their manifests: they verify, and damage is still found."""
+    save(run, rb(100), nbytes=20_000)
+    final = run.path_of(rb(100))
+    manifest = json.loads((final / MANIFEST).read_text())
+    for name, entry in manifest["files"].items():
+        manifest["files"][name] = {"bytes": entry["bytes"], "crc32": checksum.of_file(final / name, "crc32")}
+    (final / MANIFEST).write_text(json.dumps(manifest))
+    assert run.verify(rb(100)) == []
+    assert run.manifest(rb(100)).files["__0_0.distcp"].algorithm == "crc32"
+    shard = final / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[0] ^= 0x80
+    shard.write_bytes(bytes(data))
+    [problem] = run.verify(rb(100))
+    assert "__0_0.distcp: crc32 checksum" in problem
+
+
+def test_a_manifest_entry_without_a_known_checksum_is_unreadable(run: RunDir) -> None:
+    save(run, rb(100), nbytes=2_000)
+    final = run.path_of(rb(100))
+    manifest = json.loads((final / MANIFEST).read_text())
+    manifest["files"]["__0_0.distcp"] = {"bytes": 2_000, "md4": "00"}
+    (final / MANIFEST).write_text(json.dumps(manifest))
+    [problem] = run.verify(rb(100))
+    assert "unreadable" in problem and "xxh3_64" in problem
 
 
 # ------------------------------------------------------------------------------------------------ rollback

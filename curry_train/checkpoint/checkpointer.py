@@ -85,6 +85,7 @@ class Checkpointer:
         rank: int,
         async_save: bool = True,
         fail_save_at: tuple[int, int] | None = None,
+        direct_io: bool = True,
     ) -> None:
         self.store = store
         self.fail_save_at = fail_save_at  # (step, rank): +debug.fail_save_at, a full disk while that save writes
@@ -95,7 +96,7 @@ class Checkpointer:
         self.is_main = rank == 0
         self.async_save = async_save
         self.stager = io.Stager()  # one per run: its buffers are reused by every asynchronous save
-        self.writer = io.Writer()  # one per run: one save written at a time
+        self.writer = io.Writer(direct_io)  # one per run: one save written at a time
         self.writing: PendingSave | None = None  # every rank: bytes being written
         self.committing: PendingSave | None = None  # rank 0: durable bytes being committed
         self.durable: tuple[int, Checkpoint] | None = None  # the last save whose bytes every rank made durable
@@ -180,7 +181,7 @@ class Checkpointer:
                 state_dict = self.stager.stage(state_dict)
             pending.stage_seconds = time.perf_counter() - pending.started
             full_disk = self.fail_save_at == (first.step, self.rank)
-            pending.job = io.SaveJob.start(state_dict, Path(box[0]), self.group, full_disk)
+            pending.job = io.SaveJob.start(state_dict, Path(box[0]), self.group, self.writer.filesystem(full_disk))
         except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
             self._journal_error(first, f"save failed: {err!r}; earlier checkpoints are intact")
             raise
@@ -319,6 +320,7 @@ class Checkpointer:
             stage_seconds=round(pending.stage_seconds, 4),
             write_seconds=round(max(w.seconds for w in pending.written), 4),
             write_cpu_seconds=round(max(w.cpu_seconds for w in pending.written), 4),
+            direct_io=all(w.direct for w in pending.written),
             mode="async" if self.async_save else "sync",
         )
         for ckpt in pending.checkpoints[1:]:

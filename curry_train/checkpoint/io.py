@@ -4,9 +4,10 @@ A save has three parts, which `Checkpointer` drives on every rank:
   1. `SaveJob.start` (training thread): take each Stateful's state dict, copy its tensors into staging buffers that
      are allocated once per run and reused (an asynchronous save; a synchronous one writes the live tensors while
      training waits), and plan the checkpoint with DCP's planner (two small collectives on the checkpoint group).
-  2. the writer thread: DCP's `FileSystemWriter` writes this rank's files and fsyncs each one; a CRC-32 of every
-     file is computed from the bytes as they are written (no second read), and deferred values (the fidelity
-     digest) are computed from the staged copy here, off the training thread. No collective runs on this thread.
+  2. the writer thread: DCP's `FileSystemWriter` serialises this rank's files into the run's write buffer, which
+     goes to disk with O_DIRECT (`_DirectFile`), and fsyncs each one; an xxh3-64 checksum of every file is computed
+     from the bytes as they are written (no second read), and deferred values (the fidelity digest) are computed
+     from the staged copy here, off the training thread. No collective runs on this thread.
   3. `SaveJob.finish_metadata` (rank 0, after every rank reported its files durable): the `.metadata` file.
 The files are ordinary DCP files: PyTorch's own tools read them.
 """
@@ -15,16 +16,16 @@ from __future__ import annotations
 
 import copy
 import errno
+import fcntl
 import inspect
-import io
+import mmap
 import os
 import threading
 import time
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 
+from curry_train.checkpoint import checksum
 from curry_train.checkpoint.store import FileEntry
 
 _IMMUTABLE = (int, float, str, bytes, bool, type(None), torch.dtype, torch.device)
@@ -128,44 +130,118 @@ class _Planner(DefaultSavePlanner):
         return super().transform_object(write_item, object)
 
 
-class _ChecksummingFile:
-    """A binary file that computes the CRC-32 of what is written through it, so the checksum costs no re-read."""
+# Direct I/O needs the memory, the file offset and the length of each write aligned to the device's logical block
+# (512 bytes or 4 KiB); a page-aligned buffer whose size is a multiple of 4 KiB meets all three.
+_ALIGN = 4096
+CHUNK_BYTES = 32 << 20
 
-    def __init__(self, raw: io.BufferedWriter) -> None:
-        self.raw = raw
-        self.crc = 0
-        self.nbytes = 0
+
+class WriteBuffer:
+    """The page-aligned buffer through which the writer sends a file's bytes to disk, allocated once per run."""
+
+    def __init__(self, nbytes: int = CHUNK_BYTES) -> None:
+        assert nbytes % _ALIGN == 0
+        self._map = mmap.mmap(-1, nbytes)  # anonymous mappings are page-aligned
+        self.view = memoryview(self._map)
+
+
+class _DirectFile:
+    """A new file written through `buffer` with O_DIRECT: the bytes go from the buffer to the device, not through
+    the page cache, and a checksum of them is computed as they pass.
+
+    Buffered writes of a checkpoint cost the writer the kernel's copy into the page cache and its allocation of
+    those pages: measured on this project's CPU VMs, 0.9-1.2 s of system CPU for a 342 MB shard, against 0.06 s
+    written directly (the copy into the buffer). That CPU is what an asynchronous save takes from training. The
+    bytes of a checkpoint are not read again soon, so caching them only evicts pages training uses.
+
+    Where the filesystem refuses O_DIRECT (EINVAL: tmpfs, some FUSE mounts), or `direct` is off, the same chunks
+    are written through the page cache. `close()` writes the tail, truncates the block padding, fsyncs, closes."""
+
+    def __init__(self, path: Path, buffer: WriteBuffer, direct: bool) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+        self.direct = direct and hasattr(os, "O_DIRECT")
+        try:
+            self.fd = os.open(path, flags | (os.O_DIRECT if self.direct else 0), 0o644)
+        except OSError as err:
+            if not self.direct or err.errno != errno.EINVAL:
+                raise
+            self.direct = False
+            self.fd = os.open(path, flags, 0o644)
+        self.buffer = buffer.view
+        self.filled = 0  # bytes in the buffer not yet written
+        self.nbytes = 0  # bytes written through this file
+        self.digest = checksum.running()
+        self.closed = False
 
     def write(self, data: Any) -> int:
-        view = memoryview(data)
-        written = self.raw.write(view)
-        self.crc = zlib.crc32(view, self.crc)
-        self.nbytes += view.nbytes
-        return written
+        view = memoryview(data).cast("B")
+        self.digest.update(view)
+        size, done = len(self.buffer), 0
+        while done < len(view):
+            n = min(size - self.filled, len(view) - done)
+            self.buffer[self.filled : self.filled + n] = view[done : done + n]
+            self.filled += n
+            done += n
+            if self.filled == size:
+                self._drain(size)
+        self.nbytes += done
+        return done
 
     def tell(self) -> int:
-        return self.raw.tell()
+        return self.nbytes
 
     def flush(self) -> None:
-        self.raw.flush()
+        """Nothing: DCP flushes after every item, and the bytes leave in whole buffers (and at `close`)."""
 
     def fileno(self) -> int:
-        return self.raw.fileno()
+        return self.fd
 
     def close(self) -> None:
-        self.raw.close()
+        """Write what is left, make the file durable and close it."""
+        if self.closed:
+            return
+        try:
+            if self.filled:
+                # A direct write must be a whole number of blocks: write the padding too, then cut it off.
+                padded = -(-self.filled // _ALIGN) * _ALIGN if self.direct else self.filled
+                self._drain(padded)
+                if padded != self.filled:
+                    os.ftruncate(self.fd, self.nbytes)
+            os.fsync(self.fd)
+        finally:
+            self.abandon()
 
-    @property
-    def closed(self) -> bool:
-        return self.raw.closed
+    def abandon(self) -> None:
+        """Close without making durable (a failed write: the staging directory is discarded)."""
+        if not self.closed:
+            self.closed = True
+            os.close(self.fd)
+
+    def _drain(self, nbytes: int) -> None:
+        """Write the first `nbytes` of the buffer at the file's current end."""
+        done = 0
+        while done < nbytes:
+            try:
+                done += os.write(self.fd, self.buffer[done:nbytes])
+            except OSError as err:
+                if not self.direct or err.errno != errno.EINVAL:
+                    raise
+                # The filesystem opened the file for direct I/O but refuses the write: go through the page cache.
+                self.direct = False
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, fcntl.fcntl(self.fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self.filled = 0
 
 
 class _ChecksummingFileSystem(FileSystem):
-    """DCP's local filesystem, recording size and CRC-32 of every data file this rank writes."""
+    """DCP's local filesystem; each data file this rank writes goes through the run's write buffer (`_DirectFile`)
+    and is recorded with its size and checksum."""
 
-    def __init__(self, full_disk: bool = False) -> None:
+    def __init__(self, buffer: WriteBuffer, direct: bool = True, full_disk: bool = False) -> None:
         super().__init__()
+        self.buffer = buffer
+        self.direct = direct
         self.entries: dict[str, FileEntry] = {}
+        self.wrote_direct = True  # every data file bypassed the page cache
         self._lock = threading.Lock()
         self.full_disk = full_disk  # +debug.fail_save_at: the disk fills up as this rank writes its shard
 
@@ -179,28 +255,22 @@ class _ChecksummingFileSystem(FileSystem):
         if self.full_disk:
             path.write_bytes(b"\0" * 4096)  # what a write that runs out of space leaves: part of a file
             raise OSError(errno.ENOSPC, f"No space left on device (injected by +debug.fail_save_at): {path}")
-        with path.open("wb") as raw:
-            stream = _ChecksummingFile(raw)
+        stream = _DirectFile(path, self.buffer, self.direct)
+        try:
             yield stream
-        size = path.stat().st_size  # DCP's writer closes (after fsync) inside the block
-        # Sequential writes only: the running CRC is the file's. Anything else (a writer that seeks) is re-read.
-        entry = FileEntry(size, f"{stream.crc:08x}") if size == stream.nbytes else None
+            stream.close()  # DCP closes it inside the block (after its own fsync); closing twice is harmless
+        finally:
+            stream.abandon()
+        entry = FileEntry(stream.nbytes, stream.digest.hexdigest())
         with self._lock:
-            self.entries[path.name] = entry if entry is not None else _file_entry(path)
-
-
-def _file_entry(path: Path) -> FileEntry:
-    crc = 0
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(8 << 20):
-            crc = zlib.crc32(block, crc)
-    return FileEntry(path.stat().st_size, f"{crc:08x}")
+            self.entries[path.name] = entry
+            self.wrote_direct &= stream.direct
 
 
 @contextmanager
 def _without_zip_crc() -> Iterator[None]:
     """torch.save computes a CRC-32 of every record of its zip container, about half its CPU time; the manifest's
-    CRC-32 of each whole file (computed as it is written) covers the same bytes, and torch.load does not need it.
+    checksum of each whole file (computed as it is written) covers the same bytes, and torch.load does not need it.
     The switch is process-wide: a torch.save elsewhere in the process meanwhile writes a zip without record CRCs,
     which torch.load reads all the same."""
     try:
@@ -218,12 +288,14 @@ def _without_zip_crc() -> Iterator[None]:
 
 @dataclass
 class Written:
-    """What one rank's writer reports: DCP's write results and the size and CRC-32 of each file it wrote (fsynced)."""
+    """What one rank's writer reports: DCP's write results and the size and checksum of each file it wrote
+    (fsynced)."""
 
     results: list[WriteResult]
     files: dict[str, FileEntry]
     seconds: float
     cpu_seconds: float  # the writer thread's CPU time (user and system): what it can take from training
+    direct: bool  # every file bypassed the page cache (O_DIRECT)
 
 
 @dataclass
@@ -236,16 +308,16 @@ class SaveJob:
     plan: SavePlan
     metadata: Metadata | None  # rank 0's, from the global plan
     future: Future[Written] | None = None
-    timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def start(
-        cls, state_dict: dict[str, Any], staging: Path, group: dist.ProcessGroup, full_disk: bool = False
+        cls, state_dict: dict[str, Any], staging: Path, group: dist.ProcessGroup, fs: _ChecksummingFileSystem
     ) -> SaveJob:
-        """Plan the save of `state_dict` (already staged, or live for a synchronous save) on every rank."""
+        """Plan the save of `state_dict` (already staged, or live for a synchronous save) on every rank; `fs`
+        (from `Writer.filesystem`) writes the files."""
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         writer = FileSystemWriter(staging, sync_files=True, single_file_per_rank=True, thread_count=1)
-        writer.fs = _ChecksummingFileSystem(full_disk)
+        writer.fs = fs
         planner = _Planner(state_dict)
         planner.set_up_planner(state_dict=state_dict, storage_meta=writer.storage_meta(), is_coordinator=rank == 0)
         if "kwargs" in inspect.signature(writer.set_up_storage_writer).parameters:
@@ -276,7 +348,8 @@ class SaveJob:
             future.wait()
         fs = self.writer.fs
         assert isinstance(fs, _ChecksummingFileSystem)
-        return Written(future.value(), dict(fs.entries), time.perf_counter() - started, time.thread_time() - cpu)
+        seconds, cpu = time.perf_counter() - started, time.thread_time() - cpu
+        return Written(future.value(), dict(fs.entries), seconds, cpu, fs.wrote_direct)
 
     def finish_metadata(self, results: list[list[WriteResult]]) -> None:
         """Rank 0: write `.metadata` (fsynced by the writer) once every rank's data files are durable."""
@@ -285,10 +358,18 @@ class SaveJob:
 
 
 class Writer:
-    """The run's one writer thread: at most one save is written at a time, in order."""
+    """The run's one writer thread and its write buffer: at most one save is written at a time, in order.
 
-    def __init__(self) -> None:
+    `direct`: write data files with O_DIRECT where the filesystem allows it (`checkpoint.direct_io`)."""
+
+    def __init__(self, direct: bool = True) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="curry-train-writer")
+        self.buffer = WriteBuffer()
+        self.direct = direct
+
+    def filesystem(self, full_disk: bool = False) -> _ChecksummingFileSystem:
+        """The filesystem a new save's DCP writer writes through (its files go through this writer's buffer)."""
+        return _ChecksummingFileSystem(self.buffer, self.direct, full_disk)
 
     def submit(self, job: SaveJob) -> Future[Written]:
         job.future = self._pool.submit(job.write)

@@ -47,7 +47,7 @@ FULL_SHARED_VALUES = 29  # progress (3) + scheduler (2) + 2 AdamW param groups x
 PER_RANK_FULL_BYTES = 20_500  # RNG states (~17.4 KB) + dataloader state + fidelity record, per rank
 METADATA_BASE_BYTES = 80
 MANIFEST_BYTES = 400  # manifest.json without its file entries
-MANIFEST_FILE_BYTES = 70  # one file entry of manifest.json (name, size, crc32)
+MANIFEST_FILE_BYTES = 80  # one file entry of manifest.json (name, size, xxh3-64 checksum)
 
 ROLLBACK_PARAMS_THRESHOLD = 10e9  # above this size of a full checkpoint, recommend parameters-only rollbacks
 DEFAULT_MTBF_HOURS = 24.0

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Checkpoint, Role
-from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress
+from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress, digest_algorithm
 from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir, check_file
 from curry_train.config import Launch, flatten
 from curry_train.journal import Deferred, Journal, read_journal
@@ -47,7 +47,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     progress: Progress
     saved_fidelity: dict[str, Any]  # filled by loading a full checkpoint
-    fidelity_now: Callable[[], dict[str, Any]]
+    fidelity_now: Callable[[str], dict[str, Any]]  # this rank's record now, parameters digested with that algorithm
 
 
 # ------------------------------------------------------------------------------------------ where to resume
@@ -243,7 +243,7 @@ def _latest_point(store: RunDir, request: str) -> ResumePoint | None:
 
 
 def verify_everywhere(path: Path, group: dist.ProcessGroup) -> list[str]:
-    """Check a checkpoint's files against its manifest before loading it: sizes and crc32, each rank a share of
+    """Check a checkpoint's files against its manifest before loading it: sizes and checksums, each rank a share of
     the files (so a large checkpoint is read in parallel), every rank gets every problem."""
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     try:
@@ -334,7 +334,7 @@ def load(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: int)
         into.optimizer.state.clear()  # Adam's moments start fresh (a rollback may have had them)
     into.progress.world_size = world_size
     if point.contents is Contents.FULL and same_world:
-        check_fidelity(into.saved_fidelity, into.fidelity_now())
+        check_fidelity(into.saved_fidelity, into.fidelity_now(digest_algorithm(into.saved_fidelity)))
 
 
 def relpath_in(store: RunDir, path: Path) -> str:

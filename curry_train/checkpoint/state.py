@@ -39,6 +39,8 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
+from curry_train.checkpoint import checksum
+
 
 class Contents(enum.StrEnum):
     FULL = "full"  # everything that decides the next step: exact resume
@@ -175,24 +177,35 @@ def rng_digest(device: torch.device) -> str:
     return h.hexdigest()[:16]
 
 
-def _digest(named: Any) -> str:
-    h = hashlib.sha256()
+def _digest(named: Any, algorithm: str = checksum.DEFAULT) -> str:
+    """`algorithm:hex` over names and bytes; the prefix lets a later version check a record with its algorithm."""
+    h = checksum.running(algorithm)
     for name, tensor in named:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         h.update(name.encode())
         # Hashed through the buffer protocol: the same bytes as a copy would give, without the copy.
         h.update(local.detach().cpu().contiguous().view(torch.uint8).numpy())
-    return h.hexdigest()[:16]
+    return f"{algorithm}:{h.hexdigest()}"
+
+
+def digest_algorithm(record: dict[str, Any]) -> str:
+    """The algorithm of a saved fidelity record's parameter digest (records without a prefix used SHA-256)."""
+    algorithm, sep, _ = str(record.get("params", "")).partition(":")
+    return algorithm if sep else "sha256_16"
 
 
 @torch.no_grad()
-def param_digest(model: nn.Module) -> str:
+def param_digest(model: nn.Module, algorithm: str = checksum.DEFAULT) -> str:
     """A fingerprint of the bytes of this rank's parameter shards (bitwise: any flipped bit changes it)."""
-    return _digest(model.named_parameters())
+    digest = _digest(model.named_parameters(), algorithm)
+    return digest.partition(":")[2] if algorithm == "sha256_16" else digest  # as those records wrote it
 
 
-def fidelity_record(model: nn.Module, device: torch.device, next_indices: list[int]) -> dict[str, Any]:
-    return {"params": param_digest(model), "rng": rng_digest(device), "next_indices": list(next_indices)}
+def fidelity_record(
+    model: nn.Module, device: torch.device, next_indices: list[int], algorithm: str = checksum.DEFAULT
+) -> dict[str, Any]:
+    """This rank's parameter digest (with `algorithm`: a saved record's), RNG digest and next batch."""
+    return {"params": param_digest(model, algorithm), "rng": rng_digest(device), "next_indices": list(next_indices)}
 
 
 class DeferredFidelity:

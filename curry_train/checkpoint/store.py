@@ -20,13 +20,13 @@ import os
 import shutil
 import time
 import uuid
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from curry_train.checkpoint import checksum
 from curry_train.checkpoint.policy import Checkpoint, Role, parse_checkpoint_name
 
 MANIFEST = "manifest.json"
@@ -46,7 +46,6 @@ ABANDONED_PREFIX = ".abandoned-"
 # finds it finishes the rollback before choosing where to resume, so a crash mid-rollback never resumes the
 # abandoned trajectory.
 ROLLBACK_INTENT = "rollback-intent.json"
-_BLOCK = 8 * 1024 * 1024
 # Errors after which os.link cannot work here but a plain copy can (cross-device, no hard-link support).
 _NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
@@ -70,15 +69,6 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def crc32_file(path: str | os.PathLike[str]) -> str:
-    """zlib.crc32 of a file, streamed in 8 MiB blocks, as 8 hex digits."""
-    crc = 0
-    with open(path, "rb", buffering=0) as f:
-        while block := f.read(_BLOCK):
-            crc = zlib.crc32(block, crc)
-    return f"{crc:08x}"
 
 
 def _write_json_durably(path: Path, data: dict[str, Any]) -> None:
@@ -109,17 +99,21 @@ def _now_iso() -> str:
 
 @dataclass(frozen=True)
 class FileEntry:
-    """Size and checksum of one file of a checkpoint."""
+    """Size and checksum of one file of a checkpoint; the manifest keys the checksum by its algorithm's name."""
 
     nbytes: int
-    crc32: str
+    digest: str
+    algorithm: str = checksum.DEFAULT
 
     def to_dict(self) -> dict[str, Any]:
-        return {"bytes": self.nbytes, "crc32": self.crc32}
+        return {"bytes": self.nbytes, self.algorithm: self.digest}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileEntry:
-        return cls(nbytes=int(d["bytes"]), crc32=str(d["crc32"]))
+        named = [a for a in checksum.ALGORITHMS if a in d]
+        if not named:
+            raise ValueError(f"file entry {d} has no checksum of a known algorithm ({', '.join(checksum.ALGORITHMS)})")
+        return cls(nbytes=int(d["bytes"]), digest=str(d[named[0]]), algorithm=named[0])
 
 
 @dataclass(frozen=True)
@@ -220,11 +214,11 @@ def _fsync_tree(root: Path, durable: frozenset[str] = frozenset()) -> None:
 
 
 def file_entry(path: Path) -> FileEntry:
-    return FileEntry(path.stat().st_size, crc32_file(path))
+    return FileEntry(path.stat().st_size, checksum.of_file(path))
 
 
 def _checksum_tree(root: Path, known: dict[str, FileEntry] | None = None) -> dict[str, FileEntry]:
-    """Size and crc32 of every file; entries in `known` (computed by the rank that wrote the file) are trusted
+    """Size and checksum of every file; entries in `known` (computed by the rank that wrote the file) are trusted
     when the size still matches, so rank 0 need not re-read every rank's shards."""
     known = known or {}
     entries = {}
@@ -604,7 +598,7 @@ class RunDir:
     # -- integrity and accounting
 
     def verify(self, ckpt_or_path: Checkpoint | str | os.PathLike[str]) -> list[str]:
-        """Re-read every file and compare size and crc32 with the manifest; returns problems (empty = OK)."""
+        """Re-read every file and compare size and checksum with the manifest; returns problems (empty = OK)."""
         d = self.path_of(ckpt_or_path) if isinstance(ckpt_or_path, Checkpoint) else Path(ckpt_or_path)
         if not d.is_dir():
             return [f"{d}: checkpoint directory does not exist"]
@@ -641,16 +635,16 @@ def _tree_bytes(root: Path) -> int:
 
 
 def check_file(ckpt_dir: Path, rel: str, entry: FileEntry) -> str | None:
-    """One human-readable problem with a checkpoint file, or None if size and crc32 match."""
+    """One human-readable problem with a checkpoint file, or None if size and checksum match."""
     p = ckpt_dir / rel
     if not p.is_file():
         return f"{rel}: missing"
     size = p.stat().st_size
     if size != entry.nbytes:
         return f"{rel}: size {size} bytes, manifest says {entry.nbytes} (truncated or overwritten)"
-    crc = crc32_file(p)
-    if crc != entry.crc32:
-        return f"{rel}: crc32 {crc}, manifest says {entry.crc32} (corrupted)"
+    digest = checksum.of_file(p, entry.algorithm)
+    if digest != entry.digest:
+        return f"{rel}: {entry.algorithm} checksum {digest}, manifest says {entry.digest} (corrupted)"
     return None
 
 
