@@ -8,11 +8,15 @@ Rows (each repetition runs every row of its section, in an order that rotates be
 shared machine cancels; a figure is the median over repetitions, the slowest rank's time):
   disk write / read   each rank writes its checkpoint share sequentially and fsyncs (as `dd conv=fdatasync`),
                       then reads it back after dropping its pages from the cache (posix_fadvise)
+  disk write direct   the same write with O_DIRECT from an aligned buffer (as `dd oflag=direct`): the device's floor
   dcp.save / load     raw `dcp.save` / `dcp.load` of the harness's full state, the floor curry-train builds on
   sync save           curry-train's synchronous save (stage-free write, checksums, commit, journal)
+  sync save buffered  the same with checkpoint.direct_io=false (through the page cache)
   resume load         curry-train's resume load (DCP load plus the fidelity check)
-  loop off/async/sync `loop.train` for --loop-steps steps, a full save every --save-every steps (none for off);
-                      extra wall time of the training window (first to last step's metrics line) per save
+  resume verified     what +resume=latest does: check every file against the manifest, then the resume load
+  loop off/async/sync `loop.train` for --loop-steps steps, a full save every --save-every steps (none for off;
+                      async_buffered: direct_io=false); extra wall time of the training window (first to last
+                      step's metrics line) per save
   plain / harness     one optimizer step: a minimal hand-written FSDP2 loop against the harness (bench_step.py)
   policy off/default  `loop.train` at the `default` checkpoint cadences against checkpointing off
 Goals compare these ratios with the targets of the fast-checkpoints issue.
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
 import shutil
 import statistics
@@ -175,6 +180,9 @@ class IoBench:
         policy = policy_of(cfg.checkpoint)
         journal = Journal(run / "journal.jsonl", enabled=env.is_main)
         self.ckpt = Checkpointer(RunDir(run), policy, journal, env.checkpoint_group, env.rank, async_save=False)
+        self.ckpt_buffered = Checkpointer(
+            RunDir(run), policy, journal, env.checkpoint_group, env.rank, async_save=False, direct_io=False
+        )
         self.dcp_dir = scratch / "raw.dcp"
         self.disk_file = scratch / f"disk-{env.rank}.bin"
         self.saved_bytes = 0
@@ -200,20 +208,32 @@ class IoBench:
             )
         )
 
-    def sync_save(self) -> float:
+    def sync_save(self, buffered: bool = False) -> float:
         self.progress.step += 1  # a new step each time: a save at a committed step would replace it
-        return timed(
-            lambda: self.ckpt.save(self.progress.step, [Role.RECOVERY], Contents.FULL, self.state(Contents.FULL))
-        )
+        ckpt = self.ckpt_buffered if buffered else self.ckpt
+        return timed(lambda: ckpt.save(self.progress.step, [Role.RECOVERY], Contents.FULL, self.state(Contents.FULL)))
+
+    def resume_verified(self) -> float:
+        point = self._latest_point()
+
+        def resume() -> None:
+            resuming.choose_verified(point, self.env.checkpoint_group, self.ckpt.store, self.ckpt.journal, print)
+            resuming.load(point, self.ckpt, self.trainee, self.env.world_size)
+
+        return timed(resume)
 
     def resume_load(self) -> float:
+        point = self._latest_point()
+        return timed(lambda: resuming.load(point, self.ckpt, self.trainee, self.env.world_size))
+
+    def _latest_point(self) -> resuming.ResumePoint:
+        """The newest save, its pages dropped from the cache (a resume after a restart reads from disk)."""
         store = self.ckpt.store
         path = store.path_of(store.latest()) if self.env.is_main else None
         box = [path]
         dist.broadcast_object_list(box, src=0, group=self.env.checkpoint_group)
         drop_cache(box[0])
-        point = resuming.ResumePoint(box[0], self.progress.step, Contents.FULL, self.env.world_size)
-        return timed(lambda: resuming.load(point, self.ckpt, self.trainee, self.env.world_size))
+        return resuming.ResumePoint(box[0], self.progress.step, Contents.FULL, self.env.world_size)
 
     def disk_write(self) -> float:
         share = max(1, self.shared_bytes() // self.env.world_size)
@@ -225,6 +245,24 @@ class IoBench:
                 while left > 0:
                     left -= f.write(memoryview(block)[: min(left, len(block))])
                 os.fsync(f.fileno())
+
+        return timed(write)
+
+    def disk_write_direct(self) -> float:
+        share = max(1, self.shared_bytes() // self.env.world_size)
+        block = mmap.mmap(-1, 8 << 20)  # page-aligned, as O_DIRECT needs
+        block.write(os.urandom(8 << 20))
+        share = -(-share // 4096) * 4096
+
+        def write() -> None:
+            fd = os.open(self.disk_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+            try:
+                left = share
+                while left > 0:
+                    left -= os.write(fd, memoryview(block)[: min(left, len(block))])
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
         return timed(write)
 
@@ -251,15 +289,18 @@ def io_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> t
     bench.dcp_save()  # untimed: sizes the disk rows, warms the code paths
     rows = {
         "disk_write": bench.disk_write,
+        "disk_write_direct": bench.disk_write_direct,
         "dcp_save": bench.dcp_save,
         "sync_save": bench.sync_save,
+        "sync_save_buffered": lambda: bench.sync_save(buffered=True),
         "disk_read": bench.disk_read,
         "dcp_load": bench.dcp_load,
         "resume_load": bench.resume_load,
+        "resume_verified": bench.resume_verified,
     }
     times: dict[str, list[float]] = {name: [] for name in rows}
-    saves = ["disk_write", "dcp_save", "sync_save"]
-    loads = ["disk_read", "dcp_load", "resume_load"]
+    saves = ["disk_write", "disk_write_direct", "dcp_save", "sync_save", "sync_save_buffered"]
+    loads = ["disk_read", "dcp_load", "resume_load", "resume_verified"]
     for rep in range(args.reps):
         k = rep % len(saves)
         for name in saves[k:] + saves[:k]:
@@ -299,6 +340,7 @@ def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) ->
         "off": config(args, *common, *CHECKPOINT_OFF),
         "async": config(args, *common, *saving, "checkpoint.async_save=true"),
         "sync": config(args, *common, *saving, "checkpoint.async_save=false"),
+        "async_buffered": config(args, *common, *saving, "checkpoint.async_save=true", "checkpoint.direct_io=false"),
     }
     # Saves inside the window only: a save in the last steps would be waited for at exit, outside it.
     saves = len([s for s in range(1, args.loop_steps + 1) if s % args.save_every == 0 and s < args.loop_steps])
@@ -306,7 +348,7 @@ def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) ->
     costs: list[float] = []
     names = list(variants)
     for rep in range(args.reps):
-        for name in names[rep % 3 :] + names[: rep % 3]:
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
             run_dir = run_loop(variants[name], env, scratch / f"loop-{name}")
             if env.is_main:
                 windows[name].append(window(run_dir, 1, args.loop_steps))
@@ -358,16 +400,21 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
         ratios["sync_save_vs_disk_write"] = med["disk_write"] / med["sync_save"]  # a throughput ratio
         ratios["dcp_save_vs_disk_write"] = med["disk_write"] / med["dcp_save"]
         ratios["resume_load_vs_dcp_load"] = med["resume_load"] / med["dcp_load"]
+        ratios["sync_save_vs_disk_write_direct"] = med["disk_write_direct"] / med["sync_save"]
+        ratios["sync_save_buffered_vs_direct"] = med["sync_save_buffered"] / med["sync_save"]  # times: > 1 is slower
+        ratios["resume_verified_vs_dcp_load"] = med["resume_verified"] / med["dcp_load"]
     if loops:
         w = {name: statistics.median(t) for name, t in loops["windows"].items()}
         n = max(1, loops["saves"])
         rows["loop_off"] = {"seconds": w["off"]}
-        for mode in ("async", "sync"):
+        for mode in ("async", "sync", "async_buffered"):
             rows[f"loop_{mode}"] = {"seconds": w[mode], "extra_per_save_s": (w[mode] - w["off"]) / n}
         journal = statistics.fmean(loops["journal_costs"]) if loops["journal_costs"] else float("nan")
         rows["async_journal_cost"] = {"seconds": journal}
         async_extra, sync_extra = rows["loop_async"]["extra_per_save_s"], rows["loop_sync"]["extra_per_save_s"]
         ratios["async_stall_vs_sync"] = async_extra / sync_extra if sync_extra > 0 else float("nan")
+        buffered_extra = rows["loop_async_buffered"]["extra_per_save_s"]
+        ratios["async_buffered_vs_direct_stall"] = buffered_extra / async_extra if async_extra > 0 else float("nan")
         ratios["journal_cost_vs_outside"] = journal / async_extra if async_extra > 0 else float("nan")
     if steps:
         rows["plain_step"] = {"seconds": steps["plain"]}

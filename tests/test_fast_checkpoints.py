@@ -150,6 +150,7 @@ def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     rows = {"disk_write", "disk_read", "dcp_save", "dcp_load", "sync_save", "resume_load", "loop_off", "loop_async"}
     rows |= {"loop_sync", "async_journal_cost", "plain_step", "harness_step", "policy_off", "policy_default"}
+    rows |= {"disk_write_direct", "sync_save_buffered", "resume_verified", "loop_async_buffered"}
     assert set(result["rows"]) == rows
     assert all(row["seconds"] > 0 for name, row in result["rows"].items() if name != "async_journal_cost")
     assert set(result["goals"]) == {
