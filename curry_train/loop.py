@@ -8,7 +8,7 @@ import socket
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -64,8 +64,12 @@ def train_step(
     grad_accum: int,
     grad_clip: float,
     device: torch.device,
+    before_update: Callable[[], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss and the grad norm."""
+    """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss and the grad norm.
+
+    `before_update` runs just before the optimizer changes the parameters (a save in flight takes its copy of them
+    during the forward and backward)."""
     total = torch.zeros((), device=device)
     for micro in range(grad_accum):
         batch = next(batches)
@@ -80,6 +84,8 @@ def train_step(
     grad_norm = None
     if grad_clip > 0:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if before_update is not None:
+        before_update()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return total / grad_accum, grad_norm
@@ -94,6 +100,7 @@ def optimizer_step(
     device: torch.device,
     stop_requested: bool = False,
     lr_scale: float = 1.0,
+    before_update: Callable[[], None] | None = None,
 ) -> tuple[dict[str, float], bool]:
     """Optimizer step `step` (0-based) at the schedule's lr times `lr_scale` (a re-warmup after a rollback).
 
@@ -102,7 +109,9 @@ def optimizer_step(
     """
     lr = lr_at(step, cfg.optimizer.lr, cfg.train.steps, cfg.scheduler) * lr_scale
     set_lr(optimizer, lr)
-    loss, grad_norm = train_step(model, optimizer, batches, cfg.train.grad_accum, cfg.train.grad_clip, device)
+    loss, grad_norm = train_step(
+        model, optimizer, batches, cfg.train.grad_accum, cfg.train.grad_clip, device, before_update
+    )
     loss_value, stop = distributed.all_reduce_mean([loss.item(), float(stop_requested)], device)
     values = {"loss": loss_value, "lr": lr}
     if grad_norm is not None:  # already global: clipping all-reduced it
@@ -351,7 +360,9 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         lr_scale = spike.rewarm_factor(step, progress.rewarm_from, cfg.spike.rewarmup_steps)
         lr_scale *= injected_lr_scale(launch, progress, journal, done)
         started = time.perf_counter()
-        values, stop = optimizer_step(step, model, optimizer, batches, cfg, env.device, preemption.requested, lr_scale)
+        values, stop = optimizer_step(
+            step, model, optimizer, batches, cfg, env.device, preemption.requested, lr_scale, ckpt.before_update
+        )
         values["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
         verdict = spike.judge(rule, progress.loss_window, done, values["loss"]) if cfg.spike.enabled else None
         if verdict is not None and verdict.spike:

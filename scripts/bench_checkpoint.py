@@ -15,8 +15,9 @@ shared machine cancels; a figure is the median over repetitions, the slowest ran
   resume load         curry-train's resume load (DCP load plus the fidelity check)
   resume verified     what +resume=latest does: check every file against the manifest, then the resume load
   loop off/async/sync `loop.train` for --loop-steps steps, a full save every --save-every steps (none for off;
-                      async_buffered: direct_io=false); extra wall time of the training window (first to last
-                      step's metrics line) per save
+                      async_buffered: direct_io=false); the extra wall time of the steps after each save over the
+                      other steps of the same run (`save_extras`; for off, the noise of that measure), and the
+                      window of each run (first to last step's metrics line) against off
   plain / harness     one optimizer step: a minimal hand-written FSDP2 loop against the harness (bench_step.py)
   policy off/default  `loop.train` at the `default` checkpoint cadences against checkpointing off
 Goals compare these ratios with the targets of the fast-checkpoints issue.
@@ -328,6 +329,23 @@ def window(run_dir: Path, first: int, last: int) -> float:
     return metrics[last]["time"] - metrics[first]["time"]
 
 
+def save_extras(run_dir: Path, save_every: int, steps: int) -> list[float]:
+    """What each save cost the steps after it, measured from outside (rank 0's metrics lines, one as each step
+    ends), against steps of the same run: a save after step s shows in the intervals of steps s+1 .. s+k (k =
+    save_every - 2, at least 1: the save, or its background write, and the commit); the other steps of each cycle
+    are the baseline (their median). Comparing steps within one run cancels the drift between runs that a shared
+    machine shows. On a run without saves (`off`) the same positions give the noise of the measure."""
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    interval = {d: metrics[d]["time"] - metrics[d - 1]["time"] for d in range(2, steps + 1)}
+    k = max(1, save_every - 2)
+    saves = list(range(save_every, steps, save_every))
+    affected = {s: [d for d in range(s + 1, s + k + 1) if d in interval] for s in saves}
+    touched = {d for ds in affected.values() for d in ds}
+    clean = [t for d, t in interval.items() if d > save_every and d not in touched]
+    base = statistics.median(clean)
+    return [sum(interval[d] - base for d in ds) for ds in affected.values() if ds]
+
+
 def journal_costs(run_dir: Path) -> list[float]:
     events = read_journal(run_dir / "journal.jsonl")
     return [e["cost_seconds"] for e in events if e["event"] == "save" and e.get("cost_seconds") is not None]
@@ -345,6 +363,7 @@ def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) ->
     # Saves inside the window only: a save in the last steps would be waited for at exit, outside it.
     saves = len([s for s in range(1, args.loop_steps + 1) if s % args.save_every == 0 and s < args.loop_steps])
     windows: dict[str, list[float]] = {name: [] for name in variants}
+    extras: dict[str, list[float]] = {name: [] for name in variants}
     costs: list[float] = []
     names = list(variants)
     for rep in range(args.reps):
@@ -352,19 +371,27 @@ def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) ->
             run_dir = run_loop(variants[name], env, scratch / f"loop-{name}")
             if env.is_main:
                 windows[name].append(window(run_dir, 1, args.loop_steps))
+                extras[name] += save_extras(run_dir, args.save_every, args.loop_steps)
                 if name == "async":
                     costs += journal_costs(run_dir)[:saves]
-    return {"windows": windows, "saves": saves, "journal_costs": costs}
+    return {"windows": windows, "extras": extras, "saves": saves, "journal_costs": costs}
 
 
 def policy_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> dict[str, list[float]]:
+    """Windows of one run each (too short to resolve a cost of a few percent on a noisy machine), and the journaled
+    cost of the default run's saves inside its window: what the loop rows check against the outside figure."""
     common = [f"train.steps={args.policy_steps}", "checkpoint=default", "checkpoint.check_storage=false"]
     variants = {"policy_off": config(args, *common, *CHECKPOINT_OFF), "policy_default": config(args, *common)}
     windows: dict[str, list[float]] = {name: [] for name in variants}
+    windows["policy_default_journal"] = []
     for name, cfg in variants.items():
         run_dir = run_loop(cfg, env, scratch / name)
         if env.is_main:
             windows[name].append(window(run_dir, 1, args.policy_steps))
+            if name == "policy_default":  # saves after the last step's metrics line are outside the window
+                events = read_journal(run_dir / "journal.jsonl")
+                inside = [e for e in events if e["event"] == "save" and e["step"] < args.policy_steps]
+                windows["policy_default_journal"].append(sum(e.get("cost_seconds") or 0.0 for e in inside))
     return windows
 
 
@@ -404,11 +431,17 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
         ratios["sync_save_buffered_vs_direct"] = med["sync_save_buffered"] / med["sync_save"]  # times: > 1 is slower
         ratios["resume_verified_vs_dcp_load"] = med["resume_verified"] / med["dcp_load"]
     if loops:
+        # The stall figures compare steps within each run (save_extras); the windows (whole runs against the run
+        # without saves) are kept beside them, as `window_extra_per_save_s`.
         w = {name: statistics.median(t) for name, t in loops["windows"].items()}
         n = max(1, loops["saves"])
-        rows["loop_off"] = {"seconds": w["off"]}
-        for mode in ("async", "sync", "async_buffered"):
-            rows[f"loop_{mode}"] = {"seconds": w[mode], "extra_per_save_s": (w[mode] - w["off"]) / n}
+        for mode, extras in loops["extras"].items():
+            rows[f"loop_{mode}"] = {
+                "seconds": w[mode],
+                "extra_per_save_s": statistics.fmean(extras),
+                "extra_stderr_s": statistics.stdev(extras) / len(extras) ** 0.5 if len(extras) > 1 else float("nan"),
+                "window_extra_per_save_s": (w[mode] - w["off"]) / n,
+            }
         journal = statistics.fmean(loops["journal_costs"]) if loops["journal_costs"] else float("nan")
         rows["async_journal_cost"] = {"seconds": journal}
         async_extra, sync_extra = rows["loop_async"]["extra_per_save_s"], rows["loop_sync"]["extra_per_save_s"]
@@ -424,6 +457,10 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
         rows["policy_off"] = {"seconds": statistics.median(policy["policy_off"])}
         rows["policy_default"] = {"seconds": statistics.median(policy["policy_default"])}
         ratios["default_policy_cost"] = rows["policy_default"]["seconds"] / rows["policy_off"]["seconds"] - 1
+        rows["policy_default_journal_cost"] = {"seconds": statistics.median(policy["policy_default_journal"])}
+        ratios["default_policy_cost_journal"] = (
+            rows["policy_default_journal_cost"]["seconds"] / rows["policy_off"]["seconds"]
+        )
     goals = {}
     for name, (target, kind) in GOALS.items():
         if name in ratios:
@@ -435,18 +472,19 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['machine']}")
-    print(f"{'row':<22}{'seconds':>10}{'MB/s':>10}{'extra/save s':>14}")
+    print(f"{'row':<28}{'seconds':>10}{'MB/s':>10}{'extra/save s':>14}{'+-':>8}")
     for name, row in result["rows"].items():
         mbs = f"{row['mb_per_s']:.0f}" if "mb_per_s" in row else ""
         extra = f"{row['extra_per_save_s']:.3f}" if "extra_per_save_s" in row else ""
-        print(f"{name:<22}{row['seconds']:>10.3f}{mbs:>10}{extra:>14}")
+        err = f"{row['extra_stderr_s']:.3f}" if "extra_stderr_s" in row else ""
+        print(f"{name:<28}{row['seconds']:>10.3f}{mbs:>10}{extra:>14}{err:>8}")
     print("ratios:")
     for name, value in result["ratios"].items():
         goal = result["goals"].get(name)
         verdict = (
             "" if goal is None else f"  goal {goal['kind']} {goal['target']}: {'met' if goal['met'] else 'NOT met'}"
         )
-        print(f"  {name:<26}{value:>8.3f}{verdict}")
+        print(f"  {name:<32}{value:>8.3f}{verdict}")
 
 
 def main() -> None:

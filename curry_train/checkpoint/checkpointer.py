@@ -39,6 +39,7 @@ class PendingSave:
     job: io.SaveJob | None = None
     stage_seconds: float = 0.0
     blocking_seconds: float = 0.0  # the training thread's time inside save() and wait() for this save
+    snapshot_wait_seconds: float = 0.0  # the training thread's wait, before the next update, for the staged copy
     overlapped: list[float] = field(default_factory=list)  # the step intervals it was in flight during
     mark: float = 0.0  # when the current overlapped interval began
     waiting_since: float | None = None  # when wait() began blocking on it (a synchronous save: right after start)
@@ -176,12 +177,15 @@ class Checkpointer:
             box = [str(self.store.staging_dir(first)) if self.is_main else None]
             dist.broadcast_object_list(box, src=0, group=self.group)
             state_dict = io.to_state_dict(state)
+            snapshot = None
             if self.async_save:
-                # Parameters and optimizer state change only at optimizer.step(): a copy taken now is the step's.
-                state_dict = self.stager.stage(state_dict)
+                # Parameters and optimizer state change only at optimizer.step(): the copies are made while the next
+                # forward and backward run, and `before_update` waits for them.
+                state_dict, snapshot = self.stager.stage(state_dict)
             pending.stage_seconds = time.perf_counter() - pending.started
             full_disk = self.fail_save_at == (first.step, self.rank)
             pending.job = io.SaveJob.start(state_dict, Path(box[0]), self.group, self.writer.filesystem(full_disk))
+            pending.job.snapshot = snapshot
         except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
             self._journal_error(first, f"save failed: {err!r}; earlier checkpoints are intact")
             raise
@@ -190,6 +194,16 @@ class Checkpointer:
         pending.blocking_seconds = pending.mark - pending.started
         self.writing = pending
         self.clock.dirty = True
+
+    def before_update(self) -> None:
+        """Before `optimizer.step()` (or anything else that changes parameters or optimizer state): the save in
+        flight has its copy of them. Costs nothing when no save is in flight or its copy is done."""
+        pending = self.writing
+        if pending is None or pending.job is None or pending.job.snapshot is None:
+            return
+        started = time.perf_counter()
+        pending.job.snapshot.wait()
+        pending.snapshot_wait_seconds += time.perf_counter() - started
 
     def poll(self) -> None:
         """Once a step on every rank: commit a save whose bytes every rank has made durable.
@@ -318,6 +332,7 @@ class Checkpointer:
             blocking_seconds=round(blocking, 4),
             cost_seconds=None if cost is None else round(cost, 4),
             stage_seconds=round(pending.stage_seconds, 4),
+            snapshot_wait_seconds=round(pending.snapshot_wait_seconds, 4),
             write_seconds=round(max(w.seconds for w in pending.written), 4),
             write_cpu_seconds=round(max(w.cpu_seconds for w in pending.written), 4),
             direct_io=all(w.direct for w in pending.written),

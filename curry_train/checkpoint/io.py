@@ -1,13 +1,16 @@
 """DCP save and load: every save is staged, planned on the training thread, and written by one long-lived writer.
 
 A save has three parts, which `Checkpointer` drives on every rank:
-  1. `SaveJob.start` (training thread): take each Stateful's state dict, copy its tensors into staging buffers that
+  1. `SaveJob.start` (training thread): take each Stateful's state dict, point its tensors at staging buffers that
      are allocated once per run and reused (an asynchronous save; a synchronous one writes the live tensors while
      training waits), and plan the checkpoint with DCP's planner (two small collectives on the checkpoint group).
-  2. the writer thread: DCP's `FileSystemWriter` serialises this rank's files into the run's write buffer, which
-     goes to disk with O_DIRECT (`_DirectFile`), and fsyncs each one; an xxh3-64 checksum of every file is computed
-     from the bytes as they are written (no second read), and deferred values (the fidelity digest) are computed
-     from the staged copy here, off the training thread. No collective runs on this thread.
+     The copies into the buffers (a `Snapshot`) are made while the next forward and backward run, and completed
+     before the next `optimizer.step()`.
+  2. the writer thread: completes the snapshot; DCP's `FileSystemWriter` then serialises this rank's files into
+     the run's write buffer, which goes to disk with O_DIRECT (`_DirectFile`), and fsyncs each one; an xxh3-64
+     checksum of every file is computed from the bytes as they are written (no second read), and deferred values
+     (the fidelity digest) are computed from the staged copy here, off the training thread. No collective runs on
+     this thread.
   3. `SaveJob.finish_metadata` (rank 0, after every rank reported its files durable): the `.metadata` file.
 The files are ordinary DCP files: PyTorch's own tools read them.
 """
@@ -50,6 +53,51 @@ _IMMUTABLE = (int, float, str, bytes, bool, type(None), torch.dtype, torch.devic
 # --------------------------------------------------------------------------------------------------- staging
 
 
+class Snapshot:
+    """The copies of a staged save's tensors into its host buffers, made while the next forward and backward run.
+
+    Parameters and optimizer state change only at `optimizer.step()`, so the copies need not hold up training until
+    then: on CUDA they are issued at once on a side stream (device-to-host into pinned memory) and the update's
+    stream waits for them on the device; on CPU the writer thread makes them (`take`) before it serialises, and
+    the training thread waits for that (`wait`) just before the update. Measured on this project's 2-core CPU VMs
+    the copy of a 342 MB shard took 0.06 s of the training thread's time when made in place.
+    """
+
+    def __init__(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.copies = copies  # (host buffer, source): the sources stay referenced until copied
+        self.taken = threading.Event()
+        self.event: torch.cuda.Event | None = None
+        if any(src.is_cuda for _, src in copies):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())  # the sources as the finished step left them
+            with torch.cuda.stream(stream):
+                for dst, src in copies:
+                    dst.copy_(src, non_blocking=True)
+                    if src.is_cuda:
+                        src.record_stream(stream)  # a temporary source is not reused before its copy is done
+            self.event = stream.record_event()
+
+    def take(self) -> None:
+        """Writer thread: complete the copies (make them on CPU; wait for the device's on CUDA)."""
+        try:
+            if self.event is not None:
+                self.event.synchronize()
+            else:
+                for dst, src in self.copies:
+                    dst.copy_(src)
+        finally:
+            self.copies = []
+            self.taken.set()
+
+    def wait(self) -> None:
+        """Training thread, before anything changes the saved tensors: the copies are (or, on CUDA, will be, in
+        the device's order) complete."""
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+        else:
+            self.taken.wait()
+
+
 class Stager:
     """Host copies of a state dict's tensors, in buffers allocated on the first save and reused by every later one.
 
@@ -62,21 +110,20 @@ class Stager:
     def __init__(self) -> None:
         self.buffers: dict[str, torch.Tensor] = {}
         self.allocations = 0  # buffers allocated so far: stays put across saves of the same state
-        self.cuda = False
 
-    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
-        """A copy of `state_dict` that later training steps cannot change (containers rebuilt, tensors copied)."""
-        staged = self._copy(state_dict, "")
-        if self.cuda:
-            torch.cuda.synchronize()  # the non-blocking device-to-host copies are complete before training goes on
-        return staged
+    def stage(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Snapshot]:
+        """A copy of `state_dict` that later training steps cannot change once its snapshot is taken: containers
+        rebuilt and other values copied now, each tensor's copy into its buffer left to the returned snapshot."""
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        staged = self._copy(state_dict, "", copies)
+        return staged, Snapshot(copies)
 
     def nbytes(self) -> int:
         return sum(b.numel() * b.element_size() for b in self.buffers.values())
 
-    def _copy(self, obj: Any, path: str) -> Any:
+    def _copy(self, obj: Any, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         if isinstance(obj, DTensor):
-            local = self._tensor(obj.to_local(), path)
+            local = self._tensor(obj.to_local(), path, copies)
             if obj.device_mesh.device_type == "cpu":
                 return DTensor.from_local(
                     local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape, stride=obj.stride()
@@ -85,26 +132,25 @@ class Stager:
             # torch's own staging does); DCP plans from the spec and writes the local tensor.
             return DTensor(local, obj._spec, requires_grad=False)
         if isinstance(obj, torch.Tensor):
-            return self._tensor(obj, path)
+            return self._tensor(obj, path, copies)
         if isinstance(obj, dict):
-            return {k: self._copy(v, f"{path}/{k}") for k, v in obj.items()}
+            return {k: self._copy(v, f"{path}/{k}", copies) for k, v in obj.items()}
         if isinstance(obj, list | tuple):
-            items = [self._copy(v, f"{path}/{i}") for i, v in enumerate(obj)]
+            items = [self._copy(v, f"{path}/{i}", copies) for i, v in enumerate(obj)]
             return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
         if isinstance(obj, _IMMUTABLE) or hasattr(obj, "resolve_for_save"):
             return obj
         return copy.deepcopy(obj)  # anything else may be mutated by the next step
 
-    def _tensor(self, tensor: torch.Tensor, path: str) -> torch.Tensor:
+    def _tensor(self, tensor: torch.Tensor, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         tensor = tensor.detach()
         buf = self.buffers.get(path)
         if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.stride() != tensor.stride():
             pin = tensor.is_cuda
-            self.cuda |= pin
             buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=pin)
             self.buffers[path] = buf
             self.allocations += 1
-        buf.copy_(tensor, non_blocking=tensor.is_cuda)
+        copies.append((buf, tensor))
         return buf
 
 
@@ -308,6 +354,7 @@ class SaveJob:
     plan: SavePlan
     metadata: Metadata | None  # rank 0's, from the global plan
     future: Future[Written] | None = None
+    snapshot: Snapshot | None = None  # an asynchronous save's copies, completed first thing on the writer thread
 
     @classmethod
     def start(
@@ -343,6 +390,8 @@ class SaveJob:
     def write(self) -> Written:
         """This rank's files, each fsynced by DCP's writer before this returns (runs on the writer thread)."""
         started, cpu = time.perf_counter(), time.thread_time()
+        if self.snapshot is not None:
+            self.snapshot.take()
         with _without_zip_crc():
             future = self.writer.write_data(self.plan, self.planner)
             future.wait()

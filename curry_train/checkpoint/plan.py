@@ -11,7 +11,7 @@ Size model of one DCP checkpoint (FileSystemWriter, one ``.distcp`` file per ran
                    costs ~1.3-1.6 KB per item; ``.metadata`` adds ~0.3 KB per tensor item. FSDP2 shards every
                    parameter (and so its AdamW state) over all ranks: W items each; ``step`` is replicated: 1 item
     small values   progress counters (every role); scheduler position and AdamW's param-group settings (full)
-    per rank       RNG states (Python, NumPy, torch: ~17 KB pickled), dataloader position, fidelity record (full)
+    per rank       RNG states (Python, NumPy, torch: ~17 KB pickled), fidelity record (full)
 The constants were measured on torch 2.13 checkpoints of model=tiny and model=small (world sizes 1 and 2); the
 estimate is within 0.1% there. For large models only the tensor bytes matter.
 """
@@ -44,7 +44,7 @@ TENSOR_ITEM_BYTES = 1_880  # torch.save container in .distcp (~1,576 B) + entry 
 VALUE_ITEM_BYTES = 1_420  # a small pickled value: torch.save container (~1,261 B) + .metadata entry (~160 B)
 PROGRESS_VALUES = 3  # step, samples_seen, world_size: every role
 FULL_SHARED_VALUES = 29  # progress (3) + scheduler (2) + 2 AdamW param groups x 12 settings
-PER_RANK_FULL_BYTES = 20_500  # RNG states (~17.4 KB) + dataloader state + fidelity record, per rank
+PER_RANK_FULL_BYTES = 20_500  # RNG states (~17.4 KB) + fidelity record, per rank
 METADATA_BASE_BYTES = 80
 MANIFEST_BYTES = 400  # manifest.json without its file entries
 MANIFEST_FILE_BYTES = 80  # one file entry of manifest.json (name, size, xxh3-64 checksum)
@@ -68,7 +68,7 @@ class CheckpointSize:
 
     params_bytes: int
     optimizer_bytes: int
-    extra_bytes: int  # item headers, metadata, RNG, dataloader, scheduler, manifest
+    extra_bytes: int  # item headers, metadata, RNG, data position, scheduler, manifest
 
     @property
     def total(self) -> int:
@@ -87,7 +87,7 @@ def _as_size(size: ModelSize | int) -> ModelSize:
 
 
 def checkpoint_size(size: ModelSize | int, full: bool, world_size: int = 1) -> CheckpointSize:
-    """One checkpoint's bytes: full (parameters + AdamW state + RNG, dataloader, scheduler) or parameters only."""
+    """One checkpoint's bytes: full (parameters + AdamW state + RNG, data position, scheduler) or parameters only."""
     size = _as_size(size)
     tensor_items = size.tensors * world_size
     values = PROGRESS_VALUES
@@ -638,7 +638,7 @@ def _render_sizes(plan: Plan) -> list[str]:
         f"model {plan.model_name}: {p:,} parameters ({_short(p)}) in {plan.size.tensors} tensors, world size "
         f"{plan.world_size}",
         "one checkpoint (fp32 parameters: 4 B each; AdamW: exp_avg + exp_avg_sq in fp32, 8 B each; extras: RNG, "
-        "dataloader, scheduler, DCP metadata):",
+        "data position, scheduler, DCP metadata):",
         _size_line("full", plan.full) + f"  ({plan.full.total / max(p, 1):.2f} B/param)",
         _size_line("params only", plan.params_only),
     ]
