@@ -1,7 +1,7 @@
 """What checkpointing costs, against its floors, measured side by side in one run on one machine and one state.
 
     python scripts/bench_checkpoint.py --model small --nproc 2 --json bench.json     # launches torchrun itself
-    python scripts/bench_checkpoint.py --model tiny --nproc 2 --reps 1 --loop-steps 8 --save-every 3 \\
+    python scripts/bench_checkpoint.py --model tiny --nproc 2 --reps 1 --io-reps 1 --loop-steps 8 --save-every 3 \\
         --step-rounds 2 --step-steps 2 --policy-steps 4                             # a smoke run, seconds
 
 Rows (each repetition runs every row of its section, in an order that rotates between repetitions, so drift on a
@@ -10,10 +10,12 @@ shared machine cancels; a figure is the median over repetitions, the slowest ran
                       then reads it back after dropping its pages from the cache (posix_fadvise)
   disk write direct   the same write with O_DIRECT from an aligned buffer (as `dd oflag=direct`): the device's floor
   dcp.save / load     raw `dcp.save` / `dcp.load` of the harness's full state, the floor curry-train builds on
+                      (the load reads curry-train's newest save, the files the resume rows read)
   sync save           curry-train's synchronous save (stage-free write, checksums, commit, journal)
   sync save buffered  the same with checkpoint.direct_io=false (through the page cache)
   resume load         curry-train's resume load (DCP load plus the fidelity check)
   resume verified     what +resume=latest does: check every file against the manifest, then the resume load
+  ... warm            dcp.load and the resume load with the files in the page cache: the harness's own overhead
   loop off/async/sync `loop.train` for --loop-steps steps, a full save every --save-every steps (none for off;
                       async_buffered: direct_io=false); the extra wall time of the steps after each save over the
                       other steps of the same run (`save_extras`; for off, the noise of that measure), and the
@@ -76,7 +78,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--json", type=Path, default=None, help="write every figure here")
     p.add_argument("--dir", type=Path, default=Path("bench-checkpoint"), help="scratch directory (removed after)")
-    p.add_argument("--reps", type=int, default=2, help="repetitions of the I/O rows and of the loop runs")
+    p.add_argument("--reps", type=int, default=3, help="repetitions of the loop runs")
+    p.add_argument("--io-reps", type=int, default=6, help="repetitions of the I/O rows (seconds each)")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4, help="global sequences per step")
     p.add_argument("--loop-steps", type=int, default=29, help="steps of each loop run")
@@ -200,9 +203,10 @@ class IoBench:
         self.saved_bytes = tree_bytes(self.dcp_dir) if self.env.is_main else 0
         return seconds
 
-    def dcp_load(self) -> float:
-        drop_cache(self.dcp_dir)
-        reader = FileSystemReader(self.dcp_dir)
+    def dcp_load(self, warm: bool = False) -> float:
+        """Raw `dcp.load` of the files the resume rows load (curry-train's newest save): on a VM whose disk is a
+        host file, how recently bytes were written changes how fast they read back, so the rows share their bytes."""
+        reader = FileSystemReader(self._latest_point(warm).path)
         return timed(
             lambda: dcp.load(
                 self.state(Contents.FULL, False), storage_reader=reader, process_group=self.env.checkpoint_group
@@ -215,7 +219,7 @@ class IoBench:
         return timed(lambda: ckpt.save(self.progress.step, [Role.RECOVERY], Contents.FULL, self.state(Contents.FULL)))
 
     def resume_verified(self) -> float:
-        point = self._latest_point()
+        point = self._latest_point(warm=False)
 
         def resume() -> None:
             resuming.choose_verified(point, self.env.checkpoint_group, self.ckpt.store, self.ckpt.journal, print)
@@ -223,17 +227,26 @@ class IoBench:
 
         return timed(resume)
 
-    def resume_load(self) -> float:
-        point = self._latest_point()
+    def resume_load(self, warm: bool = False) -> float:
+        point = self._latest_point(warm)
         return timed(lambda: resuming.load(point, self.ckpt, self.trainee, self.env.world_size))
 
-    def _latest_point(self) -> resuming.ResumePoint:
-        """The newest save, its pages dropped from the cache (a resume after a restart reads from disk)."""
+    def _latest_point(self, warm: bool) -> resuming.ResumePoint:
+        """The newest save, its pages dropped from the cache (a resume after a restart reads from disk), or all in
+        the cache (`warm`: what loading costs besides reading the disk, which on a shared VM varies by +-40%)."""
         store = self.ckpt.store
         path = store.path_of(store.latest()) if self.env.is_main else None
         box = [path]
         dist.broadcast_object_list(box, src=0, group=self.env.checkpoint_group)
-        drop_cache(box[0])
+        if warm:
+            for p in Path(box[0]).rglob("*"):
+                if p.is_file():
+                    with open(p, "rb") as f:
+                        while f.read(8 << 20):
+                            pass
+            dist.barrier()
+        else:
+            drop_cache(box[0])
         return resuming.ResumePoint(box[0], self.progress.step, Contents.FULL, self.env.world_size)
 
     def disk_write(self) -> float:
@@ -298,11 +311,13 @@ def io_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> t
         "dcp_load": bench.dcp_load,
         "resume_load": bench.resume_load,
         "resume_verified": bench.resume_verified,
+        "dcp_load_warm": lambda: bench.dcp_load(warm=True),
+        "resume_load_warm": lambda: bench.resume_load(warm=True),
     }
     times: dict[str, list[float]] = {name: [] for name in rows}
     saves = ["disk_write", "disk_write_direct", "dcp_save", "sync_save", "sync_save_buffered"]
-    loads = ["disk_read", "dcp_load", "resume_load", "resume_verified"]
-    for rep in range(args.reps):
+    loads = ["disk_read", "dcp_load", "resume_load", "resume_verified", "dcp_load_warm", "resume_load_warm"]
+    for rep in range(args.io_reps):
         k = rep % len(saves)
         for name in saves[k:] + saves[:k]:
             times[name].append(bench.dcp_save() if name == "dcp_save" else rows[name]())
@@ -430,6 +445,7 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
         ratios["sync_save_vs_disk_write_direct"] = med["disk_write_direct"] / med["sync_save"]
         ratios["sync_save_buffered_vs_direct"] = med["sync_save_buffered"] / med["sync_save"]  # times: > 1 is slower
         ratios["resume_verified_vs_dcp_load"] = med["resume_verified"] / med["dcp_load"]
+        ratios["resume_load_vs_dcp_load_warm"] = med["resume_load_warm"] / med["dcp_load_warm"]
     if loops:
         # The stall figures compare steps within each run (save_extras); the windows (whole runs against the run
         # without saves) are kept beside them, as `window_extra_per_save_s`.

@@ -178,8 +178,8 @@ def test_fidelity_digest_comes_from_the_save_and_is_not_computed_on_load(
 
 def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    args = ["--model", "tiny", "--nproc", "2", "--reps", "1", "--loop-steps", "6", "--save-every", "2"]
-    args += ["--step-rounds", "2", "--step-steps", "2", "--policy-steps", "4", "--json", str(out)]
+    args = ["--model", "tiny", "--nproc", "2", "--reps", "1", "--io-reps", "1", "--loop-steps", "6"]
+    args += ["--save-every", "2", "--step-rounds", "2", "--step-steps", "2", "--policy-steps", "4", "--json", str(out)]
     args += ["--dir", str(tmp_path / "scratch")]
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_checkpoint.py"), *args],
@@ -194,7 +194,7 @@ def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
     rows = {"disk_write", "disk_read", "dcp_save", "dcp_load", "sync_save", "resume_load", "loop_off", "loop_async"}
     rows |= {"loop_sync", "async_journal_cost", "plain_step", "harness_step", "policy_off", "policy_default"}
     rows |= {"disk_write_direct", "sync_save_buffered", "resume_verified", "loop_async_buffered"}
-    rows |= {"policy_default_journal_cost"}
+    rows |= {"policy_default_journal_cost", "dcp_load_warm", "resume_load_warm"}
     assert set(result["rows"]) == rows
     journal_rows = {"async_journal_cost", "policy_default_journal_cost"}  # zero when no save fell in the window
     assert all(row["seconds"] > 0 for name, row in result["rows"].items() if name not in journal_rows)
