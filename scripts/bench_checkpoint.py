@@ -144,6 +144,17 @@ def drop_cache(root: Path) -> None:
     dist.barrier()
 
 
+def warm_cache(root: Path) -> None:
+    """Read every file under `root` once (the page cache is the node's: one rank's read serves all)."""
+    if dist.get_rank() == 0:
+        for p in root.rglob("*"):
+            if p.is_file():
+                with open(p, "rb", buffering=0) as f:
+                    while f.read(8 << 20):
+                        pass
+    dist.barrier()
+
+
 def tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 
@@ -238,15 +249,7 @@ class IoBench:
         path = store.path_of(store.latest()) if self.env.is_main else None
         box = [path]
         dist.broadcast_object_list(box, src=0, group=self.env.checkpoint_group)
-        if warm:
-            for p in Path(box[0]).rglob("*"):
-                if p.is_file():
-                    with open(p, "rb") as f:
-                        while f.read(8 << 20):
-                            pass
-            dist.barrier()
-        else:
-            drop_cache(box[0])
+        (warm_cache if warm else drop_cache)(Path(box[0]))
         return resuming.ResumePoint(box[0], self.progress.step, Contents.FULL, self.env.world_size)
 
     def disk_write(self) -> float:

@@ -18,7 +18,6 @@ so keying by rank is what keeps rank 1's data position from being overwritten by
 from __future__ import annotations
 
 import enum
-import hashlib
 import json
 import pickle
 import random
@@ -167,38 +166,43 @@ def restore_rng(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+# The parameter digest of records written before digests named their algorithm.
+_UNTAGGED = "sha256_16"
+
+
 def rng_digest(device: torch.device) -> str:
-    """A fingerprint of this rank's RNG states, for the resume-fidelity check."""
-    h = hashlib.sha256()
+    """A fingerprint of this rank's RNG states, for the resume-fidelity check (16 hex digits of SHA-256: a few KB,
+    and the format every record has)."""
+    h = checksum.running(_UNTAGGED)
     for name, value in capture_rng(device).items():
         h.update(name.encode())
         # A pickled tensor's bytes differ between equal tensors; hash the tensor's contents instead.
         h.update(value.cpu().numpy().tobytes() if isinstance(value, torch.Tensor) else pickle.dumps(value))
-    return h.hexdigest()[:16]
+    return h.hexdigest()
 
 
 def _digest(named: Any, algorithm: str = checksum.DEFAULT) -> str:
-    """`algorithm:hex` over names and bytes; the prefix lets a later version check a record with its algorithm."""
+    """`algorithm:hex` over names and bytes (bare hex for `_UNTAGGED`, as those records wrote it); the prefix lets a
+    later version check a record with its algorithm."""
     h = checksum.running(algorithm)
     for name, tensor in named:
         local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
         h.update(name.encode())
         # Hashed through the buffer protocol: the same bytes as a copy would give, without the copy.
         h.update(local.detach().cpu().contiguous().view(torch.uint8).numpy())
-    return f"{algorithm}:{h.hexdigest()}"
+    return h.hexdigest() if algorithm == _UNTAGGED else f"{algorithm}:{h.hexdigest()}"
 
 
 def digest_algorithm(record: dict[str, Any]) -> str:
     """The algorithm of a saved fidelity record's parameter digest (records without a prefix used SHA-256)."""
     algorithm, sep, _ = str(record.get("params", "")).partition(":")
-    return algorithm if sep else "sha256_16"
+    return algorithm if sep else _UNTAGGED
 
 
 @torch.no_grad()
 def param_digest(model: nn.Module, algorithm: str = checksum.DEFAULT) -> str:
     """A fingerprint of the bytes of this rank's parameter shards (bitwise: any flipped bit changes it)."""
-    digest = _digest(model.named_parameters(), algorithm)
-    return digest.partition(":")[2] if algorithm == "sha256_16" else digest  # as those records wrote it
+    return _digest(model.named_parameters(), algorithm)
 
 
 def fidelity_record(

@@ -15,9 +15,11 @@ every file, the manifest and the staging directory itself were fsynced. This mod
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import shutil
+import socket
 import time
 import uuid
 from collections.abc import Iterator
@@ -249,9 +251,6 @@ class RunLock:
 
     def acquire(self) -> str | None:
         """Take the lock; returns None, or a description of the launch that holds it."""
-        import fcntl
-        import socket
-
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
