@@ -14,10 +14,12 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import time
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 EXIT_FAILURE = 1
 EXIT_REFUSED = 2
@@ -68,3 +70,18 @@ def tell_torchrun(text: str) -> None:
         }
         with contextlib.suppress(OSError):
             Path(error_file).write_text(json.dumps(payload))
+
+
+def exit_with(line: str, status: int, quiet: bool = False) -> NoReturn:
+    """End this process now with `status`, after one line for the user (unless `quiet`: another rank tells it)."""
+    if quiet:
+        # Later than the rank that tells the user by a whole second (torchrun's error timestamps are in seconds),
+        # so that torchrun's report names that rank's line as the root cause.
+        time.sleep(1.0)
+    else:
+        print(f"curry-train: {line}", file=sys.stderr, flush=True)
+    tell_torchrun(f"curry-train: {line}")
+    sys.stdout.flush()
+    # os._exit, not sys.exit: after a failure, process-group and loader-worker teardown can wait on peers that are
+    # gone; everything this launch must keep (journal, metrics, checkpoints) is already durable.
+    os._exit(status)

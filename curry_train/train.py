@@ -6,9 +6,7 @@ fails, say so in one line with an exit status that tells which kind of failure i
 
 from __future__ import annotations
 
-import os
 import sys
-import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -51,20 +49,20 @@ def main(argv: list[str] | None = None) -> None:
         # Before the process group: a missing or misread data file exits 2 here, naming the key or the file.
         check_data(cfg.data, cfg.model.vocab_size)
     except ConfigError as err:
-        _exit(f"invalid config: {err}", failures.EXIT_REFUSED)
+        failures.exit_with(f"invalid config: {err}", failures.EXIT_REFUSED)
     distributed.die_with_launcher()
     env = distributed.init_distributed(cfg.train.device)
     run_dir = Path(cfg.run.root) / str(cfg.run.id)
     try:
         loop.train(cfg, run_dir, env, launch)
     except ConfigError as err:
-        _exit(f"invalid config: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
+        failures.exit_with(f"invalid config: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
     except ResumeError as err:
-        _exit(f"cannot resume: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
+        failures.exit_with(f"cannot resume: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
     except SpikeError as err:
-        _exit(f"stopped on a loss spike: {err}", failures.EXIT_SPIKE, quiet=env.rank != 0)
+        failures.exit_with(f"stopped on a loss spike: {err}", failures.EXIT_SPIKE, quiet=env.rank != 0)
     except StopNow as err:
-        _exit(
+        failures.exit_with(
             f"{err}; the last committed checkpoint is intact (+resume=latest)",
             failures.EXIT_FAILURE,
             quiet=env.rank != 0,
@@ -75,26 +73,12 @@ def main(argv: list[str] | None = None) -> None:
         if failures.is_peer_failure(err):
             line = f"rank {env.rank} stopped: another rank failed ({failures.one_line(err)})"
             failures.record(err, env.rank, run_dir, line)
-            _exit(line, failures.EXIT_FAILURE, quiet=env.world_size > 1)
+            failures.exit_with(line, failures.EXIT_FAILURE, quiet=env.world_size > 1)
         line = f"rank {env.rank} failed: {failures.one_line(err)}"
         log = failures.record(err, env.rank, run_dir, line)
         loop.journal_failure(run_dir, env.rank, line)
-        _exit(line + (f"; traceback in {log}" if log else ""), failures.EXIT_FAILURE)
+        failures.exit_with(line + (f"; traceback in {log}" if log else ""), failures.EXIT_FAILURE)
     distributed.shutdown()
-
-
-def _exit(line: str, status: int, quiet: bool = False) -> None:
-    if quiet:
-        # Later than the rank that tells the user by a whole second (torchrun's error timestamps are in seconds),
-        # so that torchrun's report names that rank's line as the root cause.
-        time.sleep(1.0)
-    else:
-        print(f"curry-train: {line}", file=sys.stderr, flush=True)
-    failures.tell_torchrun(f"curry-train: {line}")
-    sys.stdout.flush()
-    # os._exit, not sys.exit: after a failure, process-group and loader-worker teardown can wait on peers that are
-    # gone; everything this launch must keep (journal, metrics, checkpoints) is already durable.
-    os._exit(status)
 
 
 if __name__ == "__main__":
