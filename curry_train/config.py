@@ -19,6 +19,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from curry_train.checkpoint.policy import Policy
+from curry_train.spike import SpikeRule
+
 
 class ConfigError(ValueError):
     """A config value that composes but is not allowed; the message names the key."""
@@ -170,6 +173,23 @@ class CheckpointConfig:
                 f"must be >= 0 (0 disables), got {getattr(self, key)}",
             )
 
+    def policy(self) -> Policy:
+        """The policy this block describes; the policy's own checks (keeps against cadences) name the key."""
+        try:
+            return Policy(
+                rollback_every=self.rollback_every,
+                recovery_every=self.recovery_every,
+                best_k=self.best_k,
+                best_k_metric=self.best_k_metric,
+                best_k_direction=self.best_k_direction,
+                rollback_keep=self.retention.rollback_keep,
+                recovery_keep=self.retention.recovery_keep,
+                rollback_contents=self.rollback_contents,
+                abandoned_keep=self.retention.abandoned_keep,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
 
 @dataclass
 class WandbConfig:
@@ -247,6 +267,10 @@ class SpikeConfig:
             "spike.max_rollbacks_within",
             f"must be positive, got {self.max_rollbacks_within}",
         )
+
+    def rule(self) -> SpikeRule:
+        """The detection rule of this block (`spike.judge` applies it)."""
+        return SpikeRule(self.window, self.warmup_steps, self.sigmas, self.min_rise)
 
 
 @dataclass

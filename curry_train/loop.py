@@ -24,7 +24,7 @@ from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint import rollback
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.durable import make_durable_dir
-from curry_train.checkpoint.plan import build_plan, policy_of, storage_refusal
+from curry_train.checkpoint.plan import build_plan, storage_refusal
 from curry_train.checkpoint.plan_text import plan_json, render_plan
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
@@ -284,7 +284,7 @@ def load_checked_corpus(cfg: Config) -> Corpus:
 def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | None = None) -> TrainResult:
     launch = launch or Launch()
     validate(cfg, env.world_size)
-    policy = policy_of(cfg.checkpoint)
+    policy = cfg.checkpoint.policy()
     t = cfg.train
     run = open_run(cfg, run_dir, env, launch)
     log, journal, point = run.log, run.journal, run.point
@@ -344,7 +344,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     if point is not None:
         batches = resuming.check_next_batch(batches, slicing.indices_at(progress.cursor, 0))
 
-    rule = spike.SpikeRule(cfg.spike.window, cfg.spike.warmup_steps, cfg.spike.sigmas, cfg.spike.min_rise)
+    rule = cfg.spike.rule()
     preemption = Preemption()
     tokens_per_step = t.batch_size * cfg.data.seq_len
     first_loss = last_loss = None

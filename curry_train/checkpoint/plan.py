@@ -36,28 +36,10 @@ from curry_train.checkpoint.sizes import (
     in_flight_bytes,
     role_estimates,
 )
-from curry_train.config import CheckpointConfig, Config, ConfigError
+from curry_train.config import Config
 
 ROLLBACK_PARAMS_THRESHOLD = 10e9  # above this size of a full checkpoint, recommend parameters-only rollbacks
 DEFAULT_MTBF_HOURS = 24.0
-
-
-def policy_of(cfg: CheckpointConfig) -> Policy:
-    """The checkpoint block of the config as a Policy; its check failures become ConfigErrors naming the key."""
-    try:
-        return Policy(
-            cfg.rollback_every,
-            cfg.recovery_every,
-            cfg.best_k,
-            cfg.best_k_metric,
-            cfg.best_k_direction,
-            cfg.retention.rollback_keep,
-            cfg.retention.recovery_keep,
-            cfg.rollback_contents,
-            cfg.retention.abandoned_keep,
-        )
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------- free space
@@ -264,7 +246,7 @@ def build_plan(
     mtbf_hours: float | None = None,
 ) -> Plan:
     """Everything `curry-train plan` prints, for a resolved config (raises ConfigError for a bad policy)."""
-    policy = policy_of(cfg.checkpoint)
+    policy = cfg.checkpoint.policy()
     async_save = cfg.checkpoint.async_save
     steps = cfg.train.steps
     roles = role_estimates(size, policy, world_size, steps, cfg.train.eval_every)
