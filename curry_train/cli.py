@@ -149,8 +149,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def compose_config(overrides: list[str]) -> tuple[Config, Path]:
-    """The resolved config and run directory that training would use with the same overrides."""
-    cfg, _launch = resolve(compose(overrides))
+    """The resolved config and run directory that training would use with the same overrides (the vocabulary of
+    token files with a sidecar included)."""
+    from curry_train.token_files import adopt_data_vocab  # numpy: only `plan` needs it
+
+    cfg, _launch = adopt_data_vocab(*resolve(compose(overrides), overrides))
     return cfg, Path(cfg.run.root) / str(cfg.run.id)
 
 
