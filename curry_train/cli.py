@@ -99,9 +99,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot train and dev loss against step for runs overlaid, with saves, resumes, rollbacks, deletions marked."""
-    from curry_train.plot import plot_runs
+    from curry_train.plot import PlotError, plot_runs
 
-    plot_runs([_history(path) for path in args.run_dirs], args.output)
+    try:
+        plot_runs([_history(path) for path in args.run_dirs], args.output)
+    except PlotError as err:
+        print(f"curry-train plot: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}")
     return 0
 
@@ -248,8 +252,20 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def version() -> str:
+    """The installed package's version (its metadata), or a note that this checkout is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("curry-train")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"curry-train {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])

@@ -39,13 +39,15 @@ class PlotResult:
     spikes: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # run name -> (step, loss) marked
 
 
+class PlotError(Exception):
+    """`plot` cannot draw: the message says what to do (the CLI prints it and exits 2)."""
+
+
 def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit(
-            "curry-train plot needs matplotlib, an optional dependency: pip install 'curry-train[plot]'"
-        ) from None
+        raise PlotError("plot needs matplotlib, an optional dependency: pip install 'curry-train[plot]'") from None
     matplotlib.use("Agg")  # files only: no display needed, none opened
     import matplotlib.pyplot as plt
 
