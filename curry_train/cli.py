@@ -155,9 +155,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def compose_config(overrides: list[str]) -> tuple[Config, Path]:
     """The resolved config and run directory that training would use with the same overrides (the vocabulary of
     token files with a sidecar included)."""
-    from curry_train.token_files import adopt_data_vocab  # numpy: only `plan` needs it
+    cfg, launch = resolve(compose(overrides), overrides)
+    if cfg.data.name == "tokens":  # numpy comes with token files: the plan of other data imports none
+        from curry_train.token_files import adopt_data_vocab
 
-    cfg, _launch = adopt_data_vocab(*resolve(compose(overrides), overrides))
+        cfg, launch = adopt_data_vocab(cfg, launch)
     return cfg, Path(cfg.run.root) / str(cfg.run.id)
 
 

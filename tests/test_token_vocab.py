@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from curry_train.cli import compose_config
 from curry_train.config import DataError, compose, resolve
 from curry_train.data import check_data, load_corpus
 from curry_train.token_files import TokenMeta, adopt_data_vocab, text_excerpt, write_sidecar
@@ -58,6 +59,8 @@ def test_a_sidecar_sets_the_vocabulary_over_the_preset_and_says_so(tmp_path: Pat
     # A preset larger than the data's vocabulary yields too: the model must match the tokenizer.
     cfg, _ = _launch(f"data.path={path}", "model=small")
     assert cfg.model.vocab_size == 300
+    # `curry-train plan` counts the model training will build.
+    assert compose_config(["data=tokens", f"data.path={path}"])[0].model.vocab_size == 300
 
 
 def test_a_vocabulary_given_on_the_command_line_wins_and_too_small_is_refused(tmp_path: Path) -> None:
