@@ -23,13 +23,14 @@ from curry_train import distributed, failures, spike
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint import rollback
 from curry_train.checkpoint.checkpointer import Checkpointer
+from curry_train.checkpoint.durable import make_durable_dir
 from curry_train.checkpoint.plan import build_plan, model_size, plan_json, policy_of, render_plan, storage_refusal
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
 from curry_train.checkpoint.resume import ResumeError, ResumePoint, Trainee
 from curry_train.checkpoint.rollback import SpikeError
 from curry_train.checkpoint.state import Progress, app_state, fidelity_record
-from curry_train.checkpoint.store import RunDir, RunLock, fsync_dir
+from curry_train.checkpoint.store import RunDir, RunLock
 from curry_train.config import Config, ConfigError, Launch, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
 from curry_train.distributed import on_rank0
@@ -266,15 +267,6 @@ def write_probe(run_dir: Path) -> tuple[str, str]:
     name = f".probe-{token[:8]}"
     (run_dir / name).write_text(token)
     return name, token
-
-
-def make_durable_dir(path: Path) -> None:
-    """mkdir -p, with every new directory entry fsynced: a power cut must not take the run directory (and the
-    checkpoints committed in it) with it."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
-        fsync_dir(created.parent)
 
 
 def load_checked_corpus(cfg: Config) -> Corpus:
