@@ -101,9 +101,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot train and dev loss against step for runs overlaid, with saves, resumes, rollbacks, deletions marked."""
-    from curry_train.plot import plot_runs
+    from curry_train.plot import PlotError, plot_runs
 
-    plot_runs([_history(path) for path in args.run_dirs], args.output)
+    try:
+        plot_runs([_history(path) for path in args.run_dirs], args.output)
+    except PlotError as err:
+        print(f"curry-train plot: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}")
     return 0
 
@@ -151,8 +155,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def compose_config(overrides: list[str]) -> tuple[Config, Path]:
-    """The resolved config and run directory that training would use with the same overrides."""
-    cfg, _launch = resolve(compose(overrides))
+    """The resolved config and run directory that training would use with the same overrides (the vocabulary of
+    token files with a sidecar included)."""
+    cfg, launch = resolve(compose(overrides), overrides)
+    if cfg.data.name == "tokens":  # numpy comes with token files: the plan of other data imports none
+        from curry_train.token_files import adopt_data_vocab
+
+        cfg, launch = adopt_data_vocab(cfg, launch)
     return cfg, Path(cfg.run.root) / str(cfg.run.id)
 
 
@@ -247,8 +256,20 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def version() -> str:
+    """The installed package's version (its metadata), or a note that this checkout is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("curry-train")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"curry-train {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])

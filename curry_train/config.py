@@ -412,6 +412,8 @@ class Launch:
     inject_lr_scale: float = 1000.0  # +debug.inject_lr_scale=X
     fail_save_at: int | None = None  # +debug.fail_save_at=STEP: the disk fills up while that step's save writes
     fail_save_rank: int = 0  # +debug.fail_save_rank=R: on this rank
+    given: frozenset[str] = frozenset()  # the keys the command line set (`model.vocab_size`, ...), not the presets
+    notes: tuple[str, ...] = ()  # what this launch will do that the user may not expect, said at start by rank 0
 
 
 def schema_keys(node: type = None, prefix: str = "") -> set[str]:  # type: ignore[assignment]
@@ -523,8 +525,40 @@ def _launch_of(options: dict) -> Launch:
     return launch
 
 
-def resolve(raw: DictConfig) -> tuple[Config, Launch]:
-    """The typed, validated config and the launch's `+` options.
+def given_keys(overrides: list[str] | tuple[str, ...]) -> frozenset[str]:
+    """The dotted keys (and groups) command-line `overrides` set, as Hydra parses them: `model.vocab_size=300` and
+    `++model.vocab_size=300` both give `model.vocab_size`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return frozenset(o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides)))
+
+
+def injection_note(cfg: Config, launch: Launch) -> str | None:
+    """A warning when `+debug.inject_spike_at` causes a spike nothing will detect: the loss of the step after the
+    injected one shows it, and the detector judges a step only past `spike.warmup_steps` with a full window."""
+    at = launch.inject_spike_at
+    if at is None:
+        return None
+    s = cfg.spike
+    seen_from = max(s.warmup_steps, s.window)  # the first injection step whose next step the detector judges
+    if s.enabled and at >= seen_from:
+        return None
+    why = (
+        "spike.enabled=false"
+        if not s.enabled
+        else f"the detector arms after spike.warmup_steps={s.warmup_steps} with a full spike.window={s.window}"
+    )
+    return (
+        f"WARNING: +debug.inject_spike_at={at} shows in the loss of step {at + 1}, but {why}: the spike will not be "
+        f"detected or rolled back (inject at step {seen_from} or later with spike.enabled=true, or lower "
+        "spike.warmup_steps)"
+    )
+
+
+def resolve(raw: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Launch]:
+    """The typed, validated config and the launch's `+` options; `overrides` are the command line's, so the launch
+    knows which keys it set itself (a token file's sidecar yields to `model.vocab_size` given there, not to a
+    preset's).
 
     `OmegaConf.to_object` instantiates the dataclasses, which runs their `__post_init__` checks on the final values.
     """
@@ -538,4 +572,5 @@ def resolve(raw: DictConfig) -> tuple[Config, Launch]:
         raw.run.id = default_run_id(raw)
     cfg = OmegaConf.to_object(raw)
     assert isinstance(cfg, Config)
-    return cfg, launch
+    note = injection_note(cfg, launch)
+    return cfg, dataclasses.replace(launch, given=given_keys(overrides), notes=(note,) if note else ())

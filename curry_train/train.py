@@ -18,6 +18,7 @@ from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
 from curry_train.config import ConfigError, compose, resolve
 from curry_train.data import check_data
+from curry_train.token_files import adopt_data_vocab
 
 USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...] [+resume=latest|auto|PATH]
        torchrun --nproc_per_node=N -m curry_train.train ...
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> None:
     if show:
         args = [a for i, a in enumerate(args) if a != "--cfg" and (i == 0 or args[i - 1] != "--cfg")]
     try:
-        cfg, launch = resolve(compose(args))
+        cfg, launch = adopt_data_vocab(*resolve(compose(args), args))  # a token file's sidecar sets the vocabulary
         if show:
             print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
             return
@@ -52,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         failures.exit_with(f"invalid config: {err}", failures.EXIT_REFUSED)
     distributed.die_with_launcher()
     env = distributed.init_distributed(cfg.train.device)
+    for note in launch.notes if env.rank == 0 else ():
+        print(f"curry-train: {note}", flush=True)
     run_dir = Path(cfg.run.root) / str(cfg.run.id)
     try:
         loop.train(cfg, run_dir, env, launch)
