@@ -1,5 +1,6 @@
 """curry-train: plan a run's checkpoint storage, and inspect, compare, plot and export the runs in its run
-directories (runs/<run-id>). Training itself is `python -m curry_train.train` or `torchrun ... -m curry_train.train`."""
+directories (runs/<run-id>); and train: `curry-train run [torchrun options] overrides...` (or `python -m
+curry_train.train`, `torchrun ... -m curry_train.train`)."""
 
 from __future__ import annotations
 
@@ -248,6 +249,8 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    # Listed for --help only: main() hands `run` to the launcher before this parser sees it.
+    sub.add_parser("run", help="train: torchrun underneath, the run's own exit status (curry-train run --help)")
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
         if name == "plan":
@@ -275,9 +278,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["run"]:
+        # Its own parser: torchrun's options and Hydra overrides, which argparse would take for its own.
+        from curry_train.launcher import main as run_main
+
+        return run_main(args[1:])
     parser = build_parser()
     # parse_known_args lets Hydra overrides stand anywhere among the plan's options, as they do for training.
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(args)
     unknown = [a for a in rest if args.command != "plan" or a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -28,6 +28,8 @@ USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...]
   +rollback_to=PATH roll this run back to one of its checkpoints (once; a requeue continues from latest)
   --cfg job         print the resolved config and stop
 
+`curry-train run [torchrun options] ...` launches the same with torchrun and exits with the run's own status.
+
 Exit status: 0 done (or stopped after a preemption save), 1 failure while training (traceback in
 <run>/failures.log), 2 refused before anything changed (config, data, resume, a run directory in use),
 3 a loss spike the run could not roll back from. See README.md."""
@@ -57,6 +59,8 @@ def main(argv: list[str] | None = None) -> None:
         loop.train(cfg, run_dir, env, launch)
     except ConfigError as err:
         failures.exit_with(f"invalid config: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
+    except failures.Refused as err:
+        failures.exit_with(str(err), failures.EXIT_REFUSED, quiet=env.rank != 0)
     except ResumeError as err:
         failures.exit_with(f"cannot resume: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
     except SpikeError as err:
@@ -79,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         loop.journal_failure(run_dir, env.rank, line)
         failures.exit_with(line + (f"; traceback in {log}" if log else ""), failures.EXIT_FAILURE)
     distributed.shutdown()
+    failures.write_status(failures.EXIT_DONE, "finished, or stopped after a preemption save")
 
 
 if __name__ == "__main__":
