@@ -10,7 +10,9 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, plan_json, render_plan
+from curry_train.checkpoint.plan import build_plan
+from curry_train.checkpoint.plan_text import plan_json, render_plan
+from curry_train.checkpoint.sizes import human_bytes, model_size
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Config, ConfigError, compose, resolve, validate
 from curry_train.history import RunHistory, read_run

@@ -24,11 +24,13 @@ from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint import rollback
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.durable import make_durable_dir
-from curry_train.checkpoint.plan import build_plan, model_size, plan_json, policy_of, render_plan, storage_refusal
+from curry_train.checkpoint.plan import build_plan, policy_of, storage_refusal
+from curry_train.checkpoint.plan_text import plan_json, render_plan
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
 from curry_train.checkpoint.resume import ResumeError, ResumePoint, Trainee
 from curry_train.checkpoint.rollback import SpikeError
+from curry_train.checkpoint.sizes import model_size
 from curry_train.checkpoint.state import Progress, app_state, fidelity_record
 from curry_train.checkpoint.store import RunDir, RunLock
 from curry_train.config import Config, ConfigError, Launch, validate

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curry_train.checkpoint.plan import human_bytes
+from curry_train.checkpoint.sizes import human_bytes
 from curry_train.checkpoint.store import ABANDONED_PREFIX, RunDir
 from curry_train.config import flatten
 from curry_train.history import RunHistory, headline, history_lines
