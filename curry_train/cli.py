@@ -1,5 +1,6 @@
 """curry-train: plan a run's checkpoint storage, and inspect, compare, plot and export the runs in its run
-directories (runs/<run-id>). Training itself is `python -m curry_train.train` or `torchrun ... -m curry_train.train`."""
+directories (runs/<run-id>); and train: `curry-train run [torchrun options] overrides...` (or `python -m
+curry_train.train`, `torchrun ... -m curry_train.train`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from curry_train.checkpoint.plan import build_plan
 from curry_train.checkpoint.plan_text import plan_json, render_plan
 from curry_train.checkpoint.sizes import human_bytes, model_size
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, ConfigError, compose, resolve, validate
+from curry_train.config import Config, ConfigError, from_command_line, validate
 from curry_train.history import RunHistory, read_run
 from curry_train.journal import Journal, format_events, read_journal
 from curry_train.report import render_diff, render_status
@@ -157,11 +158,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 def compose_config(overrides: list[str]) -> tuple[Config, Path]:
     """The resolved config and run directory that training would use with the same overrides (the vocabulary of
     token files with a sidecar included)."""
-    cfg, launch = resolve(compose(overrides), overrides)
-    if cfg.data.name == "tokens":  # numpy comes with token files: the plan of other data imports none
-        from curry_train.token_files import adopt_data_vocab
-
-        cfg, launch = adopt_data_vocab(cfg, launch)
+    cfg, _ = from_command_line(overrides)
     return cfg, Path(cfg.run.root) / str(cfg.run.id)
 
 
@@ -271,6 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
     parser.add_argument("--version", action="version", version=f"curry-train {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    # Listed for --help only: main() hands `run` to the launcher before this parser sees it.
+    sub.add_parser("run", help="train: torchrun underneath, the run's own exit status (curry-train run --help)")
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
         if name == "plan":
@@ -298,9 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["run"]:
+        # Its own parser: torchrun's options and Hydra overrides, which argparse would take for its own.
+        from curry_train.launcher import main as run_main
+
+        return run_main(args[1:])
     parser = build_parser()
     # parse_known_args lets Hydra overrides stand anywhere among the plan's options, as they do for training.
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(args)
     unknown = [a for a in rest if args.command != "plan" or a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

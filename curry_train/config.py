@@ -555,6 +555,19 @@ def injection_note(cfg: Config, launch: Launch) -> str | None:
     )
 
 
+
+def from_command_line(overrides: list[str]) -> tuple[Config, Launch]:
+    """What training makes of its command line: the composed, checked config with the vocabulary a token file
+    declares (`token_files.adopt_data_vocab`), and the launch's own requests. Training, `curry-train run` and the
+    run tools all start here, so they agree on the run."""
+    cfg, launch = resolve(compose(overrides), overrides)
+    if cfg.data.name == "tokens":  # numpy comes with token files: the plan of other data imports none
+        from curry_train.token_files import adopt_data_vocab  # it imports this module
+
+        cfg, launch = adopt_data_vocab(cfg, launch)
+    return cfg, launch
+
+
 def resolve(raw: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Launch]:
     """The typed, validated config and the launch's `+` options; `overrides` are the command line's, so the launch
     knows which keys it set itself (a token file's sidecar yields to `model.vocab_size` given there, not to a

@@ -237,10 +237,7 @@ def take_run_dir(run_dir: Path, lock: RunLock) -> Path | None:
     except OSError as err:
         raise ConfigError(f"run.root: cannot write the run directory {run_dir} ({failures.one_line(err)})") from None
     if holder is not None:
-        raise ConfigError(
-            f"run.id: run directory {run_dir} is in use by another launch ({holder}); wait for it to end, stop it, "
-            "or start another run with run.id=NAME"
-        )
+        raise failures.in_use(run_dir, holder)
     return created
 
 

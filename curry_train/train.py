@@ -16,9 +16,8 @@ from curry_train import distributed, failures, loop
 from curry_train.checkpoint.preemption import StopNow
 from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
-from curry_train.config import ConfigError, compose, resolve
+from curry_train.config import ConfigError, from_command_line
 from curry_train.data import check_data
-from curry_train.token_files import adopt_data_vocab
 
 USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...] [+resume=latest|auto|PATH]
        torchrun --nproc_per_node=N -m curry_train.train ...
@@ -28,6 +27,8 @@ USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...]
   +resume=latest    continue this run (auto: or start fresh when there is nothing to continue)
   +rollback_to=PATH roll this run back to one of its checkpoints (once; a requeue continues from latest)
   --cfg job         print the resolved config and stop
+
+`curry-train run [torchrun options] ...` launches the same with torchrun and exits with the run's own status.
 
 Exit status: 0 done (or stopped after a preemption save), 1 failure while training (traceback in
 <run>/failures.log), 2 refused before anything changed (config, data, resume, a run directory in use),
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     if show:
         args = [a for i, a in enumerate(args) if a != "--cfg" and (i == 0 or args[i - 1] != "--cfg")]
     try:
-        cfg, launch = adopt_data_vocab(*resolve(compose(args), args))  # a token file's sidecar sets the vocabulary
+        cfg, launch = from_command_line(args)
         if show:
             print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
             return
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
         loop.train(cfg, run_dir, env, launch)
     except ConfigError as err:
         failures.exit_with(f"invalid config: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
+    except failures.Refused as err:
+        failures.exit_with(str(err), failures.EXIT_REFUSED, quiet=env.rank != 0)
     except ResumeError as err:
         failures.exit_with(f"cannot resume: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
     except SpikeError as err:
@@ -82,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         loop.journal_failure(run_dir, env.rank, line)
         failures.exit_with(line + (f"; traceback in {log}" if log else ""), failures.EXIT_FAILURE)
     distributed.shutdown()
+    failures.write_status(failures.EXIT_DONE, "finished, or stopped after a preemption save")
 
 
 if __name__ == "__main__":
