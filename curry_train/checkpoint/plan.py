@@ -36,6 +36,7 @@ from curry_train.checkpoint.policy import (
 )
 from curry_train.config import CheckpointConfig, Config, ConfigError, ModelConfig
 from curry_train.model_shapes import parameter_shapes
+from curry_train.watchdog import hang_timeout
 
 PARAM_BYTES = 4  # FSDP2 keeps fp32 parameter shards even when it computes in bf16
 ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32 each
@@ -492,6 +493,8 @@ class Plan:
     cadence: Cadence | None
     preempt_grace_s: float = 30.0
     full_save_seconds: float | None = None  # measured in this run's journal: a whole full save, until committed
+    hang_timeout_s: float = 300.0  # the watchdog's timeout at the start (the automatic one grows as the run measures)
+    hang_source: str = ""
 
     @property
     def all_full(self) -> int:
@@ -563,6 +566,8 @@ def build_plan(
     steps = cfg.train.steps
     roles = role_estimates(size, policy, world_size, steps, cfg.train.eval_every)
     timing = timing_of(run_dir, async_save, save_seconds, step_seconds, mtbf_hours)
+    full_save = (measured_save_seconds(run_dir, async_save=False) or (None,))[0]
+    hang = hang_timeout(cfg.train.hang_timeout_s, timing.step_seconds, full_save)
     return Plan(
         model_name=cfg.model.name,
         steps=steps,
@@ -583,7 +588,9 @@ def build_plan(
         timing=timing,
         cadence=cadence(policy, timing),
         preempt_grace_s=cfg.checkpoint.preempt_grace_s,
-        full_save_seconds=(measured_save_seconds(run_dir, async_save=False) or (None,))[0],
+        full_save_seconds=full_save,
+        hang_timeout_s=hang[0],
+        hang_source=hang[1],
     )
 
 
@@ -767,6 +774,7 @@ def render_plan(plan: Plan) -> str:
         _render_recommendation(plan),
         _render_worst_case(plan),
         _render_cadence(plan),
+        [f"hang timeout: {plan.hang_timeout_s:.0f} s ({plan.hang_source}): no progress for this long ends the job"],
     ]
     return "\n".join(line for section in sections for line in section)
 
@@ -796,6 +804,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "recommendation": None if plan.recommendation is None else asdict(plan.recommendation),
         "timing": asdict(plan.timing),
         "cadence": None if plan.cadence is None else asdict(plan.cadence),
+        "hang_timeout_s": plan.hang_timeout_s,
     }
     if plan.crash is not None and plan.spike is not None:
         out["at_step"] = plan.crash.at_step
