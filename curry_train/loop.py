@@ -364,7 +364,7 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
         batches = resuming.check_next_batch(batches, slicing.indices_at(progress.cursor, 0))
 
     rule = spike.SpikeRule(cfg.spike.window, cfg.spike.warmup_steps, cfg.spike.sigmas, cfg.spike.min_rise)
-    preemption = Preemption()
+    preemption = Preemption(run_dir, env.is_main, lambda: (dog.step, dog.phase), run.plan.full_save_seconds)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     first_loss = last_loss = None
     start_step = progress.step
@@ -384,7 +384,7 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
         if verdict is not None and verdict.spike:
             log.log(done, {**values, "spike": True})
             target, cause = rollback.spike_target(verdict, done, progress, ckpt, cfg.spike, t.batch_size)
-            dog.beat(step, f"rolling back from step {done}")
+            dog.beat(step, f"the rollback from step {done}")
             rollback.roll_back(target, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
             log.event("rollback", progress.step, spike_step=done)
             batches = data_from(progress.cursor)
@@ -393,12 +393,12 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
         progress.loss_window = spike.push(progress.loss_window, values["loss"], cfg.spike.window)
         scheduler.update(step=done, lr=values["lr"])
         # The first completed step arms the watchdog: start-up and the first step's warm-up are not hangs.
-        (dog.beat if dog.armed else dog.arm)(done, f"after step {done}")
+        (dog.beat if dog.armed else dog.arm)(done, f"the end of step {done}")
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
-            dog.beat(done, f"evaluating after step {done}")
+            dog.beat(done, f"the evaluation after step {done}")
             values["dev_loss"] = evaluate(model, dev, env.device)
         log.log(done, values)
-        dog.beat(done, f"saving step {done}")
+        dog.beat(done, f"the save of step {done}")
         save_checkpoint(ckpt, policy, done, values, state)
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]
@@ -407,7 +407,7 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
             break
 
     final_step = progress.step
-    dog.beat(final_step, f"saving step {final_step}")
+    dog.beat(final_step, f"the save of step {final_step}")
     if final_step == t.steps and cfg.checkpoint.save_final:
         ensure_full_save(ckpt, policy, final_step, state)  # so run_end names an exact-resume checkpoint
     ckpt.wait()

@@ -69,7 +69,7 @@ class Watchdog:
         self.rank, self.run_dir, self.explicit = rank, run_dir, explicit
         self.timeout = hang_timeout(explicit)[0]
         self.on_timeout = on_timeout
-        self.phase = "starting"
+        self.phase = "start-up"
         self.step = 0
         self.last = time.monotonic()
         self.slowest = 0.0  # the longest completed interval between progress marks since arming
@@ -83,7 +83,8 @@ class Watchdog:
         self.beat(step, phase, measure=False)
 
     def beat(self, step: int, phase: str, measure: bool = True) -> None:
-        """Progress: `phase` (e.g. "step 12", "saving step 12", "evaluating") has begun at `step`."""
+        """Progress: `phase` (what follows "during": "step 12", "the save of step 12", "loading") has begun, with
+        `step` steps completed."""
         now = time.monotonic()
         if self.armed and measure:
             self.slowest = max(self.slowest, now - self.last)
@@ -101,7 +102,11 @@ class Watchdog:
                 self.on_timeout(collective_timeout(self.timeout))
 
     def stop(self) -> None:
+        # Joined, not left to die with the interpreter: a daemon thread that wakes during finalization is ended
+        # by pthread_exit, which has aborted processes here ("terminate called without an active exception").
         self._stop.set()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout=10)
 
     def __enter__(self) -> Watchdog:
         return self
@@ -119,7 +124,7 @@ class Watchdog:
         idle = time.monotonic() - self.last
         host = socket.gethostname()
         line = (
-            f"rank {self.rank} on {host} hung: no progress for {idle:.0f} s while {self.phase} "
+            f"rank {self.rank} on {host} hung: no progress for {idle:.0f} s during {self.phase} "
             f"(hang timeout {self.timeout:.0f} s, train.hang_timeout_s)"
         )
         log = write_stacks(self.run_dir, f"rank {self.rank} pid {os.getpid()} on {host}: {line}")
@@ -175,7 +180,7 @@ def stall_due(run_dir: Path, stall_at: int | None, stall_rank: int, rank: int, s
 def stall_forever(run_dir: Path, watchdog: Watchdog, step: int) -> None:
     """Stop making progress, as a wedged rank does: journaled first, then the training thread sleeps until this
     rank's watchdog (or a peer's end) stops the process."""
-    watchdog.beat(step, f"stalled by +debug.stall_at={step} before step {step}", measure=False)
+    watchdog.beat(step - 1, f"a stall by +debug.stall_at={step} before step {step}", measure=False)
     journal_any_rank(run_dir, "stall_injected", step, rank=watchdog.rank, reason="+debug.stall_at")
     while True:
         time.sleep(3600)
