@@ -30,6 +30,7 @@ BASE = [
     "checkpoint.rollback_every=0",
     "checkpoint.best_k=0",
     f"train.hang_timeout_s={HANG_S}",
+    "scheduler.name=constant",  # the lr does not depend on train.steps: the relaunch may run fewer steps
 ]
 
 
