@@ -26,8 +26,9 @@ import yaml
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from curry_train.checkpoint.manifest import MANIFEST, Manifest
 from curry_train.checkpoint.policy import Role
-from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir
+from curry_train.checkpoint.store import RunDir
 from curry_train.model import HF_LLAMA_NAMES
 
 FORMATS = ("safetensors", "hf")

@@ -23,13 +23,14 @@ from curry_train import distributed, failures, spike, watchdog
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint import rollback
 from curry_train.checkpoint.checkpointer import Checkpointer
+from curry_train.checkpoint.durable import make_durable_dir
 from curry_train.checkpoint.plan import build_plan, model_size, plan_json, policy_of, render_plan, storage_refusal
-from curry_train.checkpoint.policy import Policy, Role, roles_due
+from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
 from curry_train.checkpoint.resume import ResumeError, ResumePoint, Trainee
 from curry_train.checkpoint.rollback import SpikeError
-from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
-from curry_train.checkpoint.store import RunDir, RunLock, fsync_dir
+from curry_train.checkpoint.state import Progress, app_state, fidelity_record
+from curry_train.checkpoint.store import RunDir, RunLock
 from curry_train.config import Config, ConfigError, Launch, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
 from curry_train.distributed import on_rank0
@@ -268,15 +269,6 @@ def write_probe(run_dir: Path) -> tuple[str, str]:
     return name, token
 
 
-def make_durable_dir(path: Path) -> None:
-    """mkdir -p, with every new directory entry fsynced: a power cut must not take the run directory (and the
-    checkpoints committed in it) with it."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
-        fsync_dir(created.parent)
-
-
 def load_checked_corpus(cfg: Config) -> Corpus:
     corpus = load_corpus(cfg.data)
     if corpus.vocab_size > cfg.model.vocab_size:
@@ -409,7 +401,7 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
     final_step = progress.step
     dog.beat(final_step, f"the save of step {final_step}")
     if final_step == t.steps and cfg.checkpoint.save_final:
-        ensure_full_save(ckpt, policy, final_step, state)  # so run_end names an exact-resume checkpoint
+        ensure_full_save(ckpt, policy, final_step, state, SaveReason.FINAL)  # run_end names an exact-resume one
     ckpt.wait()
     preemption.uninstall()
     if final_step == t.steps:
@@ -438,11 +430,9 @@ def injected_lr_scale(launch: Launch, progress: Progress, journal: Journal, step
 def save_checkpoint(ckpt: Checkpointer, policy: Policy, step: int, values: dict[str, float], state: Any) -> None:
     """Save what the policy says is due after `step`: the cadence roles, then best-K on a new dev metric."""
     ckpt.poll()
-    roles = roles_due(policy, step)
-    if roles:
-        needs_full = Role.RECOVERY in roles or policy.full_rollback
-        contents = Contents.FULL if needs_full else Contents.PARAMS
-        ckpt.save(step, roles, contents, state(contents))
+    decision = decide_save(policy, step, SaveReason.CADENCE)
+    if decision is not None:
+        ckpt.save(step, list(decision.roles), decision.contents, state(decision.contents))
     metric = values.get(policy.best_k_metric)
     if metric is not None:
         ckpt.consider_best_k(step, metric, lambda: state(Contents.PARAMS))

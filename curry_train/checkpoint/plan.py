@@ -28,9 +28,9 @@ from typing import Any
 
 from curry_train.checkpoint.policy import (
     Checkpoint,
+    Contents,
     Policy,
     Role,
-    RollbackContents,
     exact_resume_candidates,
     rollback_target,
 )
@@ -539,7 +539,7 @@ def recommend_params_rollback(
         return None
     if policy.rollback_every == 0:
         return None
-    lighter = Policy(**{**asdict(policy), "rollback_contents": RollbackContents.PARAMS})
+    lighter = Policy(**{**asdict(policy), "rollback_contents": Contents.PARAMS})
     after = role_estimates(size, lighter, world_size, steps, eval_every)
     before_cadence, after_cadence = exact_resume_cadence(policy), exact_resume_cadence(lighter)
     return Recommendation(

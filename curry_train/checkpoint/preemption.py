@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from curry_train.checkpoint.checkpointer import Checkpointer
-from curry_train.checkpoint.policy import Policy, Role, roles_due
-from curry_train.checkpoint.state import Contents
+from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.journal import read_journal
 from curry_train.watchdog import journal_any_rank
 
@@ -81,16 +80,18 @@ def last_full_save_seconds(run_dir: Path | None) -> float | None:
     return float(saves[-1]["seconds"]) if saves else None
 
 
-def ensure_full_save(ckpt: Checkpointer, policy: Policy, step: int, state: Callable[[Contents], dict]) -> None:
+def ensure_full_save(
+    ckpt: Checkpointer,
+    policy: Policy,
+    step: int,
+    state: Callable[[Contents], dict],
+    reason: SaveReason = SaveReason.PREEMPTION,
+) -> None:
     """A full checkpoint of `step`, unless the cadence already saved one (in flight or committed: then finishing it
     is enough)."""
-    due = roles_due(policy, step)
-    full_rollback = policy.rollback_every > 0 and policy.full_rollback
-    if not (Role.RECOVERY in due or (Role.ROLLBACK in due and full_rollback)):
-        # Saved under a role whose retention will delete it in due course; with both cadences off it is a
-        # recovery checkpoint that stays until removed by hand.
-        role = Role.ROLLBACK if full_rollback and policy.recovery_every == 0 else Role.RECOVERY
-        ckpt.save(step, [role], Contents.FULL, state(Contents.FULL))
+    decision = decide_save(policy, step, reason)
+    if decision is not None:
+        ckpt.save(step, list(decision.roles), decision.contents, state(decision.contents))
 
 
 def save_on_preemption(

@@ -16,9 +16,10 @@ import torch
 import torch.distributed as dist
 
 from curry_train.checkpoint.checkpointer import Checkpointer
+from curry_train.checkpoint.manifest import MANIFEST, Manifest, check_file
 from curry_train.checkpoint.policy import Checkpoint, Role
 from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress, digest_algorithm
-from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir, check_file
+from curry_train.checkpoint.store import RunDir
 from curry_train.config import Launch, flatten
 from curry_train.journal import Deferred, Journal, read_journal
 from curry_train.metrics import read_metrics
