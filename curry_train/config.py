@@ -222,6 +222,10 @@ class TrainConfig:
     eval_batches: int = 4
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     mixed_precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp32
+    # No step, save, evaluation or load making progress for this long ends the job (status 1) with every thread's
+    # stack in failures.log; also the longest any collective may wait. None: a multiple of the measured step and
+    # save times, at least 5 minutes (`curry-train plan` prints it).
+    hang_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
@@ -233,6 +237,11 @@ class TrainConfig:
         _require(self.eval_batches > 0, "train.eval_batches", f"must be positive, got {self.eval_batches}")
         _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
         _one_of(self.mixed_precision, "train.mixed_precision", ("auto", "bf16", "fp32"))
+        _require(
+            self.hang_timeout_s is None or self.hang_timeout_s > 0,
+            "train.hang_timeout_s",
+            f"must be a positive number of seconds (or null: automatic), got {self.hang_timeout_s}",
+        )
 
 
 @dataclass
@@ -379,7 +388,7 @@ NOT_IN_RUN_ID = {
     "spike": None,  # how spikes are handled, not what is trained
     "logger": None,
     "data": ("num_workers",),
-    "train": ("eval_every", "eval_batches", "device"),
+    "train": ("eval_every", "eval_batches", "device", "hang_timeout_s"),
 }
 
 
@@ -412,6 +421,8 @@ class Launch:
     inject_lr_scale: float = 1000.0  # +debug.inject_lr_scale=X
     fail_save_at: int | None = None  # +debug.fail_save_at=STEP: the disk fills up while that step's save writes
     fail_save_rank: int = 0  # +debug.fail_save_rank=R: on this rank
+    stall_at: int | None = None  # +debug.stall_at=STEP: stop making progress before that step, once in the run
+    stall_rank: int = 0  # +debug.stall_rank=R: on this rank
     given: frozenset[str] = frozenset()  # the keys the command line set (`model.vocab_size`, ...), not the presets
     notes: tuple[str, ...] = ()  # what this launch will do that the user may not expect, said at start by rank 0
 
@@ -497,12 +508,13 @@ def explain_hydra_error(err: Exception) -> str:
 
 def _launch_of(options: dict) -> Launch:
     debug = options.get("debug") or {}
-    unknown = sorted(set(debug) - {"inject_spike_at", "inject_lr_scale", "fail_save_at", "fail_save_rank"})
+    allowed = ("inject_spike_at", "inject_lr_scale", "fail_save_at", "fail_save_rank", "stall_at", "stall_rank")
+    unknown = sorted(set(debug) - set(allowed))
     _require(
         not unknown,
         f"debug.{unknown[0] if unknown else ''}",
         "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X, +debug.fail_save_at=STEP, "
-        "+debug.fail_save_rank=R",
+        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R",
     )
     launch = Launch(
         resume=None if options.get("resume") is None else str(options["resume"]),
@@ -511,6 +523,8 @@ def _launch_of(options: dict) -> Launch:
         inject_lr_scale=float(debug.get("inject_lr_scale", Launch.inject_lr_scale)),
         fail_save_at=None if debug.get("fail_save_at") is None else int(debug["fail_save_at"]),
         fail_save_rank=int(debug.get("fail_save_rank", 0)),
+        stall_at=None if debug.get("stall_at") is None else int(debug["stall_at"]),
+        stall_rank=int(debug.get("stall_rank", 0)),
     )
     _require(
         launch.resume is None or launch.rollback_to is None,
@@ -521,6 +535,12 @@ def _launch_of(options: dict) -> Launch:
         launch.inject_spike_at is None or launch.inject_spike_at > 0,
         "debug.inject_spike_at",
         f"must be a step >= 1, got {launch.inject_spike_at}",
+    )
+    # The watchdog is armed by the first completed step: a stall before it would be start-up, which it ignores.
+    _require(
+        launch.stall_at is None or launch.stall_at >= 2,
+        "debug.stall_at",
+        f"must be a step >= 2 (the watchdog arms after the first step), got {launch.stall_at}",
     )
     return launch
 

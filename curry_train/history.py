@@ -76,12 +76,14 @@ def end_unfinished_attempt(journal: Journal, run_dir: Path) -> dict[str, Any] | 
     fields: dict[str, Any] = {"attempt": attempt, "started_step": int(start["step"])}
     if line and isinstance(line.get("time"), (int, float)):
         fields["last_step_time"] = datetime.fromtimestamp(line["time"], UTC).isoformat(timespec="milliseconds")
-    errors = [e for e in events[starts[-1] :] if e["event"] == "error"]
-    fields["reason"] = (
-        f"ended after an error: {errors[-1].get('reason', '?')}"
-        if errors
-        else "no run_end or preempt: the launch was killed or crashed"
-    )
+    errors = [e for e in events[starts[-1] :] if e["event"] in ("error", "hang")]
+    if errors and errors[0]["event"] == "hang":  # the first rank to give up says why; the rest followed it
+        hang = errors[0]
+        fields["reason"] = f"hung: rank {hang.get('rank', '?')} made no progress during {hang.get('phase', '?')}"
+    elif errors:
+        fields["reason"] = f"ended after an error: {errors[-1].get('reason', '?')}"
+    else:
+        fields["reason"] = "no run_end or preempt: the launch was killed or crashed"
     return journal.append("attempt_end", last_step, **fields)
 
 
@@ -225,6 +227,8 @@ def _attempt_end_fact(attempt: Attempt) -> str | None:
     end = attempt.end
     if end is None or end["event"] == "run_end":
         return None
+    if end["event"] == "preempt" and end.get("forced"):
+        return f"attempt {attempt.number} {_forced_stop(end)}"
     if end["event"] == "preempt":
         return f"attempt {attempt.number} preempted ({end.get('signal', '?')}): saved step {end['step']} and stopped"
     return f"attempt {attempt.number} stopped after step {end['step']} ({end.get('reason', 'no reason recorded')})"
@@ -294,6 +298,10 @@ def _generic_fact(event: dict[str, Any]) -> str:
     return f"{event['event']} at step {event['step']}" + (f": {'; '.join(fields)}" if fields else "")
 
 
+def _forced_stop(event: dict[str, Any]) -> str:
+    return f"stopped by a second {event.get('signal', 'signal')} during {event.get('during', '?')}"
+
+
 def event_fact(event: dict[str, Any]) -> str:
     """One line for a non-routine event (resumes are phrased by `history_lines`, which knows the attempts)."""
     kind = event["event"]
@@ -304,6 +312,13 @@ def event_fact(event: dict[str, Any]) -> str:
     if kind == "error":
         where = f" ({event['path']})" if "path" in event else ""
         return f"error at step {event['step']}{where}: {shorten(str(event.get('reason', '?')), 200)}"
+    if kind == "preempt" and event.get("forced"):
+        return _forced_stop(event)
+    if kind == "hang":
+        return (
+            f"rank {event.get('rank', '?')} on {event.get('host', '?')} hung during {event.get('phase', '?')}: "
+            f"no progress for {event.get('seconds', '?')} s (stacks in failures.log)"
+        )
     if kind == "preempt":
         return f"preempted ({event.get('signal', '?')}): saved step {event['step']} and stopped"
     if kind == "spike_injected":

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from curry_train import distributed, failures, spike
+from curry_train import distributed, failures, spike, watchdog
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint import rollback
 from curry_train.checkpoint.checkpointer import Checkpointer
@@ -279,8 +279,19 @@ def load_checked_corpus(cfg: Config) -> Corpus:
 
 
 def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | None = None) -> TrainResult:
-    launch = launch or Launch()
+    """Train `cfg` in `run_dir`, watched by this rank's hang watchdog (stopped however the loop ends)."""
+
+    def follow(seconds: float) -> None:  # the collective timeout follows an automatic hang timeout that grew
+        distributed.set_collective_timeout(seconds, [env.checkpoint_group])
+
+    with watchdog.Watchdog(env.rank, run_dir, cfg.train.hang_timeout_s, on_timeout=follow) as dog:
+        return _train(cfg, run_dir, env, launch or Launch(), dog)
+
+
+def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, dog: watchdog.Watchdog) -> TrainResult:
     validate(cfg, env.world_size)
+    if launch.stall_at is not None and not 0 <= launch.stall_rank < env.world_size:
+        raise ConfigError(f"debug.stall_rank: {launch.stall_rank} is not a rank of this world of {env.world_size}")
     policy = cfg.checkpoint.policy()
     t = cfg.train
     run = open_run(cfg, run_dir, env, launch)
@@ -304,6 +315,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         f"({len(corpus.train):,} train / {len(corpus.dev):,} dev tokens), run directory {run_dir}"
     )
     log.print(render_plan(run.plan))
+    dog.hint(run.plan.hang_timeout_s)
     journal.append("policy", 0, **plan_json(run.plan))
     fault = None if launch.fail_save_at is None else (launch.fail_save_at, launch.fail_save_rank)
     c = cfg.checkpoint
@@ -330,6 +342,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         return iter(build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_sample=cursor))
 
     trainee = Trainee(state, optimizer, progress, saved_fidelity, fidelity_now)
+    dog.beat(progress.step, "loading")
     if point is not None and point.rollback_to is not None:
         cause = on_rank0(env.is_main, env.checkpoint_group, rollback.manual_cause, point, ckpt.store, t.batch_size)
         rollback.roll_back(point, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
@@ -342,12 +355,15 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         batches = resuming.check_next_batch(batches, slicing.indices_at(progress.cursor, 0))
 
     rule = cfg.spike.rule()
-    preemption = Preemption()
+    preemption = Preemption(run_dir, env.is_main, lambda: (dog.step, dog.phase), run.plan.full_save_seconds)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     first_loss = last_loss = None
     start_step = progress.step
     while progress.step < t.steps:
         step, done = progress.step, progress.step + 1  # 0-based index of this step; completed steps after it
+        if watchdog.stall_due(run_dir, launch.stall_at, launch.stall_rank, env.rank, done):
+            watchdog.stall_forever(run_dir, dog, done)
+        dog.beat(step, f"step {done}")
         lr_scale = spike.rewarm_factor(step, progress.rewarm_from, cfg.spike.rewarmup_steps)
         lr_scale *= injected_lr_scale(launch, progress, journal, done)
         started = time.perf_counter()
@@ -359,6 +375,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         if verdict is not None and verdict.spike:
             log.log(done, {**values, "spike": True})
             target, cause = rollback.spike_target(verdict, done, progress, ckpt, cfg.spike, t.batch_size)
+            dog.beat(step, f"the rollback from step {done}")
             rollback.roll_back(target, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
             log.event("rollback", progress.step, spike_step=done)
             batches = data_from(progress.cursor)
@@ -366,9 +383,13 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         progress.step, progress.cursor = done, progress.cursor + t.batch_size
         progress.loss_window = spike.push(progress.loss_window, values["loss"], cfg.spike.window)
         scheduler.update(step=done, lr=values["lr"])
+        # The first completed step arms the watchdog: start-up and the first step's warm-up are not hangs.
+        (dog.beat if dog.armed else dog.arm)(done, f"the end of step {done}")
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+            dog.beat(done, f"the evaluation after step {done}")
             values["dev_loss"] = evaluate(model, dev, env.device)
         log.log(done, values)
+        dog.beat(done, f"the save of step {done}")
         save_checkpoint(ckpt, policy, done, values, state)
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]
@@ -377,6 +398,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
             break
 
     final_step = progress.step
+    dog.beat(final_step, f"the save of step {final_step}")
     if final_step == t.steps and cfg.checkpoint.save_final:
         ensure_full_save(ckpt, policy, final_step, state, SaveReason.FINAL)  # run_end names an exact-resume one
     ckpt.wait()

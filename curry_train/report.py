@@ -23,6 +23,8 @@ def _progress(run: RunHistory) -> str:
         state = "no end journaled yet: running, or killed" if last is not None else "never launched"
     elif end["event"] == "run_end":
         state = "finished"
+    elif end["event"] == "preempt" and end.get("forced"):
+        state = f"stopped by a second {end.get('signal', 'signal')}; continue with +resume=latest"
     elif end["event"] == "preempt":
         state = "preempted; continue with +resume=latest"
     else:

@@ -18,6 +18,7 @@ from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
 from curry_train.config import ConfigError, from_command_line
 from curry_train.data import check_data
+from curry_train.watchdog import collective_timeout, hang_timeout
 
 USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...] [+resume=latest|auto|PATH]
        torchrun --nproc_per_node=N -m curry_train.train ...
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         failures.exit_with(f"invalid config: {err}", failures.EXIT_REFUSED)
     distributed.die_with_launcher()
-    env = distributed.init_distributed(cfg.train.device)
+    # Set before the first collective: none waits much longer than the hang timeout (explicit, or its floor).
+    env = distributed.init_distributed(cfg.train.device, collective_timeout(hang_timeout(cfg.train.hang_timeout_s)[0]))
     for note in launch.notes if env.rank == 0 else ():
         print(f"curry-train: {note}", flush=True)
     run_dir = Path(cfg.run.root) / str(cfg.run.id)
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         # A failure of this rank, or of another that this rank noticed: one line, the traceback in the run
         # directory. No orderly shutdown of the process group: it would wait for ranks that may be gone.
         if failures.is_peer_failure(err):
-            line = f"rank {env.rank} stopped: another rank failed ({failures.one_line(err)})"
+            lost = env.lost_peer(err) or "another rank"
+            line = f"rank {env.rank} stopped: lost {lost} ({failures.one_line(err)})"
             failures.record(err, env.rank, run_dir, line)
             failures.exit_with(line, failures.EXIT_FAILURE, quiet=env.world_size > 1)
         line = f"rank {env.rank} failed: {failures.one_line(err)}"

@@ -37,6 +37,7 @@ from curry_train.checkpoint.sizes import (
     role_estimates,
 )
 from curry_train.config import Config
+from curry_train.watchdog import hang_timeout
 
 ROLLBACK_PARAMS_THRESHOLD = 10e9  # above this size of a full checkpoint, recommend parameters-only rollbacks
 DEFAULT_MTBF_HOURS = 24.0
@@ -180,6 +181,8 @@ class Plan:
     cadence: Cadence | None
     preempt_grace_s: float = 30.0
     full_save_seconds: float | None = None  # measured in this run's journal: a whole full save, until committed
+    hang_timeout_s: float = 300.0  # the watchdog's timeout at the start (the automatic one grows as the run measures)
+    hang_source: str = ""
 
     @property
     def all_full(self) -> int:
@@ -251,6 +254,8 @@ def build_plan(
     steps = cfg.train.steps
     roles = role_estimates(size, policy, world_size, steps, cfg.train.eval_every)
     timing = timing_of(run_dir, async_save, save_seconds, step_seconds, mtbf_hours)
+    full_save = (measured_save_seconds(run_dir, async_save=False) or (None,))[0]
+    hang = hang_timeout(cfg.train.hang_timeout_s, timing.step_seconds, full_save)
     return Plan(
         model_name=cfg.model.name,
         steps=steps,
@@ -271,7 +276,9 @@ def build_plan(
         timing=timing,
         cadence=cadence(policy, timing),
         preempt_grace_s=cfg.checkpoint.preempt_grace_s,
-        full_save_seconds=(measured_save_seconds(run_dir, async_save=False) or (None,))[0],
+        full_save_seconds=full_save,
+        hang_timeout_s=hang[0],
+        hang_source=hang[1],
     )
 
 
