@@ -58,7 +58,7 @@ def test_an_unknown_event_is_shown_in_words_and_cut_only_between_words() -> None
     assert fact.endswith("; ranks 0, 1")
     assert " ...;" in fact and len(fact) < 200
     # Every word shown is a whole word of the event.
-    assert _words_of(fact) - {"..."} <= _words_of(f"hang at step 41 rank 3 seconds 1800.5 reason {reason} ranks 0, 1")
+    assert _words_of(fact) - {"..."} <= _words_of(f"link_flap at step 41 rank 3 seconds 1800.5 reason {reason} ranks 0, 1")
     assert "=" not in fact and "[" not in fact and "{" not in fact
     assert shorten("one-long-word" * 20, 30) == "one-long-word" * 20
 
