@@ -10,8 +10,7 @@ from pathlib import Path
 
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
-from curry_train.journal import read_journal
-from curry_train.watchdog import journal_any_rank
+from curry_train.journal import append_from_any_rank, read_journal
 
 
 class StopNow(KeyboardInterrupt):
@@ -55,7 +54,7 @@ class Preemption:
         if self.received is not None:
             self.uninstall()
             if self.is_main and self.run_dir is not None:
-                journal_any_rank(self.run_dir, "preempt", step, signal=name, forced=True, during=phase)
+                append_from_any_rank(self.run_dir, "preempt", step, signal=name, forced=True, during=phase)
             first = signal.Signals(self.received).name
             what = f"{name} received twice" if name == first else f"{name} received after {first}"
             raise StopNow(f"{what}: stopped at once during {phase}")
