@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sysconfig
 import warnings
 from collections.abc import Iterator
@@ -244,7 +245,17 @@ def build_train_loader(
         generator=generator,
         persistent_workers=False,
         multiprocessing_context="fork" if cfg.num_workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,
     )
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker leaves the stop signals to its rank, which finishes its step, saves and stops. They reach
+    the worker too when Ctrl-C signals the terminal's foreground process group or a scheduler signals every process
+    of a job step; a worker that died of one would fail the rank (status 1, no save). The worker still ends with
+    its rank: the loader shuts it down, or it sees its parent gone."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def dev_batches(tokens: np.ndarray, cfg: DataConfig, slicing: Slicing, seed: int, n_batches: int) -> list[dict]:

@@ -229,12 +229,13 @@ def test_a_full_disk_during_a_save_stops_every_rank_and_loses_nothing(tmp_path: 
 # -------------------------------------------------------------------------------------------- Ctrl-C
 
 
-def test_sigint_saves_and_stops(tmp_path: Path) -> None:
+def test_ctrl_c_saves_and_stops(tmp_path: Path) -> None:
+    """Ctrl-C signals the terminal's whole foreground process group: the data loader's workers get SIGINT too."""
     args = [*FAST, "train.steps=400", "train.eval_every=0", "checkpoint.recovery_every=0", "checkpoint.best_k=0"]
-    job = popen_train([*args, "run.id=interrupted"], tmp_path)
+    job = popen_train([*args, "data.num_workers=2", "run.id=interrupted"], tmp_path)
     run_dir = tmp_path / "runs" / "interrupted"
     _wait_for_steps(run_dir / "metrics.jsonl", 3, job)
-    job.send_signal(signal.SIGINT)
+    os.killpg(job.pid, signal.SIGINT)
     out, _ = job.communicate(timeout=120)
     assert job.returncode == 0, out[-3000:]
     assert "SIGINT received: saved step" in out and "KeyboardInterrupt" not in out
