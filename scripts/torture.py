@@ -408,9 +408,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--signal-every-process", action="store_true", help="signal every process of a launch")
     parser.add_argument("overrides", nargs="*", help="training overrides (after --), added to the defaults")
     args = parser.parse_args(argv)
-    for name in ("cycles", "nproc", "spike_at"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("cycles", "nproc", "spike_at", "timeout", "hang_timeout"):
+        if getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     for name in ("spike_rounds", "world_size_rounds"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {getattr(args, name)}")
