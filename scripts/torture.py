@@ -169,15 +169,15 @@ def _alive(pid: int) -> bool:
 # ------------------------------------------------------------------------------------------------ a launch
 
 
-def draw_plan(rng: random.Random, nproc: int, run_dir: Path, steps: int, stalled: set[int]) -> Plan:
+def draw_plan(rng: random.Random, nproc: int, run_dir: Path, steps: int, stalled: set[int], kinds: list[str]) -> Plan:
     plan = Plan(nproc=nproc, async_save=rng.random() < 0.5, interrupt="SIGKILL")
-    plan.interrupt = rng.choices(list(INTERRUPTS), weights=list(INTERRUPTS.values()))[0]
+    plan.interrupt = rng.choices(kinds, weights=[INTERRUPTS[k] for k in kinds])[0]
     if plan.interrupt == "stall":
         # A step this run has not reached (after a resume it replays from an earlier one, so it gets there) and
         # has not stalled at before: the journal makes a stall once in the run's life per step.
         free = [s for s in range(max(2, last_step(run_dir) + 2), steps) if s not in stalled]
         if not free:
-            plan.interrupt = "SIGKILL"
+            plan.interrupt = rng.choice([k for k in kinds if k != "stall"] or ["SIGKILL"])
         else:
             plan.stall = (rng.choice(free), rng.randrange(nproc))
     plan.aim_at_save = rng.random() < 0.5
@@ -353,7 +353,7 @@ def play_round(
         if launches >= MAX_LAUNCHES:
             tally.failures.append(f"round {number}: not finished after {launches} launches")
             return
-        plan = draw_plan(rng, nproc, run_dir, steps, stalled)
+        plan = draw_plan(rng, nproc, run_dir, steps, stalled, args.interrupts)
         if tally.cycles >= args.cycles:  # enough cycles: this launch finishes the round
             plan = Plan(nproc=nproc, async_save=plan.async_save, interrupt="none")
         if plan.stall:
@@ -406,11 +406,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--world-size-rounds", type=float, default=0.3, help="fraction with a changing world size")
     parser.add_argument("--hang-timeout", type=float, default=10, help="train.hang_timeout_s of a stalled launch")
     parser.add_argument("--signal-every-process", action="store_true", help="signal every process of a launch")
+    parser.add_argument(
+        "--interrupts",
+        default=",".join(INTERRUPTS),
+        help=f"comma-separated interruptions to draw from (default: all, {','.join(INTERRUPTS)})",
+    )
     parser.add_argument("overrides", nargs="*", help="training overrides (after --), added to the defaults")
     args = parser.parse_args(argv)
     for name in ("cycles", "nproc", "spike_at", "timeout", "hang_timeout"):
         if getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    args.interrupts = args.interrupts.split(",")
+    unknown = sorted(set(args.interrupts) - set(INTERRUPTS))
+    if unknown:
+        parser.error(f"--interrupts: unknown {', '.join(unknown)}; allowed: {', '.join(INTERRUPTS)}")
     for name in ("spike_rounds", "world_size_rounds"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name.replace('_', '-')} must be a fraction in [0, 1], got {getattr(args, name)}")

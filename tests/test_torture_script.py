@@ -32,6 +32,7 @@ def test_overrides_after_the_options_reach_every_launch() -> None:
         (["--cycles", "0"], "--cycles must be positive"),
         (["--hang-timeout", "-1"], "--hang-timeout must be positive"),
         (["--spike-rounds", "1.5"], "--spike-rounds must be a fraction in [0, 1]"),
+        (["--interrupts", "SIGKILL,SIGHUP"], "--interrupts: unknown SIGHUP; allowed: SIGKILL, SIGTERM"),
     ],
 )
 def test_bad_options_are_refused_naming_the_option(argv: list[str], named: str, capsys) -> None:
