@@ -309,7 +309,7 @@ def check_round(straight: Path, run_dir: Path, changed_world: bool, tally: Tally
     if missing or different:
         problems.append(
             f"{run_dir.name}: losses differ from {straight.name} at steps {(missing + different)[:10]} "
-            f"(largest relative difference {worst:.2e}, allowed {tolerance:g})"
+            f"(largest relative difference {worst:.2e}, allowed {tolerance:g}){rollback_targets(straight, run_dir)}"
         )
     elif changed_world:
         tally.within_rtol += 1
@@ -330,6 +330,13 @@ def check_round(straight: Path, run_dir: Path, changed_world: bool, tally: Tally
     if lock_held(run_dir):
         problems.append(f"{run_dir.name}: the run directory's lock is still held")
     return problems
+
+
+def rollback_targets(straight: Path, run_dir: Path) -> str:
+    """Where the spike rollbacks of both runs went, when they differ: a rollback goes to the newest checkpoint
+    early enough, so a save only one of the runs made (a preemption's) can change it."""
+    targets = [[e["path"] for e in journal(d) if e["event"] == "rollback"] for d in (straight, run_dir)]
+    return "" if targets[0] == targets[1] else f"; rolled back to {targets[1]}, the straight run to {targets[0]}"
 
 
 def play_round(
