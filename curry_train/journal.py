@@ -28,6 +28,7 @@ EVENTS: frozenset[str] = frozenset(
         "world_size_change",
         "error",
         "run_end",
+        "init",  # a warm start: the source of the initial parameters (+init_from)
         "attempt_end",  # a launch that ended without run_end or preempt: its last completed step
     }
 )

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from curry_train import distributed, failures, spike
+from curry_train import distributed, failures, spike, warm_start
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint import rollback
 from curry_train.checkpoint.checkpointer import Checkpointer
@@ -286,6 +286,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     validate(cfg, env.world_size)
     policy = policy_of(cfg.checkpoint)
     t = cfg.train
+    init_plan = warm_start.prepare(cfg, launch, env)  # a source that cannot be used is refused before open_run
     run = open_run(cfg, run_dir, env, launch)
     log, journal, point = run.log, run.journal, run.point
     if point is not None:
@@ -299,8 +300,10 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
             return TrainResult(run_dir, point.step, None, None)
 
     corpus = load_checked_corpus(cfg)
-    model, n_params = build_sharded_model(cfg, env, initialize=point is None)
+    model, n_params = build_sharded_model(cfg, env, initialize=point is None and init_plan is None)
     optimizer = build_optimizer(model, cfg.optimizer)
+    if point is None and cfg.init.source is not None:  # a warm start; a resume never reads the source again
+        warm_start.load_initial(init_plan, cfg, model, optimizer, env, journal, log.print)
     log.print(
         f"curry-train: model {cfg.model.name} with {n_params:,} parameters ({n_params:.3g}), "
         f"world size {env.world_size} on {env.device.type}, data: {corpus.description} "
