@@ -14,6 +14,7 @@ Formats:
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -157,6 +158,12 @@ def read_all(ckpt: Path, dtype: torch.dtype | None, rename: Any = None) -> dict[
     return tensors
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable read of it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def export(
     checkpoint: str | Path,
     output: str | Path,
@@ -202,6 +209,9 @@ def export(
         (output / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, str(output / "model.safetensors"), metadata=metadata)
         written = output / "model.safetensors"
+    # safetensors' save_file creates its file 0600 whatever the umask: readable as any file the user writes, so
+    # others on a shared cluster can read the export as they can its config.json.
+    written.chmod(0o666 & ~_umask())
     return ExportResult(
         checkpoint=ckpt,
         output=output,

@@ -36,28 +36,11 @@ from curry_train.checkpoint.sizes import (
     in_flight_bytes,
     role_estimates,
 )
-from curry_train.config import CheckpointConfig, Config, ConfigError
+from curry_train.config import Config
+from curry_train.watchdog import hang_timeout
 
 ROLLBACK_PARAMS_THRESHOLD = 10e9  # above this size of a full checkpoint, recommend parameters-only rollbacks
 DEFAULT_MTBF_HOURS = 24.0
-
-
-def policy_of(cfg: CheckpointConfig) -> Policy:
-    """The checkpoint block of the config as a Policy; its check failures become ConfigErrors naming the key."""
-    try:
-        return Policy(
-            cfg.rollback_every,
-            cfg.recovery_every,
-            cfg.best_k,
-            cfg.best_k_metric,
-            cfg.best_k_direction,
-            cfg.retention.rollback_keep,
-            cfg.retention.recovery_keep,
-            cfg.rollback_contents,
-            cfg.retention.abandoned_keep,
-        )
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------------------------- free space
@@ -198,6 +181,8 @@ class Plan:
     cadence: Cadence | None
     preempt_grace_s: float = 30.0
     full_save_seconds: float | None = None  # measured in this run's journal: a whole full save, until committed
+    hang_timeout_s: float = 300.0  # the watchdog's timeout at the start (the automatic one grows as the run measures)
+    hang_source: str = ""
 
     @property
     def all_full(self) -> int:
@@ -264,11 +249,13 @@ def build_plan(
     mtbf_hours: float | None = None,
 ) -> Plan:
     """Everything `curry-train plan` prints, for a resolved config (raises ConfigError for a bad policy)."""
-    policy = policy_of(cfg.checkpoint)
+    policy = cfg.checkpoint.policy()
     async_save = cfg.checkpoint.async_save
     steps = cfg.train.steps
     roles = role_estimates(size, policy, world_size, steps, cfg.train.eval_every)
     timing = timing_of(run_dir, async_save, save_seconds, step_seconds, mtbf_hours)
+    full_save = (measured_save_seconds(run_dir, async_save=False) or (None,))[0]
+    hang = hang_timeout(cfg.train.hang_timeout_s, timing.step_seconds, full_save)
     return Plan(
         model_name=cfg.model.name,
         steps=steps,
@@ -289,7 +276,9 @@ def build_plan(
         timing=timing,
         cadence=cadence(policy, timing),
         preempt_grace_s=cfg.checkpoint.preempt_grace_s,
-        full_save_seconds=(measured_save_seconds(run_dir, async_save=False) or (None,))[0],
+        full_save_seconds=full_save,
+        hang_timeout_s=hang[0],
+        hang_source=hang[1],
     )
 
 

@@ -173,6 +173,7 @@ def render_plan(plan: Plan) -> str:
         _render_recommendation(plan),
         _render_worst_case(plan),
         _render_cadence(plan),
+        [f"hang timeout: {plan.hang_timeout_s:.0f} s ({plan.hang_source}): no progress for this long ends the job"],
     ]
     return "\n".join(line for section in sections for line in section)
 
@@ -202,6 +203,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "recommendation": None if plan.recommendation is None else asdict(plan.recommendation),
         "timing": asdict(plan.timing),
         "cadence": None if plan.cadence is None else asdict(plan.cadence),
+        "hang_timeout_s": plan.hang_timeout_s,
     }
     if plan.crash is not None and plan.spike is not None:
         out["at_step"] = plan.crash.at_step

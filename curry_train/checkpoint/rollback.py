@@ -27,7 +27,7 @@ from curry_train.checkpoint.store import RunDir
 from curry_train.config import SpikeConfig
 from curry_train.distributed import on_rank0
 from curry_train.metrics import read_metrics
-from curry_train.spike import SpikeRule, Verdict, recent_rollbacks, rollback_bound
+from curry_train.spike import Verdict, recent_rollbacks, rollback_bound
 
 
 class SpikeError(RuntimeError):
@@ -120,7 +120,7 @@ def spike_target(
     verdict: Verdict, step: int, progress: Progress, ckpt: Checkpointer, spike: SpikeConfig, batch_size: int
 ) -> tuple[ResumePoint, Cause]:
     """Where an in-process rollback after a spike at `step` goes, or a SpikeError when it cannot."""
-    rule = SpikeRule(spike.window, spike.warmup_steps, spike.sigmas, spike.min_rise)
+    rule = spike.rule()
     seen = [r["spike_step"] for r in progress.rollbacks]
     if recent_rollbacks(seen, step, spike.max_rollbacks_within) >= spike.max_rollbacks:
         raise SpikeError(
