@@ -149,7 +149,7 @@ def _hf_dir(path: Path, given: str) -> Source:
     for file in sorted(set(files.values())) or [path / HF_WEIGHTS]:
         header, _ = read_safetensors_header(file, given)
         theirs.update(_refs_of(header, file))
-    listed_elsewhere = [name for name, file in files.items() if theirs.get(name, TensorRef("", (), "")).file != file]
+    listed_elsewhere = [name for name, file in files.items() if name not in theirs or theirs[name].file != file]
     if listed_elsewhere:
         raise _refuse(given, f"{HF_INDEX} lists {listed_elsewhere[0]} in a shard that does not hold it (corrupt)")
     tensors: dict[str, TensorRef] = {}
@@ -317,12 +317,21 @@ def plan_init(source: Source, model: ModelConfig, init: InitConfig) -> InitPlan:
 
 def check_source(cfg: Config, launch: Launch) -> InitPlan | None:
     """The pre-flight check (every process, before the process group): the checked plan of `+init_from`, or None
-    when there is no warm start. A relaunch that resumes (`+resume=...`) continues from the run's own checkpoints,
-    so a source that has since gone away is no reason to refuse it."""
-    given = cfg.init.source
-    if given is None:
+    when this launch will not read a source: no warm start, or a relaunch that continues from the run's own
+    checkpoints (which never reads the source again, so a source changed or gone since is no reason to refuse)."""
+    if cfg.init.source is None or _continues_own_run(cfg, launch):
         return None
-    resuming = launch.resume is not None or launch.rollback_to is not None
-    if resuming and not Path(given).expanduser().exists():
-        return None
-    return plan_init(find_source(given), cfg.model, cfg.init)
+    return plan_init(find_source(cfg.init.source), cfg.model, cfg.init)
+
+
+def _continues_own_run(cfg: Config, launch: Launch) -> bool:
+    """`+resume=latest|PATH` and `+rollback_to` always continue from a checkpoint; `+resume=auto` when the run
+    directory has one (else it starts fresh, from the source)."""
+    if launch.resume is None and launch.rollback_to is None:
+        return False
+    if launch.resume != "auto":
+        return True
+    from curry_train.checkpoint.store import RunDir
+
+    store = RunDir(Path(cfg.run.root) / str(cfg.run.id))
+    return store.path.is_dir() and (store.latest() or store.newest_full()) is not None

@@ -31,11 +31,11 @@ DIGEST = "xxh3_64-rows"  # the journal's digest: see `_row_digest`
 
 
 def prepare(cfg: Config, launch: Launch, env: distributed.Dist) -> InitPlan | None:
-    """Before the run directory is touched (all ranks): the checked plan and, for a fresh start from a checkpoint,
-    its files checked against its manifest, each rank a share, so a corrupt source is refused with nothing created.
-    A relaunch that resumes skips the checksums (it will not read the source unless it finds nothing to resume)."""
+    """Before the run directory is touched (all ranks): the checked plan of a launch that will read the source and,
+    for a checkpoint, its files checked against its manifest, each rank a share, so that a corrupt source is
+    refused with nothing created."""
     plan = check_source(cfg, launch)
-    if plan is not None and launch.resume is None and launch.rollback_to is None:
+    if plan is not None:
         verify(plan, env.checkpoint_group)
     return plan
 
@@ -61,8 +61,8 @@ def load_initial(
     say: Callable[[str], None],
 ) -> None:
     """Fill the freshly built, sharded model (and optimizer) from the source, the excluded parameters from the
-    initialiser, and journal `init`. `plan` is None when the pre-flight found no source to check (a `+resume=auto`
-    whose source has since gone); it is checked again here, so that case fails as a plain start would."""
+    initialiser, and journal `init`. `plan` is None when the pre-flight expected a resume that found nothing to
+    resume (`+resume=auto` on a run directory whose checkpoints are all damaged): the source is checked here."""
     started = time.perf_counter()
     plan = plan or check_source(cfg, Launch())
     assert plan is not None

@@ -184,7 +184,7 @@ def test_a_relaunch_resumes_its_own_run_and_never_reads_the_source_again(runs: d
     moved = root / "moved.safetensors"
     shutil.move(runs["exported"], moved)
     try:
-        proc = run_train([*runs["from_file"], "+resume=latest"], root)
+        proc = run_train([*runs["from_file"], "+resume=auto"], root)  # as the SLURM script relaunches
     finally:
         shutil.move(moved, runs["exported"])
     assert "already finished" in proc.stdout + proc.stderr
