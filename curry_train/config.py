@@ -598,7 +598,6 @@ def injection_note(cfg: Config, launch: Launch) -> str | None:
     )
 
 
-
 def from_command_line(overrides: list[str]) -> tuple[Config, Launch]:
     """What training makes of its command line: the composed, checked config with the vocabulary a token file
     declares (`token_files.adopt_data_vocab`), and the launch's own requests. Training, `curry-train run` and the

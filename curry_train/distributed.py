@@ -22,8 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from curry_train.config import ModelConfig
-from curry_train.model import Transformer, init_value
+from curry_train.config import Config, ModelConfig
+from curry_train.model import Transformer, build_model, count_params, init_value
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Dist:
         return self.rank == 0
 
     def lost_peer(self, err: BaseException) -> str | None:
-        """"rank R on HOST (ADDR)" for the peer whose address gloo's error names, when one rank has it."""
+        """ "rank R on HOST (ADDR)" for the peer whose address gloo's error names, when one rank has it."""
         found = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", str(err))
         if found is None:
             return None
@@ -128,6 +128,22 @@ def set_collective_timeout(seconds: float, groups: list[dist.ProcessGroup]) -> N
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    if cfg.train.mixed_precision == "auto":
+        return device.type == "cuda"
+    return cfg.train.mixed_precision == "bf16"
+
+
+def build_sharded_model(cfg: Config, env: Dist, initialize: bool = True) -> tuple[Transformer, int]:
+    """The model on meta, sharded, then materialised: no rank ever holds the whole unsharded model. Without
+    `initialize` the parameters are left as allocated, for a resume that loads every one of them."""
+    model = build_model(cfg.model)
+    n_params = count_params(model)
+    shard_model(model, env.mesh, use_bf16(cfg, env.device))
+    materialize(model, cfg.model, env.device, cfg.train.seed, initialize)
+    return model, n_params
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> nn.Module:

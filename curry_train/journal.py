@@ -52,6 +52,21 @@ def _jsonable(value: object) -> object:
     return value
 
 
+def append_from_any_rank(run_dir: Path, event: str, step: int | None = None, **fields: object) -> None:
+    """Append to a run's journal from whichever rank has something to say (a failure, a hang): it is rank 0's
+    file, but rank 0 may be the rank that is gone or stuck. `step` None: the step of the journal's last line.
+    Best effort: a journal that cannot be read or written must not hide the failure being reported."""
+    path = run_dir / "journal.jsonl"
+    if not path.exists():
+        return
+    with contextlib.suppress(OSError, ValueError):
+        if step is None:
+            records = read_journal(path)
+            step = int(records[-1]["step"]) if records else 0
+        with Journal(path) as journal:
+            journal.append(event, step, **fields)
+
+
 class Journal:
     """Writer for ``journal.jsonl``. With ``enabled=False`` (non-zero ranks) ``append`` writes nothing."""
 

@@ -19,6 +19,7 @@ from curry_train.checkpoint.rollback import SpikeError
 from curry_train.config import ConfigError, from_command_line
 from curry_train.data import check_data
 from curry_train.init_source import check_source
+from curry_train.journal import append_from_any_rank
 from curry_train.watchdog import collective_timeout, hang_timeout
 
 USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...] [+resume=latest|auto|PATH]
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             failures.exit_with(line, failures.EXIT_FAILURE, quiet=env.world_size > 1)
         line = f"rank {env.rank} failed: {failures.one_line(err)}"
         log = failures.record(err, env.rank, run_dir, line)
-        loop.journal_failure(run_dir, env.rank, line)
+        append_from_any_rank(run_dir, "error", rank=env.rank, reason=line)
         failures.exit_with(line + (f"; traceback in {log}" if log else ""), failures.EXIT_FAILURE)
     distributed.shutdown()
     failures.write_status(failures.EXIT_DONE, "finished, or stopped after a preemption save")

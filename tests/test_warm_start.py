@@ -309,7 +309,7 @@ def test_a_mismatched_source_exits_2_before_anything_is_created(runs: dict[str, 
 
 def test_tied_embeddings_fill_the_head_and_bf16_is_converted(tmp_path: Path) -> None:
     """A world of one in this process: the head of a tied source comes from its embedding, bf16 becomes fp32."""
-    from curry_train import distributed, loop, warm_start
+    from curry_train import distributed, warm_start
     from curry_train.journal import Journal
     from curry_train.optim import build_optimizer
 
@@ -319,7 +319,7 @@ def test_tied_embeddings_fill_the_head_and_bf16_is_converted(tmp_path: Path) -> 
     cfg, launch = resolve(compose_config([*MODEL, f"+init_from={tmp_path / 'tied'}", "train.device=cpu"]))
     env = distributed.init_distributed("cpu")
     try:
-        model, _ = loop.build_sharded_model(cfg, env, initialize=False)
+        model, _ = distributed.build_sharded_model(cfg, env, initialize=False)
         plan = warm_start.prepare(cfg, launch, env)
         with Journal(tmp_path / "journal.jsonl") as journal:
             warm_start.load_initial(plan, cfg, model, build_optimizer(model, cfg.optimizer), env, journal, print)
