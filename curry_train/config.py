@@ -304,6 +304,21 @@ class RunConfig:
 
 
 @dataclass
+class InitConfig:
+    """A warm start: the new run's initial parameters come from `source` (given as `+init_from=SOURCE`: a
+    curry-train checkpoint or run directory, an exported safetensors file, a Hugging Face Llama directory) instead
+    of the initialiser. Step, schedule and data position start from zero; see `warm_start.py`."""
+
+    source: str | None = None
+    optimizer: bool = False  # also take the source's optimizer state (a curry-train checkpoint with full state)
+    exclude: list[str] = field(default_factory=list)  # parameter name patterns left to the initialiser
+
+    def __post_init__(self) -> None:
+        for key, used in (("optimizer", self.optimizer), ("exclude", bool(self.exclude))):
+            _require(not used or self.source is not None, f"init.{key}", "needs +init_from=SOURCE")
+
+
+@dataclass
 class Config:
     model: ModelConfig = MISSING
     optimizer: OptimizerConfig = MISSING
@@ -314,6 +329,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     spike: SpikeConfig = field(default_factory=SpikeConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    init: InitConfig = field(default_factory=InitConfig)
 
 
 def validate(cfg: Config, world_size: int) -> None:
@@ -404,9 +420,15 @@ def default_run_id(raw: DictConfig) -> str:
             settings.pop(group, None)
         elif isinstance(settings.get(group), dict):
             settings[group] = {k: v for k, v in settings[group].items() if k not in keys}
+    if (settings.get("init") or {}).get("source") is None:
+        settings.pop("init", None)  # no warm start: the ids of runs from before `init` existed stay what they were
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
     return f"{raw.model.name}-{raw.data.name}-{digest}"
 
+
+# `+init_from=SOURCE` is added with `+` like the launch options, but it is part of what the run is (its initial
+# parameters): it becomes `init.source`, in the run id and config.yaml.
+INIT_FROM = "init_from"
 
 # Per-launch options added with `+`: they say what this launch does with the run (continue it, roll it back, inject
 # a test spike), not what the run is, so they are not in the schema, the run id or config.yaml.
@@ -468,11 +490,12 @@ def check_known_keys(raw: DictConfig) -> None:
             return
         for name, value in node.items():
             key = f"{prefix}{name}"
-            if not prefix and name in (*LAUNCH_KEYS, "hydra"):
+            if not prefix and name in (*LAUNCH_KEYS, INIT_FROM, "hydra"):
                 continue
             if key not in known:
                 raise ConfigError(
-                    _unknown_key(key) + "; the only keys added with '+' are +resume, +rollback_to and +debug.*"
+                    _unknown_key(key)
+                    + "; the only keys added with '+' are +resume, +rollback_to, +init_from and +debug.*"
                 )
             walk(value, f"{key}.")
 
@@ -587,7 +610,6 @@ def injection_note(cfg: Config, launch: Launch) -> str | None:
     )
 
 
-
 def from_command_line(overrides: list[str]) -> tuple[Config, Launch]:
     """What training makes of its command line: the composed, checked config with the vocabulary a token file
     declares (`token_files.adopt_data_vocab`), and the launch's own requests. Training, `curry-train run` and the
@@ -610,6 +632,9 @@ def resolve(raw: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> tup
     raw = raw.copy()
     with open_dict(raw):
         options = {key: raw.pop(key, None) for key in LAUNCH_KEYS}
+        init_from = raw.pop(INIT_FROM, None)
+        if init_from is not None:
+            raw.init.source = str(init_from)
     options = {k: OmegaConf.to_container(v) if isinstance(v, DictConfig) else v for k, v in options.items()}
     launch = _launch_of(options)
     check_known_keys(raw)

@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -22,8 +22,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from curry_train.config import ModelConfig
-from curry_train.model import Transformer, init_value
+from curry_train.config import Config, ModelConfig
+from curry_train.model import Transformer, build_model, count_params, init_value
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Dist:
         return self.rank == 0
 
     def lost_peer(self, err: BaseException) -> str | None:
-        """"rank R on HOST (ADDR)" for the peer whose address gloo's error names, when one rank has it."""
+        """ "rank R on HOST (ADDR)" for the peer whose address gloo's error names, when one rank has it."""
         found = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", str(err))
         if found is None:
             return None
@@ -130,6 +130,22 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def use_bf16(cfg: Config, device: torch.device) -> bool:
+    if cfg.train.mixed_precision == "auto":
+        return device.type == "cuda"
+    return cfg.train.mixed_precision == "bf16"
+
+
+def build_sharded_model(cfg: Config, env: Dist, initialize: bool = True) -> tuple[Transformer, int]:
+    """The model on meta, sharded, then materialised: no rank ever holds the whole unsharded model. Without
+    `initialize` the parameters are left as allocated, for a resume that loads every one of them."""
+    model = build_model(cfg.model)
+    n_params = count_params(model)
+    shard_model(model, env.mesh, use_bf16(cfg, env.device))
+    materialize(model, cfg.model, env.device, cfg.train.seed, initialize)
+    return model, n_params
+
+
 def shard_model(model: nn.Module, mesh: DeviceMesh, mixed_precision: bool) -> nn.Module:
     """FSDP2: each block, then the root (embeddings, final norm, output)."""
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
@@ -145,7 +161,17 @@ def materialize(model: Transformer, cfg: ModelConfig, device: torch.device, seed
     """Allocate the sharded parameters on `device` and fill each rank's shard of the initial values (not when a
     resume is about to overwrite every one of them: drawing 7B initial values takes minutes)."""
     model.to_empty(device=device)
-    for name, param in model.named_parameters() if initialize else ():
+    if initialize:
+        fill_initial(model, cfg, seed)
+    model.reset_rotary()
+
+
+@torch.no_grad()
+def fill_initial(model: Transformer, cfg: ModelConfig, seed: int, names: Collection[str] | None = None) -> None:
+    """Each rank's shard of the initial values of the parameters `names` (every parameter when None)."""
+    for name, param in model.named_parameters():
+        if names is not None and name not in names:
+            continue
         full = init_value(name, param.shape, cfg, seed)
         if isinstance(param, DTensor):
             local = param.to_local()
@@ -153,15 +179,20 @@ def materialize(model: Transformer, cfg: ModelConfig, device: torch.device, seed
             local.copy_(shard.to(local.dtype))
         else:
             param.copy_(full)
-    model.reset_rotary()
+
+
+def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of the dim-0 rows that `rank` holds under FSDP2's sharding (torch.chunk semantics: chunks of
+    ceil(rows / world_size), so the last ranks may hold fewer rows or none)."""
+    size = -(-rows // world_size)
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
 
 
 def local_shard(full: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
-    """This rank's piece of `full` under FSDP2's dim-0 sharding (torch.chunk semantics, possibly empty)."""
-    chunks = torch.chunk(full, world_size, dim=0)
-    if rank < len(chunks):
-        return chunks[rank]
-    return full.new_empty((0, *full.shape[1:]))
+    """This rank's piece of `full` under FSDP2's dim-0 sharding (possibly empty)."""
+    start, end = shard_rows(full.shape[0], world_size, rank)
+    return full[start:end]
 
 
 def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:

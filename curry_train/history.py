@@ -209,6 +209,9 @@ def _ranges(ranges: object) -> str:
 def headline(run: RunHistory) -> str:
     """The run's story in a few words: 'resumed from step 40 (1 resume)' or 'ran straight through'."""
     parts = []
+    init = next((e for e in run.events if e["event"] == "init"), None)
+    if init is not None:
+        parts.append(f"initialised from {init.get('source', '?')}")
     resumes = run.resumes
     if resumes:
         steps = ", ".join(str(e["step"]) for e in resumes)
@@ -220,7 +223,9 @@ def headline(run: RunHistory) -> str:
     for event, word in (("preempt", "preemption"), ("world_size_change", "world-size change"), ("error", "error")):
         if n := run.count(event):
             parts.append(_plural(n, word))
-    return ", ".join(parts) if parts else "ran straight through"
+    if len(parts) == (init is not None):
+        parts.append("ran straight through")
+    return ", ".join(parts)
 
 
 def _attempt_end_fact(attempt: Attempt) -> str | None:
@@ -318,6 +323,16 @@ def event_fact(event: dict[str, Any]) -> str:
         return (
             f"rank {event.get('rank', '?')} on {event.get('host', '?')} hung during {event.get('phase', '?')}: "
             f"no progress for {event.get('seconds', '?')} s (stacks in failures.log)"
+        )
+    if kind == "init":
+        step = f", step {event['source_step']}" if event.get("source_step") is not None else ""
+        excluded = event.get("excluded") or []
+        return (
+            f"initialised from {event.get('source', '?')} ({event.get('kind', '?')}{step}): {event.get('loaded', '?')} "
+            "tensors"
+            + (f", {len(excluded)} excluded" if excluded else "")
+            + (", head from the tied embedding" if event.get("tied_head") else "")
+            + (", with optimizer state" if event.get("optimizer") else "")
         )
     if kind == "preempt":
         return f"preempted ({event.get('signal', '?')}): saved step {event['step']} and stopped"

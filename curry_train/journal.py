@@ -28,6 +28,7 @@ EVENTS: frozenset[str] = frozenset(
         "world_size_change",
         "error",
         "run_end",
+        "init",  # a warm start: the source of the initial parameters (+init_from)
         "attempt_end",  # a launch that ended without run_end or preempt: its last completed step
         "hang",  # a rank's watchdog saw no progress for train.hang_timeout_s and ended the job
         "stall_injected",  # +debug.stall_at: a rank stopped making progress on purpose, once in the run's life
@@ -49,6 +50,21 @@ def _jsonable(value: object) -> object:
     if isinstance(value, (list, tuple, set, frozenset)):
         return [_jsonable(v) for v in value]
     return value
+
+
+def append_from_any_rank(run_dir: Path, event: str, step: int | None = None, **fields: object) -> None:
+    """Append to a run's journal from whichever rank has something to say (a failure, a hang): it is rank 0's
+    file, but rank 0 may be the rank that is gone or stuck. `step` None: the step of the journal's last line.
+    Best effort: a journal that cannot be read or written must not hide the failure being reported."""
+    path = run_dir / "journal.jsonl"
+    if not path.exists():
+        return
+    with contextlib.suppress(OSError, ValueError):
+        if step is None:
+            records = read_journal(path)
+            step = int(records[-1]["step"]) if records else 0
+        with Journal(path) as journal:
+            journal.append(event, step, **fields)
 
 
 class Journal:

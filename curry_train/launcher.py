@@ -161,16 +161,18 @@ def world_size(options: dict[str, str | None]) -> int | None:
 
 
 def check_launch(options: dict[str, str | None], overrides: list[str]) -> Path:
-    """The checks the workers would make first, made once here: config, data and (single node) the run directory.
-    Returns the run directory; raises ConfigError, Refused or ResumeError."""
+    """The checks the workers would make first, made once here: config, data, the `+init_from` source and (single
+    node) the run directory. Returns the run directory; raises ConfigError, Refused or ResumeError."""
     from curry_train.config import from_command_line, validate
     from curry_train.data import check_data
+    from curry_train.init_source import check_source
 
     cfg, launch = from_command_line(overrides)
     size = world_size(options)
     if size is not None:
         validate(cfg, size)
     check_data(cfg.data, cfg.model.vocab_size)
+    check_source(cfg, launch)
     run_dir = Path(cfg.run.root) / str(cfg.run.id)
     if single_node(options):
         check_run_dir(run_dir, launch, asdict(cfg))

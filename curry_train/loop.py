@@ -2,46 +2,33 @@
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import socket
-import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-from curry_train import distributed, failures, spike, watchdog
+from curry_train import distributed, spike, warm_start, watchdog
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint import rollback
 from curry_train.checkpoint.checkpointer import Checkpointer
-from curry_train.checkpoint.durable import make_durable_dir
-from curry_train.checkpoint.plan import build_plan, storage_refusal
 from curry_train.checkpoint.plan_text import plan_json, render_plan
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
-from curry_train.checkpoint.resume import ResumeError, ResumePoint, Trainee
+from curry_train.checkpoint.resume import ResumeError, Trainee
 from curry_train.checkpoint.rollback import SpikeError
-from curry_train.checkpoint.sizes import model_size
 from curry_train.checkpoint.state import Progress, app_state, fidelity_record
-from curry_train.checkpoint.store import RunDir, RunLock
+from curry_train.checkpoint.store import RunDir
 from curry_train.config import Config, ConfigError, Launch, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
 from curry_train.distributed import on_rank0
-from curry_train.history import end_unfinished_attempt
-from curry_train.journal import Deferred, Journal, read_journal
-from curry_train.metrics import MetricsLogger
-from curry_train.model import Transformer, build_model, count_params
-from curry_train.model_shapes import parameter_shapes
+from curry_train.journal import Journal
 from curry_train.optim import build_optimizer, lr_at, set_lr
+from curry_train.run import open_run
 
 __all__ = ["ResumeError", "SpikeError", "TrainResult", "optimizer_step", "train"]
 
@@ -52,12 +39,6 @@ class TrainResult:
     final_step: int
     first_loss: float | None
     last_loss: float | None
-
-
-def use_bf16(cfg: Config, device: torch.device) -> bool:
-    if cfg.train.mixed_precision == "auto":
-        return device.type == "cuda"
-    return cfg.train.mixed_precision == "bf16"
 
 
 def train_step(
@@ -134,140 +115,6 @@ def evaluate(model: nn.Module, batches: list[dict], device: torch.device) -> flo
     return distributed.all_reduce_mean([total.item() / len(batches)], device)[0]
 
 
-def build_sharded_model(cfg: Config, env: distributed.Dist, initialize: bool = True) -> tuple[Transformer, int]:
-    """The model on meta, sharded, then materialised: no rank ever holds the whole unsharded model. Without
-    `initialize` the parameters are left as allocated, for a resume that loads every one of them."""
-    model = build_model(cfg.model)
-    n_params = count_params(model)
-    distributed.shard_model(model, env.mesh, use_bf16(cfg, env.device))
-    distributed.materialize(model, cfg.model, env.device, cfg.train.seed, initialize)
-    return model, n_params
-
-
-@dataclass
-class Run:
-    """A launch's view of its run directory: where it resumes from, its plan, journal and metrics."""
-
-    dir: Path
-    point: ResumePoint | None
-    plan: Any
-    journal: Journal
-    log: MetricsLogger
-    lock: RunLock | None  # rank 0's, held until the launch ends
-
-    def close(self) -> None:
-        self.log.close()
-        self.journal.close()
-        if self.lock is not None:
-            self.lock.release()
-
-
-def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) -> Run:
-    """Take the run directory (one writer), tidy it, decide where to resume and check the storage plan before
-    writing anything new, then open journal and metrics. A refusal leaves nothing behind."""
-    group = env.checkpoint_group
-    config = asdict(cfg)
-    store = RunDir(run_dir)
-    lock = RunLock(run_dir)
-    main = env.is_main
-    created = on_rank0(main, group, take_run_dir, run_dir, lock)
-    # Opened lazily: a refused start writes nothing to it. What the start finds and tidies is journaled after
-    # this launch's run_start.
-    journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
-    found = Deferred()
-    try:
-        check_shared(run_dir, env)
-        warnings = on_rank0(main, group, resuming.clean_run_dir, store, found)
-        for warning in warnings if env.is_main else []:
-            print(f"curry-train: WARNING: {warning}", file=sys.stderr, flush=True)
-        point = on_rank0(main, group, resuming.find_resume_point, launch, store, config)
-        if point is not None:
-            say = (lambda line: print(line, file=sys.stderr, flush=True)) if env.is_main else (lambda line: None)
-            point = resuming.choose_verified(point, group, store, found, say)
-            on_rank0(main, group, resuming.check_shapes, point.path, parameter_shapes(cfg.model))
-        # The plan comes from the config alone: a policy that does not fit the disk refuses to start.
-        plan = on_rank0(main, group, build_plan, cfg, model_size(cfg.model), env.world_size, run_dir)
-        refusal = storage_refusal(plan)
-        if refusal is not None:
-            if env.is_main:
-                print(render_plan(plan), flush=True)
-            raise ConfigError(f"checkpoint.check_storage: {refusal}")
-    except Exception:
-        if env.is_main and created is not None:  # what this launch created, it removes: a refusal leaves nothing
-            lock.release()
-            shutil.rmtree(created, ignore_errors=True)
-        raise
-    if env.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    attempt = count_launches(journal.path) if env.is_main else 0
-    if env.is_main:
-        end_unfinished_attempt(journal, run_dir)  # where a killed previous launch stopped, before this run_start
-    log = MetricsLogger(
-        run_dir,
-        cfg.logger,
-        cfg.train.steps,
-        env.is_main,
-        attempt=attempt,
-        wandb_config=config,
-        run_id=run_dir.name,
-    )
-    journal.append(
-        "run_start",
-        point.step if point else 0,
-        attempt=attempt,
-        world_size=env.world_size,
-        num_workers=cfg.data.num_workers,
-        resume=launch.resume,
-        rollback_to=launch.rollback_to,
-        config=config,
-    )
-    if env.is_main:
-        found.replay(journal)
-    return Run(run_dir, point, plan, journal, log, lock if env.is_main else None)
-
-
-def take_run_dir(run_dir: Path, lock: RunLock) -> Path | None:
-    """Create the run directory if needed and take its lock (rank 0); returns the topmost directory this created
-    (None when the run directory existed), which a refused start removes."""
-    missing = [p for p in (run_dir, *run_dir.parents) if not p.exists()]
-    created = missing[-1] if missing else None
-    try:
-        make_durable_dir(run_dir)
-        holder = lock.acquire()
-    except OSError as err:
-        raise ConfigError(f"run.root: cannot write the run directory {run_dir} ({failures.one_line(err)})") from None
-    if holder is not None:
-        raise failures.in_use(run_dir, holder)
-    return created
-
-
-def check_shared(run_dir: Path, env: distributed.Dist) -> None:
-    """Every rank must see the run directory rank 0 writes: checkpoints are committed by rank 0 from what the
-    others wrote there. A `run.root` on each node's local disk would commit checkpoints without their shards."""
-    if env.world_size == 1:
-        return
-    probe = on_rank0(env.is_main, env.checkpoint_group, write_probe, run_dir)
-    seen = (run_dir / probe[0]).is_file() and (run_dir / probe[0]).read_text() == probe[1]
-    everyone: list[Any] = [None] * env.world_size
-    dist.all_gather_object(everyone, (seen, socket.gethostname()), group=env.checkpoint_group)
-    if env.is_main:
-        (run_dir / probe[0]).unlink(missing_ok=True)
-    blind = [(rank, host) for rank, (ok, host) in enumerate(everyone) if not ok]
-    if blind:
-        rank, host = blind[0]
-        raise ConfigError(
-            f"run.root: rank {rank} on {host} does not see the run directory {run_dir.absolute()} that rank 0 "
-            f"writes ({len(blind)} rank(s) in all): put run.root on a filesystem every node shares"
-        )
-
-
-def write_probe(run_dir: Path) -> tuple[str, str]:
-    token = uuid.uuid4().hex
-    name = f".probe-{token[:8]}"
-    (run_dir / name).write_text(token)
-    return name, token
-
-
 def load_checked_corpus(cfg: Config) -> Corpus:
     corpus = load_corpus(cfg.data)
     if corpus.vocab_size > cfg.model.vocab_size:
@@ -294,6 +141,7 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
         raise ConfigError(f"debug.stall_rank: {launch.stall_rank} is not a rank of this world of {env.world_size}")
     policy = cfg.checkpoint.policy()
     t = cfg.train
+    init_plan = warm_start.prepare(cfg, launch, env)  # a source that cannot be used is refused before open_run
     run = open_run(cfg, run_dir, env, launch)
     log, journal, point = run.log, run.journal, run.point
     if point is not None:
@@ -307,8 +155,10 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
             return TrainResult(run_dir, point.step, None, None)
 
     corpus = load_checked_corpus(cfg)
-    model, n_params = build_sharded_model(cfg, env, initialize=point is None)
+    model, n_params = distributed.build_sharded_model(cfg, env, initialize=point is None and init_plan is None)
     optimizer = build_optimizer(model, cfg.optimizer)
+    if point is None and cfg.init.source is not None:  # a warm start; a resume never reads the source again
+        warm_start.load_initial(init_plan, cfg, model, optimizer, env, journal, log.print)
     log.print(
         f"curry-train: model {cfg.model.name} with {n_params:,} parameters ({n_params:.3g}), "
         f"world size {env.world_size} on {env.device.type}, data: {corpus.description} "
@@ -447,20 +297,3 @@ def save_checkpoint(ckpt: Checkpointer, policy: Policy, step: int, values: dict[
     metric = values.get(policy.best_k_metric)
     if metric is not None:
         ckpt.consider_best_k(step, metric, lambda: state(Contents.PARAMS))
-
-
-def count_launches(journal_path: Path) -> int:
-    if not journal_path.exists():
-        return 0
-    return sum(1 for e in read_journal(journal_path) if e["event"] == "run_start")
-
-
-def journal_failure(run_dir: Path, rank: int, line: str) -> None:
-    """Journal a failure from whichever rank had it (the run's journal may be rank 0's, but rank 0 may be gone)."""
-    path = run_dir / "journal.jsonl"
-    if not path.exists():
-        return
-    with contextlib.suppress(OSError, ValueError):
-        records = read_journal(path)
-        with Journal(path) as journal:
-            journal.append("error", int(records[-1]["step"]) if records else 0, rank=rank, reason=line)

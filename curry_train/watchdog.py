@@ -13,7 +13,6 @@ slowest interval between progress marks seen, so a legitimately long save is nev
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import sys
@@ -25,7 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from curry_train import failures
-from curry_train.journal import Journal, read_journal
+from curry_train.journal import append_from_any_rank, read_journal
 
 HANG_FLOOR_S = 300.0  # the default timeout is never below this: a few minutes absorb a slow filesystem's hiccup
 STEP_MULTIPLE = 10.0  # no progress for this many of the slowest interval seen (a step, or a step with its save)
@@ -128,7 +127,7 @@ class Watchdog:
             f"(hang timeout {self.timeout:.0f} s, train.hang_timeout_s)"
         )
         log = write_stacks(self.run_dir, f"rank {self.rank} pid {os.getpid()} on {host}: {line}")
-        journal_any_rank(
+        append_from_any_rank(
             self.run_dir, "hang", self.step, rank=self.rank, host=host, phase=self.phase, seconds=round(idle, 1)
         )
         failures.exit_with(line + (f"; stacks of every thread in {log}" if log else ""), failures.EXIT_FAILURE)
@@ -156,24 +155,13 @@ def write_stacks(run_dir: Path, header: str) -> Path | None:
     return log
 
 
-def journal_any_rank(run_dir: Path, event: str, step: int, **fields: object) -> None:
-    """Append to the run's journal from any rank: it is rank 0's file, but rank 0 may be the one that is stuck."""
-    path = run_dir / "journal.jsonl"
-    if not path.exists():
-        return
-    with contextlib.suppress(OSError, ValueError), Journal(path) as journal:
-        journal.append(event, step, **fields)
-
-
 def stall_due(run_dir: Path, stall_at: int | None, stall_rank: int, rank: int, step: int) -> bool:
     """`+debug.stall_at=STEP` on `+debug.stall_rank`: whether this rank stalls before `step`, once in the run's
     life (a `stall_injected` line in the journal: the relaunch after the hang does not stall again)."""
     if stall_at is None or step != stall_at or rank != stall_rank:
         return False
     path = run_dir / "journal.jsonl"
-    done = path.exists() and any(
-        e["event"] == "stall_injected" and e["step"] == step for e in read_journal(path)
-    )
+    done = path.exists() and any(e["event"] == "stall_injected" and e["step"] == step for e in read_journal(path))
     return not done
 
 
@@ -181,6 +169,6 @@ def stall_forever(run_dir: Path, watchdog: Watchdog, step: int) -> None:
     """Stop making progress, as a wedged rank does: journaled first, then the training thread sleeps until this
     rank's watchdog (or a peer's end) stops the process."""
     watchdog.beat(step - 1, f"a stall by +debug.stall_at={step} before step {step}", measure=False)
-    journal_any_rank(run_dir, "stall_injected", step, rank=watchdog.rank, reason="+debug.stall_at")
+    append_from_any_rank(run_dir, "stall_injected", step, rank=watchdog.rank, reason="+debug.stall_at")
     while True:
         time.sleep(3600)

@@ -167,7 +167,7 @@ class IoBench:
     def __init__(self, args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> None:
         self.env, self.scratch = env, scratch
         cfg = config(args, "train.steps=1000")
-        self.model, _ = loop.build_sharded_model(cfg, env)
+        self.model, _ = distributed.build_sharded_model(cfg, env)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
         corpus = loop.load_checked_corpus(cfg)
         slicing = Slicing(cfg.train.batch_size, env.world_size, env.rank, cfg.train.grad_accum)

@@ -3,7 +3,7 @@
     torchrun --standalone --nproc_per_node=2 scripts/bench_step.py --model small --steps 20 --rounds 3
     python scripts/bench_step.py --model tiny            # a world of one
 
-Both variants train a model built by `loop.build_sharded_model` (so the same initial weights) on the same list of
+Both variants train a model built by `distributed.build_sharded_model` (so the same initial weights) on the same list of
 batches, fetched once before any timing (data loading is excluded from both). Each round times `--steps` steps of
 one variant, then of the other, each after `--warmup` untimed steps; the order alternates between rounds so that
 drift on a shared machine cancels. A step's time is the slowest rank's; the ratio compares medians over all rounds.
@@ -236,10 +236,10 @@ def measure(args: argparse.Namespace, cfg: Config, env: distributed.Dist) -> dic
     per_variant = args.rounds * (args.warmup + args.steps)
     batches = prefetch_batches(cfg, env, per_variant)
 
-    plain_model, n_params = loop.build_sharded_model(cfg, env)
+    plain_model, n_params = distributed.build_sharded_model(cfg, env)
     plain = make_plain_step(plain_model, plain_optimizer(plain_model, cfg), cfg.train.grad_clip, env.device)
 
-    harness_model, _ = loop.build_sharded_model(cfg, env)
+    harness_model, _ = distributed.build_sharded_model(cfg, env)
     with tempfile.TemporaryDirectory(prefix="bench_step-") as run_dir:
         log = MetricsLogger(Path(run_dir), cfg.logger, cfg.train.steps, env.is_main, wandb_config=asdict(cfg))
         harness = Harness(cfg, env, harness_model, build_optimizer(harness_model, cfg.optimizer), log)

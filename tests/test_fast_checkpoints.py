@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-from curry_train import distributed, loop
+from curry_train import distributed
 from curry_train.checkpoint import state as state_module
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.io import Stager
@@ -72,7 +72,7 @@ def world_of_one(tmp_path: Path) -> Iterator[dict[str, Any]]:
     cfg, _ = resolve(compose_config(["model=tiny", "train.device=cpu", "data.seq_len=32", "data.max_bytes=200000"]))
     env = distributed.init_distributed("cpu")
     try:
-        model, _ = loop.build_sharded_model(cfg, env)
+        model, _ = distributed.build_sharded_model(cfg, env)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         model(torch.randint(0, 256, (2, 32))).sum().backward()
         optimizer.step()

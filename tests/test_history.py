@@ -53,12 +53,14 @@ def test_an_injected_spike_says_which_step_shows_it() -> None:
 
 def test_an_unknown_event_is_shown_in_words_and_cut_only_between_words() -> None:
     reason = "the watchdog saw no collective finish for 1800 seconds on rank 3 while it was waiting in all_reduce " * 3
-    fact = event_fact({"event": "link_flap", "step": 41, "rank": 3, "seconds": 1800.5, "reason": reason, "ranks": [0, 1]})
+    event = {"event": "link_flap", "step": 41, "rank": 3, "seconds": 1800.5, "reason": reason, "ranks": [0, 1]}
+    fact = event_fact(event)
     assert fact.startswith("link_flap at step 41: rank 3; seconds 1800.5; reason the watchdog saw no collective")
     assert fact.endswith("; ranks 0, 1")
     assert " ...;" in fact and len(fact) < 200
     # Every word shown is a whole word of the event.
-    assert _words_of(fact) - {"..."} <= _words_of(f"link_flap at step 41 rank 3 seconds 1800.5 reason {reason} ranks 0, 1")
+    shown = f"link_flap at step 41 rank 3 seconds 1800.5 reason {reason} ranks 0, 1"
+    assert _words_of(fact) - {"..."} <= _words_of(shown)
     assert "=" not in fact and "[" not in fact and "{" not in fact
     assert shorten("one-long-word" * 20, 30) == "one-long-word" * 20
 

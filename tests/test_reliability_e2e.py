@@ -290,7 +290,7 @@ from pathlib import Path
 from types import SimpleNamespace
 import torch.distributed as dist
 from curry_train.config import ConfigError
-from curry_train.loop import check_shared
+from curry_train.run import check_shared
 
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)

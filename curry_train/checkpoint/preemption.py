@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
-from curry_train.journal import read_journal
-from curry_train.watchdog import journal_any_rank
+from curry_train.journal import append_from_any_rank, read_journal
 
 
 class StopNow(KeyboardInterrupt):
@@ -27,6 +27,10 @@ class Preemption:
     and what the rank is doing (the watchdog's phase, e.g. "the save of step 12")."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    # One signal can arrive twice within milliseconds: SLURM signals every process of a step, workers included, and
+    # `curry-train run` passes the same signal on. A repeat of the same signal this soon, before the save it asked
+    # for has begun, is that one signal; once the save runs, a repeat means "stop now".
+    REPEAT_WINDOW_S = 1.0
 
     def __init__(
         self,
@@ -36,18 +40,25 @@ class Preemption:
         plan_save_seconds: float | None = None,
     ) -> None:
         self.received: int | None = None
+        self.received_at = 0.0
+        self.saving = False  # the save the first signal asked for has begun
         self.run_dir, self.is_main, self.where, self.plan_save_seconds = run_dir, is_main, where, plan_save_seconds
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
         name = signal.Signals(signum).name
         step, phase = self.where()
+        repeat = self.received == signum and time.monotonic() - self.received_at < self.REPEAT_WINDOW_S
+        if repeat and not self.saving:
+            return
         if self.received is not None:
             self.uninstall()
             if self.is_main and self.run_dir is not None:
-                journal_any_rank(self.run_dir, "preempt", step, signal=name, forced=True, during=phase)
-            raise StopNow(f"{name} received twice: stopped at once during {phase}")
-        self.received = signum
+                append_from_any_rank(self.run_dir, "preempt", step, signal=name, forced=True, during=phase)
+            first = signal.Signals(self.received).name
+            what = f"{name} received twice" if name == first else f"{name} received after {first}"
+            raise StopNow(f"{what}: stopped at once during {phase}")
+        self.received, self.received_at = signum, time.monotonic()
         if self.is_main:
             seconds = last_full_save_seconds(self.run_dir) or self.plan_save_seconds
             about = f"about {seconds:.0f} s" if seconds is not None else "no save measured yet"
@@ -103,6 +114,7 @@ def save_on_preemption(
     say: Callable[[str], None],
 ) -> None:
     """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
+    preemption.saving = True
     ensure_full_save(ckpt, policy, step, state)
     ckpt.wait()
     name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
