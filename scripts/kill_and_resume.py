@@ -8,6 +8,8 @@ resume point with the straight run's and exits 0 only when they are bitwise iden
     python scripts/kill_and_resume.py --launcher "srun torchrun --nproc_per_node=8" -- checkpoint=7b_default ...
 
 Pass the overrides you train with after `--`; the script adds `run.id` (and `run.root` with `--root`).
+`curry-train rehearse` is the installed check on one node (the same kill, from `curry_train.launcher`); this script
+adds any launcher (`srun`, several nodes) and a tolerance.
 """
 
 from __future__ import annotations
