@@ -88,9 +88,7 @@ class LaunchError(ValueError):
     """A command line the launcher cannot run: an unknown option or a bad value (exit 2)."""
 
 
-def parse_options(
-    argv: list[str], own: dict[str, str | None] | None = None
-) -> tuple[dict[str, str | None], list[str]]:
+def parse_options(argv: list[str], own: dict[str, str | None] | None = None) -> tuple[dict[str, str | None], list[str]]:
     """torchrun's options (`--name=value`, `--name value`, `--name_with_underscores` alike) and the overrides.
 
     `own`: a command's own options besides torchrun's (name -> value pattern, None for a flag), returned among

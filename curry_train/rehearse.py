@@ -29,7 +29,13 @@ from typing import Any
 
 from curry_train import failures
 from curry_train.checkpoint.cadence import exact_resume_cadence
-from curry_train.checkpoint.plan import build_plan, measured_save_seconds, measured_step_seconds, storage_refusal
+from curry_train.checkpoint.plan import (
+    build_plan,
+    measured_save_seconds,
+    measured_step_seconds,
+    save_costs,
+    storage_refusal,
+)
 from curry_train.checkpoint.sizes import human_bytes, model_size
 from curry_train.config import Config, ConfigError, from_command_line, validate
 from curry_train.journal import read_journal
@@ -293,23 +299,30 @@ def resumed_point(journal: list[dict[str, Any]]) -> dict[str, Any]:
     return {**resumes[-1], "load_seconds": _time(resumes[-1]) - _time(starts[-1])}
 
 
+def _listed(seconds: list[float], most: int = 6) -> str:
+    if len(seconds) > most:
+        return f"{len(seconds)} saves, {min(seconds):.3g}-{max(seconds):.3g} s"
+    return ", ".join(f"{s:.3g}" for s in seconds) + " s"
+
+
 def measurements(r: Rehearsal, straight: Path, resume: dict[str, Any], resume_seconds: float) -> list[str]:
     """What the rehearsal measured that the real run will pay, and the plan of the real run with those figures."""
     cfg = r.cfg
     async_save = cfg.checkpoint.async_save
     journal = read_journal(straight / "journal.jsonl")
     ranks = next(int(e["world_size"]) for e in journal if e["event"] == "run_start")
-    saves = committed_full_saves(straight / "journal.jsonl")
+    saves = [s for s in committed_full_saves(straight / "journal.jsonl") if not s.get("linked_from")]
     cost = measured_save_seconds(straight, async_save)
-    whole = measured_save_seconds(straight, async_save=False)
     step = measured_step_seconds(straight)
     lines = [f"what the real run will pay, as measured here on {ranks} rank{'s' if ranks > 1 else ''}:"]
-    if cost is not None and whole is not None:
-        what = "journaled cost_seconds: saves are asynchronous" if async_save else "journaled seconds"
-        size = statistics.median(int(s["bytes"]) for s in saves if not s.get("linked_from"))
+    if cost is not None:
+        what = "cost_seconds" if async_save else "seconds"
+        why = "; saves are asynchronous" if async_save else ""
+        whole = statistics.median(float(s["seconds"]) for s in saves)
         lines.append(
-            f"  a full save: {cost[0]:.3g} s of training time (median of {cost[1]} {what}), {whole[0]:.3g} s until "
-            f"committed, {human_bytes(size)}"
+            f"  a full save: {cost[0]:.3g} s of training time (median of the journaled {what} "
+            f"{_listed(save_costs(straight, async_save))}{why}), {whole:.3g} s until committed, "
+            f"{human_bytes(statistics.median(int(s['bytes']) for s in saves))}"
         )
     lines.append(
         f"  a resume: {resume_seconds:.3g} s from the launch to the end of the first step after it "
