@@ -11,6 +11,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,21 +23,34 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.policy import Checkpoint, Policy, Role, best_k_decision, retention
-from curry_train.checkpoint.state import Contents, ProgressState
+from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, Contents, DataLoaderState
 from curry_train.checkpoint.store import RunDir
 from curry_train.failures import PeerFailure
 from curry_train.journal import Journal
 
 
 @dataclass
+class ParamsCopy:
+    """A best-K checkpoint at the step of a full save in flight: the parameters (and the step's progress and data
+    position) of that save's staged copy, written after it by the same writer. No second staging, and the best-K
+    holds no optimizer state: hard links of the full save would keep its full size once that save rotates away."""
+
+    checkpoint: Checkpoint
+    job: io.SaveJob
+    written: list[io.Written] = field(default_factory=list)  # every rank's report, once all are durable
+
+
+@dataclass
 class PendingSave:
-    """A save from its start to its commit: one set of bytes, written for the first checkpoint, linked for the rest."""
+    """A save from its start to its commit: one set of bytes, written for the first checkpoint, linked for the rest
+    (and, for a best-K at the step of a full save, its parameters written once more: `params_copy`)."""
 
     checkpoints: list[Checkpoint]  # the first is written; the others become hard links of it
     contents: Contents
     started: float
     extra: dict[str, Any] = field(default_factory=dict)  # for the manifest: where the data stood at this step
     job: io.SaveJob | None = None
+    params_copy: ParamsCopy | None = None
     stage_seconds: float = 0.0
     blocking_seconds: float = 0.0  # the training thread's time inside save() and wait() for this save
     snapshot_wait_seconds: float = 0.0  # the training thread's wait, before the next update, for the staged copy
@@ -51,6 +65,14 @@ class PendingSave:
     @property
     def step(self) -> int:
         return self.checkpoints[0].step
+
+    def parts(self) -> list[tuple[Checkpoint, io.SaveJob]]:
+        """What the writer writes for this save, in order: each checkpoint written and its job."""
+        assert self.job is not None
+        parts = [(self.checkpoints[0], self.job)]
+        if self.params_copy is not None:
+            parts.append((self.params_copy.checkpoint, self.params_copy.job))
+        return parts
 
 
 class StepClock:
@@ -100,7 +122,8 @@ class Checkpointer:
         self.writer = io.Writer(direct_io)  # one per run: one save written at a time
         self.writing: PendingSave | None = None  # every rank: bytes being written
         self.committing: PendingSave | None = None  # rank 0: durable bytes being committed
-        self.durable: tuple[int, Checkpoint] | None = None  # the last save whose bytes every rank made durable
+        # The last save whose bytes every rank made durable: its step, first checkpoint and contents.
+        self.durable: tuple[int, Checkpoint, Contents] | None = None
         # Every rank: the save whose commit rank 0 is carrying out, until every rank has heard how it went.
         self.commit_pending: Checkpoint | None = None
         self.clock = StepClock()
@@ -130,8 +153,10 @@ class Checkpointer:
     def consider_best_k(self, step: int, value: float, state_factory: Callable[[], dict[str, Stateful]]) -> bool:
         """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k.
 
-        At a step that already has a save in flight or durable (the cadence roles often fall on evaluation steps),
-        the best-K checkpoint becomes hard links of that save, which holds the parameters too: no wait, no write."""
+        At a step that already has a save in flight or durable (the cadence roles often fall on evaluation steps):
+        a parameters-only save becomes hard links; a full save in flight lends its staged copy, whose parameters
+        the writer writes after it (`ParamsCopy`: no wait, no second staging). After a full synchronous save the
+        live parameters are still the step's: they are saved directly."""
         if self.policy.best_k == 0:
             return False
         # Six significant digits keep the name readable (dev-loss-2.34102-step-...) at any scale of the metric;
@@ -155,10 +180,14 @@ class Checkpointer:
                 reason=decision.reason,
                 evict=[c.relpath for c in decision.evict],
             )
-        if self.writing is not None and self.writing.step == step:
-            self.writing.checkpoints.append(ckpt)  # linked when the save commits
+        writing = self.writing
+        if writing is not None and writing.step == step:
+            if writing.contents is Contents.PARAMS:
+                writing.checkpoints.append(ckpt)  # linked when the save commits
+            else:
+                self._start_params_copy(writing, ckpt)
             return True
-        if self.durable is not None and self.durable[0] == step:
+        if self.durable is not None and self.durable[0] == step and self.durable[2] is Contents.PARAMS:
             self._link_committed(self.durable[1], ckpt)
             return True
         self.wait()
@@ -172,10 +201,6 @@ class Checkpointer:
         """Stage (asynchronous saves) and plan the save on every rank, then hand it to the writer thread."""
         first = pending.checkpoints[0]
         try:
-            # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name)
-            # before the planning collective lets the other ranks write into it.
-            box = [str(self.store.staging_dir(first)) if self.is_main else None]
-            dist.broadcast_object_list(box, src=0, group=self.group)
             state_dict = io.to_state_dict(state)
             snapshot = None
             if self.async_save:
@@ -183,8 +208,7 @@ class Checkpointer:
                 # forward and backward run, and `before_update` waits for them.
                 state_dict, snapshot = self.stager.stage(state_dict)
             pending.stage_seconds = time.perf_counter() - pending.started
-            full_disk = self.fail_save_at == (first.step, self.rank)
-            pending.job = io.SaveJob.start(state_dict, Path(box[0]), self.group, self.writer.filesystem(full_disk))
+            pending.job = self._plan(first, state_dict)
             pending.job.snapshot = snapshot
         except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
             self._journal_error(first, f"save failed: {err!r}; earlier checkpoints are intact")
@@ -194,6 +218,33 @@ class Checkpointer:
         pending.blocking_seconds = pending.mark - pending.started
         self.writing = pending
         self.clock.dirty = True
+
+    def _plan(self, ckpt: Checkpoint, state_dict: dict[str, Any]) -> io.SaveJob:
+        """Plan the save of `state_dict` as `ckpt` on every rank, into a fresh staging directory."""
+        # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name) before
+        # the planning collective lets the other ranks write into it.
+        box = [str(self.store.staging_dir(ckpt)) if self.is_main else None]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        full_disk = self.fail_save_at == (ckpt.step, self.rank)
+        return io.SaveJob.start(state_dict, Path(box[0]), self.group, self.writer.filesystem(full_disk))
+
+    def _start_params_copy(self, pending: PendingSave, ckpt: Checkpoint) -> None:
+        """`ckpt` as the parameters-only part of the full save in flight, written by the writer after that save.
+
+        The writer writes one job at a time, in order: the full save's job completes the snapshot into the staging
+        buffers before it serialises, so the copy reads finished buffers; and the next save stages into them only
+        after `wait()`, which waits for both jobs. (A synchronous save writes the live tensors, unchanged until the
+        next update, and `wait()` comes before that too.)"""
+        assert pending.job is not None
+        staged = pending.job.staged
+        params = {key: staged[key] for key in PARAMS_ONLY_KEYS if key in staged}
+        try:
+            job = self._plan(ckpt, params)
+        except Exception as err:
+            self._journal_error(ckpt, f"save failed: {err!r}; earlier checkpoints are intact")
+            raise
+        self.writer.submit(job)
+        pending.params_copy = ParamsCopy(ckpt, job)
 
     def before_update(self) -> None:
         """Before `optimizer.step()` (or anything else that changes parameters or optimizer state): the save in
@@ -218,9 +269,8 @@ class Checkpointer:
         if pending is not None:
             pending.overlapped.append(now - pending.mark)
             pending.mark = now
-            assert pending.job is not None and pending.job.future is not None
         # One tiny all-reduce: is any rank's write still going, and how is rank 0's commit doing.
-        still_writing = pending is not None and not pending.job.future.done()
+        still_writing = pending is not None and not all(_future(job).done() for _, job in pending.parts())
         flags = torch.tensor([int(still_writing), self._commit_state()], dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         self._settle_commit(int(flags[1]))
@@ -233,9 +283,8 @@ class Checkpointer:
         started = time.perf_counter()
         pending = self.writing
         if pending is not None:
-            assert pending.job is not None and pending.job.future is not None
             pending.waiting_since = started
-            futures_wait([pending.job.future])
+            futures_wait([_future(job) for _, job in pending.parts()])
             self._collect(pending)
             self._begin_commit(pending, inline=True)
         if self.commit_pending is not None:
@@ -269,25 +318,31 @@ class Checkpointer:
         """Every rank's report of its durable files, on every rank: a failed write anywhere fails the save
         everywhere, and rank 0 gets the checksums each rank computed of its own files."""
         self.writing = None
-        assert pending.job is not None and pending.job.future is not None
-        err = pending.job.future.exception()
-        mine: io.Written | str = f"rank {self.rank}: {err!r}" if err is not None else pending.job.future.result()
+        parts = pending.parts()
+        errors = [_future(job).exception() for _, job in parts]
+        mine = [
+            f"rank {self.rank}: {err!r}" if err is not None else _future(job).result()
+            for (_, job), err in zip(parts, errors, strict=True)
+        ]
         reports: list[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(reports, mine, group=self.group)
-        failed = [r for r in reports if isinstance(r, str)]
-        if failed:
-            relpath = pending.checkpoints[0].relpath
-            self._journal_error(
-                pending.checkpoints[0], f"save failed: {'; '.join(failed)}; earlier checkpoints are intact"
-            )
+        for i, (ckpt, _) in enumerate(parts):
+            failed = [r[i] for r in reports if isinstance(r[i], str)]
+            if not failed:
+                continue
+            self._journal_error(ckpt, f"save failed: {'; '.join(failed)}; earlier checkpoints are intact")
+            err = errors[i]
             if err is not None:  # this rank's own failure: it tells the user
                 raise OSError(
                     getattr(err, "errno", None),
-                    f"could not write {relpath} ({err}); the checkpoints committed before it and `latest` are intact",
+                    f"could not write {ckpt.relpath} ({err}); the checkpoints committed before it and `latest` are "
+                    "intact",
                 ) from err
-            raise PeerFailure(f"{failed[0].split(':')[0]} could not write {relpath}")
-        pending.written = reports
-        self.durable = (pending.step, pending.checkpoints[0])
+            raise PeerFailure(f"{failed[0].split(':')[0]} could not write {ckpt.relpath}")
+        pending.written = [r[0] for r in reports]
+        if pending.params_copy is not None:
+            pending.params_copy.written = [r[1] for r in reports]
+        self.durable = (pending.step, pending.checkpoints[0], pending.contents)
         pending.baseline = self.clock.baseline()
 
     def _begin_commit(self, pending: PendingSave, inline: bool) -> None:
@@ -311,22 +366,28 @@ class Checkpointer:
         if inline:
             pending.committer.join()
 
-    def _commit(self, pending: PendingSave) -> None:
-        first = pending.checkpoints[0]
-        assert pending.job is not None
-        pending.job.finish_metadata([w.results for w in pending.written])
-        known = {name: entry for w in pending.written for name, entry in w.files.items()}
-        _check_reported(pending.job.staging, known)
+    def _commit_written(
+        self, ckpt: Checkpoint, job: io.SaveJob, written: list[io.Written], contents: Contents, extra: dict[str, Any]
+    ) -> int:
+        """Rank 0: `.metadata`, the checks of what the ranks reported, and the store's commit; the bytes committed."""
+        job.finish_metadata([w.results for w in written])
+        known = {name: entry for w in written for name, entry in w.files.items()}
+        _check_reported(job.staging, known)
         # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
-        extra = {"contents": pending.contents.value, "world_size": dist.get_world_size(self.group), **pending.extra}
+        extra = {"contents": contents.value, "world_size": dist.get_world_size(self.group), **extra}
         # Every data file was fsynced by its rank's writer before that rank reported it, and `.metadata` by
         # FileSystemWriter.finish (sync_files=True): the commit fsyncs only directories and the manifest.
         durable = frozenset(known) | {".metadata"}
-        manifest = self.store.commit(first, pending.job.staging, extra=extra, known=known, durable=durable)
+        return self.store.commit(ckpt, job.staging, extra=extra, known=known, durable=durable).total_bytes
+
+    def _commit(self, pending: PendingSave) -> None:
+        first = pending.checkpoints[0]
+        assert pending.job is not None
+        nbytes = self._commit_written(first, pending.job, pending.written, pending.contents, pending.extra)
         blocking, cost = self._costs(pending)
         self._journal_save(
             first,
-            manifest.total_bytes,
+            nbytes,
             pending.contents,
             seconds=round(time.perf_counter() - pending.started, 4),
             blocking_seconds=round(blocking, 4),
@@ -343,6 +404,17 @@ class Checkpointer:
             self._journal_save(ckpt, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
         if pending.contents is Contents.FULL:
             self.store.set_latest(first)
+        copy = pending.params_copy
+        if copy is not None:
+            nbytes = self._commit_written(copy.checkpoint, copy.job, copy.written, Contents.PARAMS, pending.extra)
+            self._journal_save(
+                copy.checkpoint,
+                nbytes,
+                Contents.PARAMS,
+                seconds=round(time.perf_counter() - pending.started, 4),
+                write_seconds=round(max(w.seconds for w in copy.written), 4),
+                params_of=first.relpath,
+            )
         self._apply_retention(first.step)
 
     @staticmethod
@@ -422,12 +494,18 @@ class Checkpointer:
         io.load(state, path, self.group)
 
 
+def _future(job: io.SaveJob) -> Future[io.Written]:
+    assert job.future is not None, "a job is submitted to the writer as soon as it is planned"
+    return job.future
+
+
 def _data_position(state: dict[str, Stateful]) -> dict[str, Any]:
-    """Where the data stood at the saved step, for the manifest: tools and a manual rollback read it without DCP."""
-    progress = state.get("progress")
-    if not isinstance(progress, ProgressState):
+    """Where the data stood at the saved step (the `dataloader` entry), repeated in the manifest: tools and a manual
+    rollback read it without DCP."""
+    data = state.get("dataloader")
+    if not isinstance(data, DataLoaderState):
         return {}
-    return {"cursor": progress.progress.cursor, "skipped": [list(r) for r in progress.progress.skipped]}
+    return {"cursor": data.progress.cursor, "skipped": [list(r) for r in data.progress.skipped]}
 
 
 def _check_reported(staging: Path, reported: dict[str, Any]) -> None:
