@@ -413,7 +413,8 @@ class Checkpointer:
                 Contents.PARAMS,
                 seconds=round(time.perf_counter() - pending.started, 4),
                 write_seconds=round(max(w.seconds for w in copy.written), 4),
-                params_of=first.relpath,
+                mode="async" if self.async_save else "sync",
+                params_of=first.relpath,  # the save it shares a staged copy (and a step) with
             )
         self._apply_retention(first.step)
 
