@@ -67,7 +67,11 @@ def test_best_k_holds_parameters_only_and_the_planned_size_after_its_step_rotate
     best = store.list(Role.BEST_K)
     assert len(best) == 3
     events = read_journal(run_dir / "journal.jsonl")
-    sources = {e["step"]: e.get("params_of") or e.get("linked_from") for e in events if e["event"] == "save" and e["role"] == "best_k"}
+    sources = {
+        e["step"]: e.get("params_of") or e.get("linked_from")
+        for e in events
+        if e["event"] == "save" and e["role"] == "best_k"
+    }
     # Every best-K shares its step with a full save; those of steps 2, 4 and 6 are gone (keep 1 of each role).
     rotated = [c for c in best if sources[c.step] and not (run_dir / sources[c.step]).exists()]
     assert rotated, f"no best-K outlived the full save of its step: {sources}"
