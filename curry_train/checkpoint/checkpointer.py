@@ -75,6 +75,19 @@ class PendingSave:
         return parts
 
 
+@dataclass(frozen=True)
+class Durable:
+    """The last save whose bytes every rank made durable, with the parameters-only part of the state it wrote: its
+    staged copy (nothing stages again before the next save), or for a synchronous save the live state, unchanged
+    until the next update. A best-K at its step is written from that."""
+
+    step: int
+    checkpoint: Checkpoint  # the one written (the others are links of it)
+    contents: Contents
+    params: dict[str, Any]  # the PARAMS_ONLY_KEYS of its state dict
+    extra: dict[str, Any]  # its data position, for the manifest
+
+
 class StepClock:
     """Wall time between `poll()` calls (one a step, on the loop's path), to tell what a save cost training.
 
@@ -122,8 +135,7 @@ class Checkpointer:
         self.writer = io.Writer(direct_io)  # one per run: one save written at a time
         self.writing: PendingSave | None = None  # every rank: bytes being written
         self.committing: PendingSave | None = None  # rank 0: durable bytes being committed
-        # The last save whose bytes every rank made durable: its step, first checkpoint and contents.
-        self.durable: tuple[int, Checkpoint, Contents] | None = None
+        self.durable: Durable | None = None
         # Every rank: the save whose commit rank 0 is carrying out, until every rank has heard how it went.
         self.commit_pending: Checkpoint | None = None
         self.clock = StepClock()
@@ -154,9 +166,9 @@ class Checkpointer:
         """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k.
 
         At a step that already has a save in flight or durable (the cadence roles often fall on evaluation steps):
-        a parameters-only save becomes hard links; a full save in flight lends its staged copy, whose parameters
-        the writer writes after it (`ParamsCopy`: no wait, no second staging). After a full synchronous save the
-        live parameters are still the step's: they are saved directly."""
+        a parameters-only save becomes hard links; a full save lends the state it wrote (its staged copy, or the
+        live state of a synchronous save, still the step's): no second staging. A full save in flight writes the
+        best-K after itself (`ParamsCopy`: no wait)."""
         if self.policy.best_k == 0:
             return False
         # Six significant digits keep the name readable (dev-loss-2.34102-step-...) at any scale of the metric;
@@ -187,19 +199,22 @@ class Checkpointer:
             else:
                 self._start_params_copy(writing, ckpt)
             return True
-        if self.durable is not None and self.durable[0] == step and self.durable[2] is Contents.PARAMS:
-            self._link_committed(self.durable[1], ckpt)
+        durable = self.durable
+        if durable is not None and durable.step == step and durable.contents is Contents.PARAMS:
+            self._link_committed(durable.checkpoint, ckpt)
             return True
         self.wait()
-        state = state_factory()
-        self._start(PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=_data_position(state)), state)
+        if durable is not None and durable.step == step:
+            self._submit(PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=durable.extra), durable.params)
+        else:
+            state = state_factory()
+            self._start(PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=_data_position(state)), state)
         if not self.async_save:
             self.wait()
         return True
 
     def _start(self, pending: PendingSave, state: dict[str, Stateful]) -> None:
         """Stage (asynchronous saves) and plan the save on every rank, then hand it to the writer thread."""
-        first = pending.checkpoints[0]
         try:
             state_dict = io.to_state_dict(state)
             snapshot = None
@@ -207,7 +222,17 @@ class Checkpointer:
                 # Parameters and optimizer state change only at optimizer.step(): the copies are made while the next
                 # forward and backward run, and `before_update` waits for them.
                 state_dict, snapshot = self.stager.stage(state_dict)
-            pending.stage_seconds = time.perf_counter() - pending.started
+        except Exception as err:
+            self._journal_error(pending.checkpoints[0], f"save failed: {err!r}; earlier checkpoints are intact")
+            raise
+        self._submit(pending, state_dict, snapshot)
+
+    def _submit(self, pending: PendingSave, state_dict: dict[str, Any], snapshot: io.Snapshot | None = None) -> None:
+        """Plan the save of `state_dict` (staged, or the live state of a synchronous save) on every rank, then hand
+        it to the writer thread."""
+        first = pending.checkpoints[0]
+        pending.stage_seconds = time.perf_counter() - pending.started
+        try:
             pending.job = self._plan(first, state_dict)
             pending.job.snapshot = snapshot
         except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
@@ -236,10 +261,8 @@ class Checkpointer:
         after `wait()`, which waits for both jobs. (A synchronous save writes the live tensors, unchanged until the
         next update, and `wait()` comes before that too.)"""
         assert pending.job is not None
-        staged = pending.job.staged
-        params = {key: staged[key] for key in PARAMS_ONLY_KEYS if key in staged}
         try:
-            job = self._plan(ckpt, params)
+            job = self._plan(ckpt, _params_only(pending.job.staged))
         except Exception as err:
             self._journal_error(ckpt, f"save failed: {err!r}; earlier checkpoints are intact")
             raise
@@ -342,7 +365,10 @@ class Checkpointer:
         pending.written = [r[0] for r in reports]
         if pending.params_copy is not None:
             pending.params_copy.written = [r[1] for r in reports]
-        self.durable = (pending.step, pending.checkpoints[0], pending.contents)
+        assert pending.job is not None
+        self.durable = Durable(
+            pending.step, pending.checkpoints[0], pending.contents, _params_only(pending.job.staged), pending.extra
+        )
         pending.baseline = self.clock.baseline()
 
     def _begin_commit(self, pending: PendingSave, inline: bool) -> None:
@@ -493,6 +519,11 @@ class Checkpointer:
     def load(self, path: Path, state: dict[str, Stateful]) -> None:
         """Load the keys of `state` that the checkpoint at `path` holds (all ranks)."""
         io.load(state, path, self.group)
+
+
+def _params_only(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a state dict that a parameters-only checkpoint holds (the same objects, not copies)."""
+    return {key: state_dict[key] for key in PARAMS_ONLY_KEYS if key in state_dict}
 
 
 def _future(job: io.SaveJob) -> Future[io.Written]:
