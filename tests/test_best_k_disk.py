@@ -140,6 +140,7 @@ def make_full_best_k(store: RunDir, ckpt: Checkpoint) -> None:
     assert "optim" in top_keys(store.path_of(ckpt))
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # the rewrite is one process's dcp.save
 def test_a_checkpoint_from_before_dataloader_resumes_and_old_full_best_k_keep_working(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
