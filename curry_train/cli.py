@@ -1,5 +1,6 @@
 """curry-train: plan a run's checkpoint storage, and inspect, compare, plot and export the runs in its run
-directories (runs/<run-id>). Training itself is `python -m curry_train.train` or `torchrun ... -m curry_train.train`."""
+directories (runs/<run-id>); and train: `curry-train run [torchrun options] overrides...` (or `python -m
+curry_train.train`, `torchrun ... -m curry_train.train`)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from curry_train.checkpoint.plan import build_plan, human_bytes, model_size, plan_json, render_plan
+from curry_train.checkpoint.plan import build_plan
+from curry_train.checkpoint.plan_text import plan_json, render_plan
+from curry_train.checkpoint.sizes import human_bytes, model_size
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, ConfigError, compose, resolve, validate
+from curry_train.config import Config, ConfigError, from_command_line, validate
 from curry_train.history import RunHistory, read_run
 from curry_train.journal import Journal, format_events, read_journal
 from curry_train.report import render_diff, render_status
@@ -99,9 +102,13 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 def cmd_plot(args: argparse.Namespace) -> int:
     """Plot train and dev loss against step for runs overlaid, with saves, resumes, rollbacks, deletions marked."""
-    from curry_train.plot import plot_runs
+    from curry_train.plot import PlotError, plot_runs
 
-    plot_runs([_history(path) for path in args.run_dirs], args.output)
+    try:
+        plot_runs([_history(path) for path in args.run_dirs], args.output)
+    except PlotError as err:
+        print(f"curry-train plot: {err}", file=sys.stderr)
+        return 2
     print(f"wrote {args.output}")
     return 0
 
@@ -149,8 +156,9 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def compose_config(overrides: list[str]) -> tuple[Config, Path]:
-    """The resolved config and run directory that training would use with the same overrides."""
-    cfg, _launch = resolve(compose(overrides))
+    """The resolved config and run directory that training would use with the same overrides (the vocabulary of
+    token files with a sidecar included)."""
+    cfg, _ = from_command_line(overrides)
     return cfg, Path(cfg.run.root) / str(cfg.run.id)
 
 
@@ -245,9 +253,23 @@ def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def version() -> str:
+    """The installed package's version (its metadata), or a note that this checkout is not installed."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("curry-train")
+    except PackageNotFoundError:
+        return "unknown (not installed: pip install -e .)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"curry-train {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
+    # Listed for --help only: main() hands `run` to the launcher before this parser sees it.
+    sub.add_parser("run", help="train: torchrun underneath, the run's own exit status (curry-train run --help)")
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
         if name == "plan":
@@ -275,9 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["run"]:
+        # Its own parser: torchrun's options and Hydra overrides, which argparse would take for its own.
+        from curry_train.launcher import main as run_main
+
+        return run_main(args[1:])
     parser = build_parser()
     # parse_known_args lets Hydra overrides stand anywhere among the plan's options, as they do for training.
-    args, rest = parser.parse_known_args(argv)
+    args, rest = parser.parse_known_args(args)
     unknown = [a for a in rest if args.command != "plan" or a.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")

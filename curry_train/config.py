@@ -19,6 +19,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 
+from curry_train.checkpoint.policy import Policy
+from curry_train.spike import SpikeRule
+
 
 class ConfigError(ValueError):
     """A config value that composes but is not allowed; the message names the key."""
@@ -170,6 +173,23 @@ class CheckpointConfig:
                 f"must be >= 0 (0 disables), got {getattr(self, key)}",
             )
 
+    def policy(self) -> Policy:
+        """The policy this block describes; the policy's own checks (keeps against cadences) name the key."""
+        try:
+            return Policy(
+                rollback_every=self.rollback_every,
+                recovery_every=self.recovery_every,
+                best_k=self.best_k,
+                best_k_metric=self.best_k_metric,
+                best_k_direction=self.best_k_direction,
+                rollback_keep=self.retention.rollback_keep,
+                recovery_keep=self.retention.recovery_keep,
+                rollback_contents=self.rollback_contents,
+                abandoned_keep=self.retention.abandoned_keep,
+            )
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+
 
 @dataclass
 class WandbConfig:
@@ -202,6 +222,10 @@ class TrainConfig:
     eval_batches: int = 4
     device: str = "auto"  # auto (cuda when available), cpu, cuda
     mixed_precision: str = "auto"  # auto (bf16 on cuda, fp32 on cpu), bf16, fp32
+    # No step, save, evaluation or load making progress for this long ends the job (status 1) with every thread's
+    # stack in failures.log; also the longest any collective may wait. None: a multiple of the measured step and
+    # save times, at least 5 minutes (`curry-train plan` prints it).
+    hang_timeout_s: float | None = None
 
     def __post_init__(self) -> None:
         _require(self.steps > 0, "train.steps", f"must be positive, got {self.steps}")
@@ -213,6 +237,11 @@ class TrainConfig:
         _require(self.eval_batches > 0, "train.eval_batches", f"must be positive, got {self.eval_batches}")
         _one_of(self.device, "train.device", ("auto", "cpu", "cuda"))
         _one_of(self.mixed_precision, "train.mixed_precision", ("auto", "bf16", "fp32"))
+        _require(
+            self.hang_timeout_s is None or self.hang_timeout_s > 0,
+            "train.hang_timeout_s",
+            f"must be a positive number of seconds (or null: automatic), got {self.hang_timeout_s}",
+        )
 
 
 @dataclass
@@ -247,6 +276,10 @@ class SpikeConfig:
             "spike.max_rollbacks_within",
             f"must be positive, got {self.max_rollbacks_within}",
         )
+
+    def rule(self) -> SpikeRule:
+        """The detection rule of this block (`spike.judge` applies it)."""
+        return SpikeRule(self.window, self.warmup_steps, self.sigmas, self.min_rise)
 
 
 @dataclass
@@ -355,7 +388,7 @@ NOT_IN_RUN_ID = {
     "spike": None,  # how spikes are handled, not what is trained
     "logger": None,
     "data": ("num_workers",),
-    "train": ("eval_every", "eval_batches", "device"),
+    "train": ("eval_every", "eval_batches", "device", "hang_timeout_s"),
 }
 
 
@@ -388,6 +421,10 @@ class Launch:
     inject_lr_scale: float = 1000.0  # +debug.inject_lr_scale=X
     fail_save_at: int | None = None  # +debug.fail_save_at=STEP: the disk fills up while that step's save writes
     fail_save_rank: int = 0  # +debug.fail_save_rank=R: on this rank
+    stall_at: int | None = None  # +debug.stall_at=STEP: stop making progress before that step, once in the run
+    stall_rank: int = 0  # +debug.stall_rank=R: on this rank
+    given: frozenset[str] = frozenset()  # the keys the command line set (`model.vocab_size`, ...), not the presets
+    notes: tuple[str, ...] = ()  # what this launch will do that the user may not expect, said at start by rank 0
 
 
 def schema_keys(node: type = None, prefix: str = "") -> set[str]:  # type: ignore[assignment]
@@ -471,12 +508,13 @@ def explain_hydra_error(err: Exception) -> str:
 
 def _launch_of(options: dict) -> Launch:
     debug = options.get("debug") or {}
-    unknown = sorted(set(debug) - {"inject_spike_at", "inject_lr_scale", "fail_save_at", "fail_save_rank"})
+    allowed = ("inject_spike_at", "inject_lr_scale", "fail_save_at", "fail_save_rank", "stall_at", "stall_rank")
+    unknown = sorted(set(debug) - set(allowed))
     _require(
         not unknown,
         f"debug.{unknown[0] if unknown else ''}",
         "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X, +debug.fail_save_at=STEP, "
-        "+debug.fail_save_rank=R",
+        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R",
     )
     launch = Launch(
         resume=None if options.get("resume") is None else str(options["resume"]),
@@ -485,6 +523,8 @@ def _launch_of(options: dict) -> Launch:
         inject_lr_scale=float(debug.get("inject_lr_scale", Launch.inject_lr_scale)),
         fail_save_at=None if debug.get("fail_save_at") is None else int(debug["fail_save_at"]),
         fail_save_rank=int(debug.get("fail_save_rank", 0)),
+        stall_at=None if debug.get("stall_at") is None else int(debug["stall_at"]),
+        stall_rank=int(debug.get("stall_rank", 0)),
     )
     _require(
         launch.resume is None or launch.rollback_to is None,
@@ -496,11 +536,62 @@ def _launch_of(options: dict) -> Launch:
         "debug.inject_spike_at",
         f"must be a step >= 1, got {launch.inject_spike_at}",
     )
+    # The watchdog is armed by the first completed step: a stall before it would be start-up, which it ignores.
+    _require(
+        launch.stall_at is None or launch.stall_at >= 2,
+        "debug.stall_at",
+        f"must be a step >= 2 (the watchdog arms after the first step), got {launch.stall_at}",
+    )
     return launch
 
 
-def resolve(raw: DictConfig) -> tuple[Config, Launch]:
-    """The typed, validated config and the launch's `+` options.
+def given_keys(overrides: list[str] | tuple[str, ...]) -> frozenset[str]:
+    """The dotted keys (and groups) command-line `overrides` set, as Hydra parses them: `model.vocab_size=300` and
+    `++model.vocab_size=300` both give `model.vocab_size`."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return frozenset(o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides)))
+
+
+def injection_note(cfg: Config, launch: Launch) -> str | None:
+    """A warning when `+debug.inject_spike_at` causes a spike nothing will detect: the loss of the step after the
+    injected one shows it, and the detector judges a step only past `spike.warmup_steps` with a full window."""
+    at = launch.inject_spike_at
+    if at is None:
+        return None
+    s = cfg.spike
+    seen_from = max(s.warmup_steps, s.window)  # the first injection step whose next step the detector judges
+    if s.enabled and at >= seen_from:
+        return None
+    why = (
+        "spike.enabled=false"
+        if not s.enabled
+        else f"the detector arms after spike.warmup_steps={s.warmup_steps} with a full spike.window={s.window}"
+    )
+    return (
+        f"WARNING: +debug.inject_spike_at={at} shows in the loss of step {at + 1}, but {why}: the spike will not be "
+        f"detected or rolled back (inject at step {seen_from} or later with spike.enabled=true, or lower "
+        "spike.warmup_steps)"
+    )
+
+
+
+def from_command_line(overrides: list[str]) -> tuple[Config, Launch]:
+    """What training makes of its command line: the composed, checked config with the vocabulary a token file
+    declares (`token_files.adopt_data_vocab`), and the launch's own requests. Training, `curry-train run` and the
+    run tools all start here, so they agree on the run."""
+    cfg, launch = resolve(compose(overrides), overrides)
+    if cfg.data.name == "tokens":  # numpy comes with token files: the plan of other data imports none
+        from curry_train.token_files import adopt_data_vocab  # it imports this module
+
+        cfg, launch = adopt_data_vocab(cfg, launch)
+    return cfg, launch
+
+
+def resolve(raw: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> tuple[Config, Launch]:
+    """The typed, validated config and the launch's `+` options; `overrides` are the command line's, so the launch
+    knows which keys it set itself (a token file's sidecar yields to `model.vocab_size` given there, not to a
+    preset's).
 
     `OmegaConf.to_object` instantiates the dataclasses, which runs their `__post_init__` checks on the final values.
     """
@@ -514,4 +605,5 @@ def resolve(raw: DictConfig) -> tuple[Config, Launch]:
         raw.run.id = default_run_id(raw)
     cfg = OmegaConf.to_object(raw)
     assert isinstance(cfg, Config)
-    return cfg, launch
+    note = injection_note(cfg, launch)
+    return cfg, dataclasses.replace(launch, given=given_keys(overrides), notes=(note,) if note else ())

@@ -7,9 +7,12 @@ One code path for every launch: `python -m curry_train.train` runs as a world of
 from __future__ import annotations
 
 import os
+import re
+import socket
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -33,10 +36,23 @@ class Dist:
     # Checkpointing gets a group of its own: an async DCP save issuing collectives on the default group while
     # FSDP trains on it deadlocks on gloo (two threads, one group).
     checkpoint_group: dist.ProcessGroup
+    # Each rank's host name and the address its peers reach it at, to name the rank behind a lost connection.
+    peers: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    def lost_peer(self, err: BaseException) -> str | None:
+        """"rank R on HOST (ADDR)" for the peer whose address gloo's error names, when one rank has it."""
+        found = re.search(r"\[([0-9a-fA-F.:]+)\]:\d+", str(err))
+        if found is None:
+            return None
+        ranks = [r for r, (_, addr) in enumerate(self.peers) if addr == found[1] and r != self.rank]
+        if len(ranks) != 1:
+            return None
+        host, addr = self.peers[ranks[0]]
+        return f"rank {ranks[0]} on {host} ({addr})"
 
 
 def die_with_launcher() -> None:
@@ -66,19 +82,47 @@ def pick_device(preference: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(device_preference: str = "auto") -> Dist:
+def init_distributed(device_preference: str = "auto", collective_timeout_s: float | None = None) -> Dist:
+    """The process group and the checkpoint group, whose collectives wait at most `collective_timeout_s` for a
+    peer (the hang timeout, see watchdog.py) instead of gloo's 30 minutes or NCCL's 10."""
     device = pick_device(device_preference)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo"
+    timeout = None if collective_timeout_s is None else timedelta(seconds=collective_timeout_s)
     if not dist.is_initialized():
         if "RANK" in os.environ:
-            dist.init_process_group(backend)
+            dist.init_process_group(backend, timeout=timeout)
         else:
-            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     mesh = init_device_mesh(device.type, (world,))
-    return Dist(rank, world, int(os.environ.get("LOCAL_RANK", 0)), device, mesh, dist.new_group(backend="gloo"))
+    group = dist.new_group(backend="gloo", timeout=timeout)
+    peers: list[tuple[str, str]] = [("", "")] * world
+    dist.all_gather_object(peers, (socket.gethostname(), own_address()), group=group)
+    return Dist(rank, world, int(os.environ.get("LOCAL_RANK", 0)), device, mesh, group, peers)
+
+
+def own_address() -> str:
+    """The address this host reaches the rendezvous host from: the one its peers see its connections come from."""
+    master = os.environ.get("MASTER_ADDR")
+    if not master:
+        return "127.0.0.1"
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect((master, 9))  # UDP: no packet is sent, the kernel only picks the route
+            return probe.getsockname()[0]
+    except OSError:
+        return master
+
+
+def set_collective_timeout(seconds: float, groups: list[dist.ProcessGroup]) -> None:
+    """Raise how long a collective may wait (the automatic hang timeout grew with a slow save): a collective must
+    never time out on a wait the watchdog still counts as legitimate."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout
+
+    for group in [None, *groups]:
+        _set_pg_timeout(timedelta(seconds=seconds), group)
 
 
 def shutdown() -> None:

@@ -13,6 +13,7 @@ Formats:
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from collections.abc import Iterator
@@ -26,8 +27,9 @@ import yaml
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
+from curry_train.checkpoint.manifest import MANIFEST, Manifest
 from curry_train.checkpoint.policy import Role
-from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir
+from curry_train.checkpoint.store import RunDir
 from curry_train.model import HF_LLAMA_NAMES
 
 FORMATS = ("safetensors", "hf")
@@ -201,6 +203,12 @@ def read_all(ckpt: Path, dtype: torch.dtype | None, rename: Any = None) -> dict[
     return tensors
 
 
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable read of it is to set it: put it straight back
+    os.umask(mask)
+    return mask
+
+
 def export(
     checkpoint: str | Path,
     output: str | Path,
@@ -239,6 +247,9 @@ def export(
         (output / "config.json").write_text(json.dumps(hf_llama_config(model_cfg, first.dtype), indent=2) + "\n")
         save_file(tensors, str(output / "model.safetensors"), metadata=metadata)
         written = output / "model.safetensors"
+    # safetensors' save_file creates its file 0600 whatever the umask: readable as any file the user writes, so
+    # others on a shared cluster can read the export as they can its config.json.
+    written.chmod(0o666 & ~_umask())
     return ExportResult(
         checkpoint=ckpt,
         output=output,

@@ -21,13 +21,31 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
+EXIT_DONE = 0
 EXIT_FAILURE = 1
 EXIT_REFUSED = 2
 EXIT_SPIKE = 3
 FAILURES_LOG = "failures.log"
+# Set by `curry-train run` for its workers: a folder on the worker's own node where each rank leaves its exit status
+# (torchrun exits 1 whatever the workers' statuses were, so the true one has to travel this way).
+STATUS_DIR_ENV = "CURRY_TRAIN_STATUS_DIR"
 
 # What gloo says on a rank whose peer went away: that rank did not fail, it was left alone.
 _PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket closed")
+
+
+class Refused(RuntimeError):
+    """A launch refused before anything changed, for a reason other than the config (the run directory is in use,
+    or already holds a run this launch did not ask to continue); the message says what and how to go on: exit 2."""
+
+
+def in_use(run_dir: Path, holder: str) -> Refused:
+    """The refusal of a launch into a run directory that another launch holds (from rank 0's start, or from
+    `curry-train run` before it starts any worker)."""
+    return Refused(
+        f"run directory {run_dir} is in use by another launch ({holder}); wait for it to end, stop it, or start "
+        "another run with run.id=NAME"
+    )
 
 
 class PeerFailure(RuntimeError):
@@ -72,8 +90,32 @@ def tell_torchrun(text: str) -> None:
             Path(error_file).write_text(json.dumps(payload))
 
 
+def write_status(status: int, line: str, quiet: bool = False) -> None:
+    """Leave this rank's exit status for `curry-train run` (a no-op without it): `rank<r>` in its status folder,
+    with the line and whether another rank tells the cause (`quiet`: this rank only stops because of it)."""
+    folder = os.environ.get(STATUS_DIR_ENV)
+    if not folder:
+        return
+    rank = os.environ.get("RANK", "0")
+    record = {
+        "rank": int(rank),
+        "status": status,
+        "line": line,
+        "quiet": quiet,
+        "local_world_size": int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        "restart": int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+    }
+    path = Path(folder) / f"rank{rank}"
+    with contextlib.suppress(OSError):
+        # Written whole, then renamed: the launcher never reads half a record.
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, path)
+
+
 def exit_with(line: str, status: int, quiet: bool = False) -> NoReturn:
     """End this process now with `status`, after one line for the user (unless `quiet`: another rank tells it)."""
+    write_status(status, line, quiet)
     if quiet:
         # Later than the rank that tells the user by a whole second (torchrun's error timestamps are in seconds),
         # so that torchrun's report names that rank's line as the root cause.

@@ -76,12 +76,14 @@ def end_unfinished_attempt(journal: Journal, run_dir: Path) -> dict[str, Any] | 
     fields: dict[str, Any] = {"attempt": attempt, "started_step": int(start["step"])}
     if line and isinstance(line.get("time"), (int, float)):
         fields["last_step_time"] = datetime.fromtimestamp(line["time"], UTC).isoformat(timespec="milliseconds")
-    errors = [e for e in events[starts[-1] :] if e["event"] == "error"]
-    fields["reason"] = (
-        f"ended after an error: {errors[-1].get('reason', '?')}"
-        if errors
-        else "no run_end or preempt: the launch was killed or crashed"
-    )
+    errors = [e for e in events[starts[-1] :] if e["event"] in ("error", "hang")]
+    if errors and errors[0]["event"] == "hang":  # the first rank to give up says why; the rest followed it
+        hang = errors[0]
+        fields["reason"] = f"hung: rank {hang.get('rank', '?')} made no progress during {hang.get('phase', '?')}"
+    elif errors:
+        fields["reason"] = f"ended after an error: {errors[-1].get('reason', '?')}"
+    else:
+        fields["reason"] = "no run_end or preempt: the launch was killed or crashed"
     return journal.append("attempt_end", last_step, **fields)
 
 
@@ -170,18 +172,37 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
-def _value(value: object, limit: int = 60) -> str:
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    text = value if isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def shorten(text: str, limit: int) -> str:
+    """`text` cut at a space to at most `limit` characters, ending in '...'; never inside a word (one long word
+    stays whole)."""
+    if len(text) <= limit:
+        return text
+    cut = text.rfind(" ", 0, limit - 3)
+    return text if cut <= 0 else text[:cut].rstrip(",;:") + " ..."
+
+
+def in_words(value: object, limit: int = 80) -> str:
+    """A journal field's value as text: numbers short, lists and mappings as comma-separated items, never JSON."""
+    if isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, float):
+        text = f"{value:.6g}"
+    elif value is None:
+        text = "none"
+    elif isinstance(value, (list, tuple)):
+        text = ", ".join(in_words(v, limit) for v in value) or "none"
+    elif isinstance(value, dict):
+        text = ", ".join(f"{k} {in_words(v, limit)}" for k, v in value.items()) or "none"
+    else:
+        text = str(value)
+    return shorten(text, limit)
 
 
 def _ranges(ranges: object) -> str:
     """[[0, 8], [16, 24]] -> 'samples [0, 8), [16, 24)'."""
     if not isinstance(ranges, list) or not ranges:
         return "no samples"
-    parts = [f"[{r[0]}, {r[1]})" if isinstance(r, list) and len(r) == 2 else _value(r) for r in ranges]
+    parts = [f"[{r[0]}, {r[1]})" if isinstance(r, list) and len(r) == 2 else in_words(r) for r in ranges]
     return "samples " + ", ".join(parts)
 
 
@@ -206,6 +227,8 @@ def _attempt_end_fact(attempt: Attempt) -> str | None:
     end = attempt.end
     if end is None or end["event"] == "run_end":
         return None
+    if end["event"] == "preempt" and end.get("forced"):
+        return f"attempt {attempt.number} {_forced_stop(end)}"
     if end["event"] == "preempt":
         return f"attempt {attempt.number} preempted ({end.get('signal', '?')}): saved step {end['step']} and stopped"
     return f"attempt {attempt.number} stopped after step {end['step']} ({end.get('reason', 'no reason recorded')})"
@@ -225,12 +248,16 @@ def _resume_fact(event: dict[str, Any], attempt: Attempt, previous: Attempt | No
 def _rollback_fact(event: dict[str, Any]) -> str:
     spike = event.get("spike_step", event.get("abandoned_from"))
     text = f"rolled back to step {event['step']}" + (f" from step {spike}" if spike is not None else "")
-    if isinstance(event.get("loss"), float):
-        text += f" (loss {_value(event['loss'])}" + (
-            f", baseline {_value(event['baseline'])})" if isinstance(event.get("baseline"), float) else ")"
+    if isinstance(event.get("loss"), (int, float)):
+        text += f" (loss {in_words(event['loss'])}" + (
+            f", baseline {in_words(event['baseline'])})" if isinstance(event.get("baseline"), (int, float)) else ")"
         )
+    elif "loss" in event:  # journaled as null: the loss was NaN or infinite
+        text += " (loss not finite)"
     elif event.get("request"):
         text += f" (by request: +rollback_to={event['request']})"
+    elif isinstance(event.get("reason"), str):
+        text += f" ({shorten(event['reason'], 120)})"
     if event.get("injected"):
         text += " [spike injected by +debug.inject_spike_at]"
     if "skipped" in event:
@@ -243,10 +270,36 @@ def _rollback_fact(event: dict[str, Any]) -> str:
     return text
 
 
+def _spike_injected_fact(event: dict[str, Any]) -> str:
+    step = event["step"]
+    return (
+        f"spike injected by +debug.inject_spike_at: step {step}'s lr multiplied by {in_words(event.get('lr_scale'))}"
+        f" (the loss of step {step + 1} shows it)"
+    )
+
+
+def _resume_fallback_fact(event: dict[str, Any]) -> str:
+    problems = event.get("problems") if isinstance(event.get("problems"), list) else []
+    first = shorten(str(problems[0]), 120) if problems else "no problem recorded"
+    more = f" (and {_plural(len(problems) - 1, 'more problem')})" if len(problems) > 1 else ""
+    fallback = event.get("fallback")
+    then = f"fell back to {fallback}" if fallback else "no other checkpoint to fall back to"
+    return f"checkpoint {event.get('path', '?')} failed verification: {first}{more}; {then}"
+
+
 def _generic_fact(event: dict[str, Any]) -> str:
-    """Any event without a phrasing of its own: its name, step and fields, each shortened."""
-    fields = [f"{k}={_value(v, 40)}" for k, v in event.items() if k not in ("event", "time", "step", "config")]
-    return f"{event['event']} at step {event['step']}" + (f": {' '.join(fields)}" if fields else "")
+    """Any event without a phrasing of its own: its name, step and each field as 'name value', shortened at a
+    word, so an event this reader does not know is still shown whole enough to read."""
+    fields = [
+        f"{k.replace('_', ' ')} {in_words(v, 60)}"
+        for k, v in event.items()
+        if k not in ("event", "time", "step", "config")
+    ]
+    return f"{event['event']} at step {event['step']}" + (f": {'; '.join(fields)}" if fields else "")
+
+
+def _forced_stop(event: dict[str, Any]) -> str:
+    return f"stopped by a second {event.get('signal', 'signal')} during {event.get('during', '?')}"
 
 
 def event_fact(event: dict[str, Any]) -> str:
@@ -258,9 +311,20 @@ def event_fact(event: dict[str, Any]) -> str:
         return f"world size changed from {event.get('old', '?')} to {event.get('new', '?')} at step {event['step']}"
     if kind == "error":
         where = f" ({event['path']})" if "path" in event else ""
-        return f"error at step {event['step']}{where}: {_value(event.get('reason', '?'), 200)}"
+        return f"error at step {event['step']}{where}: {shorten(str(event.get('reason', '?')), 200)}"
+    if kind == "preempt" and event.get("forced"):
+        return _forced_stop(event)
+    if kind == "hang":
+        return (
+            f"rank {event.get('rank', '?')} on {event.get('host', '?')} hung during {event.get('phase', '?')}: "
+            f"no progress for {event.get('seconds', '?')} s (stacks in failures.log)"
+        )
     if kind == "preempt":
         return f"preempted ({event.get('signal', '?')}): saved step {event['step']} and stopped"
+    if kind == "spike_injected":
+        return _spike_injected_fact(event)
+    if kind == "resume_fallback":
+        return _resume_fallback_fact(event)
     return _generic_fact(event)
 
 

@@ -19,17 +19,20 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from curry_train import distributed, failures, spike
+from curry_train import distributed, failures, spike, watchdog
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint import rollback
 from curry_train.checkpoint.checkpointer import Checkpointer
-from curry_train.checkpoint.plan import build_plan, model_size, plan_json, policy_of, render_plan, storage_refusal
-from curry_train.checkpoint.policy import Policy, Role, roles_due
+from curry_train.checkpoint.durable import make_durable_dir
+from curry_train.checkpoint.plan import build_plan, storage_refusal
+from curry_train.checkpoint.plan_text import plan_json, render_plan
+from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
 from curry_train.checkpoint.resume import ResumeError, ResumePoint, Trainee
 from curry_train.checkpoint.rollback import SpikeError
-from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
-from curry_train.checkpoint.store import RunDir, RunLock, fsync_dir
+from curry_train.checkpoint.sizes import model_size
+from curry_train.checkpoint.state import Progress, app_state, fidelity_record
+from curry_train.checkpoint.store import RunDir, RunLock
 from curry_train.config import Config, ConfigError, Launch, validate
 from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
 from curry_train.distributed import on_rank0
@@ -234,10 +237,7 @@ def take_run_dir(run_dir: Path, lock: RunLock) -> Path | None:
     except OSError as err:
         raise ConfigError(f"run.root: cannot write the run directory {run_dir} ({failures.one_line(err)})") from None
     if holder is not None:
-        raise ConfigError(
-            f"run.id: run directory {run_dir} is in use by another launch ({holder}); wait for it to end, stop it, "
-            "or start another run with run.id=NAME"
-        )
+        raise failures.in_use(run_dir, holder)
     return created
 
 
@@ -268,15 +268,6 @@ def write_probe(run_dir: Path) -> tuple[str, str]:
     return name, token
 
 
-def make_durable_dir(path: Path) -> None:
-    """mkdir -p, with every new directory entry fsynced: a power cut must not take the run directory (and the
-    checkpoints committed in it) with it."""
-    missing = [p for p in (path, *path.parents) if not p.exists()]
-    path.mkdir(parents=True, exist_ok=True)
-    for created in reversed(missing):
-        fsync_dir(created.parent)
-
-
 def load_checked_corpus(cfg: Config) -> Corpus:
     corpus = load_corpus(cfg.data)
     if corpus.vocab_size > cfg.model.vocab_size:
@@ -288,9 +279,20 @@ def load_checked_corpus(cfg: Config) -> Corpus:
 
 
 def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | None = None) -> TrainResult:
-    launch = launch or Launch()
+    """Train `cfg` in `run_dir`, watched by this rank's hang watchdog (stopped however the loop ends)."""
+
+    def follow(seconds: float) -> None:  # the collective timeout follows an automatic hang timeout that grew
+        distributed.set_collective_timeout(seconds, [env.checkpoint_group])
+
+    with watchdog.Watchdog(env.rank, run_dir, cfg.train.hang_timeout_s, on_timeout=follow) as dog:
+        return _train(cfg, run_dir, env, launch or Launch(), dog)
+
+
+def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, dog: watchdog.Watchdog) -> TrainResult:
     validate(cfg, env.world_size)
-    policy = policy_of(cfg.checkpoint)
+    if launch.stall_at is not None and not 0 <= launch.stall_rank < env.world_size:
+        raise ConfigError(f"debug.stall_rank: {launch.stall_rank} is not a rank of this world of {env.world_size}")
+    policy = cfg.checkpoint.policy()
     t = cfg.train
     run = open_run(cfg, run_dir, env, launch)
     log, journal, point = run.log, run.journal, run.point
@@ -313,6 +315,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         f"({len(corpus.train):,} train / {len(corpus.dev):,} dev tokens), run directory {run_dir}"
     )
     log.print(render_plan(run.plan))
+    dog.hint(run.plan.hang_timeout_s)
     journal.append("policy", 0, **plan_json(run.plan))
     fault = None if launch.fail_save_at is None else (launch.fail_save_at, launch.fail_save_rank)
     c = cfg.checkpoint
@@ -339,6 +342,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         return iter(build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_sample=cursor))
 
     trainee = Trainee(state, optimizer, progress, saved_fidelity, fidelity_now)
+    dog.beat(progress.step, "loading")
     if point is not None and point.rollback_to is not None:
         cause = on_rank0(env.is_main, env.checkpoint_group, rollback.manual_cause, point, ckpt.store, t.batch_size)
         rollback.roll_back(point, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
@@ -350,13 +354,16 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     if point is not None:
         batches = resuming.check_next_batch(batches, slicing.indices_at(progress.cursor, 0))
 
-    rule = spike.SpikeRule(cfg.spike.window, cfg.spike.warmup_steps, cfg.spike.sigmas, cfg.spike.min_rise)
-    preemption = Preemption()
+    rule = cfg.spike.rule()
+    preemption = Preemption(run_dir, env.is_main, lambda: (dog.step, dog.phase), run.plan.full_save_seconds)
     tokens_per_step = t.batch_size * cfg.data.seq_len
     first_loss = last_loss = None
     start_step = progress.step
     while progress.step < t.steps:
         step, done = progress.step, progress.step + 1  # 0-based index of this step; completed steps after it
+        if watchdog.stall_due(run_dir, launch.stall_at, launch.stall_rank, env.rank, done):
+            watchdog.stall_forever(run_dir, dog, done)
+        dog.beat(step, f"step {done}")
         lr_scale = spike.rewarm_factor(step, progress.rewarm_from, cfg.spike.rewarmup_steps)
         lr_scale *= injected_lr_scale(launch, progress, journal, done)
         started = time.perf_counter()
@@ -368,6 +375,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         if verdict is not None and verdict.spike:
             log.log(done, {**values, "spike": True})
             target, cause = rollback.spike_target(verdict, done, progress, ckpt, cfg.spike, t.batch_size)
+            dog.beat(step, f"the rollback from step {done}")
             rollback.roll_back(target, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
             log.event("rollback", progress.step, spike_step=done)
             batches = data_from(progress.cursor)
@@ -375,9 +383,13 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         progress.step, progress.cursor = done, progress.cursor + t.batch_size
         progress.loss_window = spike.push(progress.loss_window, values["loss"], cfg.spike.window)
         scheduler.update(step=done, lr=values["lr"])
+        # The first completed step arms the watchdog: start-up and the first step's warm-up are not hangs.
+        (dog.beat if dog.armed else dog.arm)(done, f"the end of step {done}")
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
+            dog.beat(done, f"the evaluation after step {done}")
             values["dev_loss"] = evaluate(model, dev, env.device)
         log.log(done, values)
+        dog.beat(done, f"the save of step {done}")
         save_checkpoint(ckpt, policy, done, values, state)
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]
@@ -386,8 +398,9 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
             break
 
     final_step = progress.step
+    dog.beat(final_step, f"the save of step {final_step}")
     if final_step == t.steps and cfg.checkpoint.save_final:
-        ensure_full_save(ckpt, policy, final_step, state)  # so run_end names an exact-resume checkpoint
+        ensure_full_save(ckpt, policy, final_step, state, SaveReason.FINAL)  # run_end names an exact-resume one
     ckpt.wait()
     preemption.uninstall()
     if final_step == t.steps:
@@ -416,11 +429,9 @@ def injected_lr_scale(launch: Launch, progress: Progress, journal: Journal, step
 def save_checkpoint(ckpt: Checkpointer, policy: Policy, step: int, values: dict[str, float], state: Any) -> None:
     """Save what the policy says is due after `step`: the cadence roles, then best-K on a new dev metric."""
     ckpt.poll()
-    roles = roles_due(policy, step)
-    if roles:
-        needs_full = Role.RECOVERY in roles or policy.full_rollback
-        contents = Contents.FULL if needs_full else Contents.PARAMS
-        ckpt.save(step, roles, contents, state(contents))
+    decision = decide_save(policy, step, SaveReason.CADENCE)
+    if decision is not None:
+        ckpt.save(step, list(decision.roles), decision.contents, state(decision.contents))
     metric = values.get(policy.best_k_metric)
     if metric is not None:
         ckpt.consider_best_k(step, metric, lambda: state(Contents.PARAMS))

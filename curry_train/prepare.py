@@ -229,7 +229,8 @@ def describe(p: Prepared) -> str:
             + ("" if m.eos_id is None else f", documents end with {EOS} (id {m.eos_id})")
             + f"; saved as {p.tokenizer}",
             f"  sidecars: {p.train.name}.meta.json, {p.dev.name}.meta.json (dtype, vocab_size, n_tokens)",
-            f"  train on it: python -m curry_train.train data=tokens {train_flag} model.vocab_size={m.vocab_size}",
+            # No model.vocab_size: the sidecars give it, and training says so at start.
+            f"  train on it: python -m curry_train.train data=tokens {train_flag}",
         ]
     )
 

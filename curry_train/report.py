@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curry_train.checkpoint.plan import human_bytes
+from curry_train.checkpoint.sizes import human_bytes
 from curry_train.checkpoint.store import ABANDONED_PREFIX, RunDir
 from curry_train.config import flatten
 from curry_train.history import RunHistory, headline, history_lines
@@ -23,6 +23,8 @@ def _progress(run: RunHistory) -> str:
         state = "no end journaled yet: running, or killed" if last is not None else "never launched"
     elif end["event"] == "run_end":
         state = "finished"
+    elif end["event"] == "preempt" and end.get("forced"):
+        state = f"stopped by a second {end.get('signal', 'signal')}; continue with +resume=latest"
     elif end["event"] == "preempt":
         state = "preempted; continue with +resume=latest"
     else:
@@ -115,8 +117,10 @@ def metric_diff(a: RunHistory, b: RunHistory, key: str) -> str | None:
 
 
 def render_diff(a: RunHistory, b: RunHistory) -> str:
-    """`curry-train diff`: top-line facts, then differing config keys, then the metrics at common steps."""
-    lines = [f"{b.name} {headline(b)}, {a.name} {headline(a)}"]
+    """`curry-train diff`: each run's headline as `status` opens with it, then progress, the differing config keys,
+    and the metrics at common steps. The headlines are 'name: facts' separated by ';' (a headline's own facts are
+    separated by ','), so which run each fact belongs to is never in doubt."""
+    lines = [f"{a.name}: {headline(a)}; {b.name}: {headline(b)}"]
     lines.append(f"  {a.name}: {_progress(a)}")
     lines.append(f"  {b.name}: {_progress(b)}")
     changed = config_diff(a, b)

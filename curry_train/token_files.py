@@ -10,6 +10,7 @@ wrong dtype before anything trains on them.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from curry_train.config import DataError
+from curry_train.config import Config, DataError, Launch
 
 DTYPES = ("uint16", "uint32")
 SIDECAR_SUFFIX = ".meta.json"
@@ -30,6 +31,7 @@ VOCAB_CACHE_SUFFIX = ".vocab-cache.json"
 MAX_PLAUSIBLE_VOCAB = 1 << 20
 _SAMPLE_CHUNKS, _SAMPLE_CHUNK = 8, 1 << 16
 _SCAN_CHUNK = 1 << 26  # ids per step of the full scan: bounded memory on files of any size
+_TEXT_PROBE = 1 << 16  # bytes read from the start of a file without a sidecar to tell text from ids
 
 
 @dataclass(frozen=True)
@@ -121,6 +123,26 @@ def nanogpt_vocab_size(path: Path) -> int | None:
     return vocab if isinstance(vocab, int) and vocab > 0 else None
 
 
+def text_excerpt(path: Path) -> str | None:
+    """The opening of `path` when it is text rather than ids, else None.
+
+    Text: the first 64 KiB hold no NUL byte, decode as UTF-8 (a character cut at the end aside) and are printable
+    characters or whitespace. Token ids cannot pass: small ids have a zero byte, and any real stream of ids
+    soon has a byte pair that is not UTF-8 or a control character."""
+    with open(path, "rb") as f:
+        head = f.read(_TEXT_PROBE)
+    if len(head) < 64 or b"\0" in head:
+        return None
+    for cut in range(4):  # the probe may end inside a multi-byte character
+        with contextlib.suppress(UnicodeDecodeError):
+            text = head[: len(head) - cut].decode("utf-8")
+            break
+    else:
+        return None
+    printable = sum(ch.isprintable() or ch in "\t\n\r\f" for ch in text)
+    return " ".join(text[:60].split()) if printable >= 0.98 * len(text) else None
+
+
 def _sample(tokens: np.ndarray) -> np.ndarray:
     """A few evenly spaced runs of ids (the whole file when it is small); each run starts at an even position, so
     odd positions of the sample are odd positions of the file."""
@@ -207,6 +229,12 @@ def open_token_file(path_text: str, dtype: str, key: str) -> TokenFile:
     size = path.stat().st_size
     if size == 0:
         raise DataError(f"{key}: token file {path} is empty")
+    # Text read as ids loads and trains on noise; a sidecar says the file is ids (`prepare` wrote it).
+    if not sidecar_path(path).is_file() and (excerpt := text_excerpt(path)) is not None:
+        raise DataError(
+            f"{key}: {path} is text, not token ids (it reads {excerpt!r}): train on text with data=text "
+            f"data.path={path}, or tokenize it with `curry-train prepare {path} --out DIR` and train on DIR/train.bin"
+        )
     if size % itemsize:
         fits = [d for d in DTYPES if size % np.dtype(d).itemsize == 0]
         raise DataError(
@@ -262,3 +290,38 @@ def check_model_vocab(files: list[TokenFile], dtype: str, model_vocab_size: int)
             if int(as16.max()) < model_vocab_size:
                 message += f"; read as uint16 its sampled ids fit: {_hint('uint16', 'two uint16 ids make one uint32')}"
         raise DataError(message)
+
+
+def declared_vocab(path_text: str | None) -> tuple[int, str] | None:
+    """The vocabulary size a token file's sidecar or nanoGPT's meta.pkl beside it declares, and which file said it;
+    None without either (a scanned largest id is a floor, not a vocabulary)."""
+    if not path_text:
+        return None
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        return None
+    meta = read_sidecar(path)
+    if meta is not None:
+        return meta.vocab_size, sidecar_path(path).name
+    nanogpt = nanogpt_vocab_size(path)
+    return (nanogpt, "meta.pkl") if nanogpt is not None else None
+
+
+def adopt_data_vocab(cfg: Config, launch: Launch) -> tuple[Config, Launch]:
+    """With `data=tokens`, the model takes the vocabulary the token files declare, unless the command line set
+    `model.vocab_size` (then `check_data` refuses a value too small for the ids). A preset's value yields: it was
+    written for another tokenizer. The launch gets a note saying so, for the start."""
+    if cfg.data.name != "tokens" or "model.vocab_size" in launch.given:
+        return cfg, launch
+    declared = [d for d in (declared_vocab(cfg.data.path), declared_vocab(cfg.data.dev_path)) if d is not None]
+    if not declared:
+        return cfg, launch
+    vocab, source = max(declared, key=lambda d: d[0])  # the train file's when they agree
+    if vocab == cfg.model.vocab_size:
+        return cfg, launch
+    note = (
+        f"model.vocab_size={vocab} from {source}, the token files' own (model={cfg.model.name} says "
+        f"{cfg.model.vocab_size:,}; model.vocab_size=N on the command line sets another)"
+    )
+    model = dataclasses.replace(cfg.model, vocab_size=vocab)
+    return dataclasses.replace(cfg, model=model), dataclasses.replace(launch, notes=(*launch.notes, note))

@@ -16,8 +16,9 @@ from curry_train import distributed, failures, loop
 from curry_train.checkpoint.preemption import StopNow
 from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
-from curry_train.config import ConfigError, compose, resolve
+from curry_train.config import ConfigError, from_command_line
 from curry_train.data import check_data
+from curry_train.watchdog import collective_timeout, hang_timeout
 
 USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...] [+resume=latest|auto|PATH]
        torchrun --nproc_per_node=N -m curry_train.train ...
@@ -27,6 +28,8 @@ USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...]
   +resume=latest    continue this run (auto: or start fresh when there is nothing to continue)
   +rollback_to=PATH roll this run back to one of its checkpoints (once; a requeue continues from latest)
   --cfg job         print the resolved config and stop
+
+`curry-train run [torchrun options] ...` launches the same with torchrun and exits with the run's own status.
 
 Exit status: 0 done (or stopped after a preemption save), 1 failure while training (traceback in
 <run>/failures.log), 2 refused before anything changed (config, data, resume, a run directory in use),
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if show:
         args = [a for i, a in enumerate(args) if a != "--cfg" and (i == 0 or args[i - 1] != "--cfg")]
     try:
-        cfg, launch = resolve(compose(args))
+        cfg, launch = from_command_line(args)
         if show:
             print(yaml.safe_dump(asdict(cfg), sort_keys=False), end="")
             return
@@ -51,12 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as err:
         failures.exit_with(f"invalid config: {err}", failures.EXIT_REFUSED)
     distributed.die_with_launcher()
-    env = distributed.init_distributed(cfg.train.device)
+    # Set before the first collective: none waits much longer than the hang timeout (explicit, or its floor).
+    env = distributed.init_distributed(cfg.train.device, collective_timeout(hang_timeout(cfg.train.hang_timeout_s)[0]))
+    for note in launch.notes if env.rank == 0 else ():
+        print(f"curry-train: {note}", flush=True)
     run_dir = Path(cfg.run.root) / str(cfg.run.id)
     try:
         loop.train(cfg, run_dir, env, launch)
     except ConfigError as err:
         failures.exit_with(f"invalid config: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
+    except failures.Refused as err:
+        failures.exit_with(str(err), failures.EXIT_REFUSED, quiet=env.rank != 0)
     except ResumeError as err:
         failures.exit_with(f"cannot resume: {err}", failures.EXIT_REFUSED, quiet=env.rank != 0)
     except SpikeError as err:
@@ -71,7 +79,8 @@ def main(argv: list[str] | None = None) -> None:
         # A failure of this rank, or of another that this rank noticed: one line, the traceback in the run
         # directory. No orderly shutdown of the process group: it would wait for ranks that may be gone.
         if failures.is_peer_failure(err):
-            line = f"rank {env.rank} stopped: another rank failed ({failures.one_line(err)})"
+            lost = env.lost_peer(err) or "another rank"
+            line = f"rank {env.rank} stopped: lost {lost} ({failures.one_line(err)})"
             failures.record(err, env.rank, run_dir, line)
             failures.exit_with(line, failures.EXIT_FAILURE, quiet=env.world_size > 1)
         line = f"rank {env.rank} failed: {failures.one_line(err)}"
@@ -79,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         loop.journal_failure(run_dir, env.rank, line)
         failures.exit_with(line + (f"; traceback in {log}" if log else ""), failures.EXIT_FAILURE)
     distributed.shutdown()
+    failures.write_status(failures.EXIT_DONE, "finished, or stopped after a preemption save")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,6 @@ from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from curry_train import distributed, loop
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.checkpointer import Checkpointer
-from curry_train.checkpoint.plan import policy_of
 from curry_train.checkpoint.policy import Role
 from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
 from curry_train.checkpoint.store import RunDir
@@ -192,7 +191,7 @@ class IoBench:
         if env.is_main:
             run.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        policy = policy_of(cfg.checkpoint)
+        policy = cfg.checkpoint.policy()
         journal = Journal(run / "journal.jsonl", enabled=env.is_main)
         self.ckpt = Checkpointer(RunDir(run), policy, journal, env.checkpoint_group, env.rank, async_save=False)
         self.ckpt_buffered = Checkpointer(

@@ -246,3 +246,40 @@ def test_spike_detection_is_off_by_default_and_on_with_7b_default() -> None:
     assert resolve(compose_config([]))[0].spike.enabled is False
     assert resolve(compose_config(["checkpoint=7b_default"]))[0].spike.enabled is True
     assert resolve(compose_config(["checkpoint=7b_default", "spike.enabled=false"]))[0].spike.enabled is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "why"),
+    [
+        (["+debug.inject_spike_at=6"], "spike.enabled=false"),
+        (
+            ["spike.enabled=true", "+debug.inject_spike_at=6"],
+            "the detector arms after spike.warmup_steps=100 with a full spike.window=50",
+        ),
+        (
+            ["spike.enabled=true", "spike.warmup_steps=10", "spike.window=8", "+debug.inject_spike_at=9"],
+            "the detector arms after spike.warmup_steps=10 with a full spike.window=8",
+        ),
+    ],
+)
+def test_a_spike_injected_where_nothing_detects_it_is_warned_about(overrides: list[str], why: str) -> None:
+    at = int(overrides[-1].split("=")[1])
+    _, launch = resolve(compose_config(overrides), overrides)
+    (note,) = launch.notes
+    assert note.startswith(f"WARNING: +debug.inject_spike_at={at} shows in the loss of step {at + 1}, but {why}: ")
+    assert "spike.warmup_steps" in note
+
+
+def test_a_spike_injected_where_the_detector_sees_it_is_not_warned_about() -> None:
+    # The rollback tests' run: window 8, warm-up 10, injected at 25 (the loss of step 26 is judged); 10 is the
+    # first step whose next loss the detector judges.
+    for at in (25, 10):
+        overrides = ["spike.enabled=true", "spike.warmup_steps=10", "spike.window=8", f"+debug.inject_spike_at={at}"]
+        assert resolve(compose_config(overrides), overrides)[1].notes == ()
+
+
+def test_the_launch_knows_which_keys_the_command_line_set() -> None:
+    overrides = ["model=small", "model.vocab_size=300", "++train.steps=5", "+resume=auto"]
+    launch = resolve(compose_config(overrides), overrides)[1]
+    assert {"model", "model.vocab_size", "train.steps", "resume"} <= launch.given
+    assert "model.dim" not in launch.given and resolve(compose_config([]))[1].given == frozenset()

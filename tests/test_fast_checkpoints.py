@@ -21,7 +21,6 @@ from curry_train import distributed, loop
 from curry_train.checkpoint import state as state_module
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.io import Stager
-from curry_train.checkpoint.plan import policy_of
 from curry_train.checkpoint.policy import Checkpoint, Role
 from curry_train.checkpoint.state import Contents, Progress, app_state, param_digest
 from curry_train.checkpoint.store import RunDir
@@ -88,7 +87,7 @@ def world_of_one(tmp_path: Path) -> Iterator[dict[str, Any]]:
         run = tmp_path / "run"
         run.mkdir()
         journal = Journal(run / "journal.jsonl")
-        policy = policy_of(cfg.checkpoint)
+        policy = cfg.checkpoint.policy()
         ckpt = Checkpointer(RunDir(run), policy, journal, env.checkpoint_group, env.rank, async_save=True)
         yield {"ckpt": ckpt, "state": state, "model": model, "optimizer": optimizer, "saved": saved, "run": run}
         journal.close()

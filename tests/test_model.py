@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from curry_train.checkpoint.plan import ModelSize, model_size
+from curry_train.checkpoint.sizes import ModelSize, model_size
 from curry_train.config import ModelConfig, config_dir, resolve
 from curry_train.distributed import local_shard
 from curry_train.model import HF_LLAMA_NAMES, apply_rotary, build_model, count_params, init_value, rotary_tables

@@ -12,21 +12,18 @@ from pathlib import Path
 
 import pytest
 
-from curry_train.checkpoint.plan import (
-    ModelSize,
+from curry_train.checkpoint.cadence import (
     Timing,
     cadence,
-    checkpoint_size,
     crash_target,
     daly_interval,
-    human_bytes,
-    measured_save_seconds,
-    measured_step_seconds,
     spike_target,
     wasted_fraction,
     young_interval,
 )
+from curry_train.checkpoint.plan import measured_save_seconds, measured_step_seconds
 from curry_train.checkpoint.policy import Policy, worst_case_resume
+from curry_train.checkpoint.sizes import ModelSize, checkpoint_size, human_bytes
 from curry_train.checkpoint.store import RunDir
 from curry_train.cli import main
 from curry_train.journal import Journal

@@ -6,12 +6,15 @@ import pytest
 
 from curry_train.checkpoint.policy import (
     Checkpoint,
+    Contents,
     Direction,
     Policy,
     Role,
-    RollbackContents,
+    SaveDecision,
+    SaveReason,
     abandoned_by_rollback,
     best_k_decision,
+    decide_save,
     exact_resume_candidates,
     is_better,
     parse_checkpoint_name,
@@ -175,7 +178,7 @@ def test_policy_errors_name_the_key(kwargs: dict, key: str) -> None:
 def test_policy_accepts_strings_for_enums_and_zero_keep_for_disabled_role() -> None:
     policy = Policy(best_k_direction="maximize", rollback_contents="params", rollback_every=0, rollback_keep=0)
     assert policy.best_k_direction is Direction.MAXIMIZE
-    assert policy.rollback_contents is RollbackContents.PARAMS
+    assert policy.rollback_contents is Contents.PARAMS
 
 
 # --- best-K ------------------------------------------------------------------------------------------------
@@ -374,3 +377,44 @@ def test_policy_and_journal_import_no_torch() -> None:
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+# --- decide_save: one decision for every save site ------------------------------------------------------------
+
+
+def test_cadence_saves_the_roles_due_with_their_contents() -> None:
+    policy = Policy(rollback_every=10, recovery_every=50)
+    assert decide_save(policy, 7, SaveReason.CADENCE) is None
+    assert decide_save(policy, 10, SaveReason.CADENCE) == SaveDecision((Role.ROLLBACK,), Contents.FULL)
+    assert decide_save(policy, 50, SaveReason.CADENCE) == SaveDecision((Role.ROLLBACK, Role.RECOVERY), Contents.FULL)
+    light = Policy(rollback_every=10, recovery_every=50, rollback_contents="params")
+    assert decide_save(light, 10, SaveReason.CADENCE) == SaveDecision((Role.ROLLBACK,), Contents.PARAMS)
+    # A recovery role in the same save makes it full, and the linked rollback checkpoint with it.
+    assert decide_save(light, 50, SaveReason.CADENCE) == SaveDecision((Role.ROLLBACK, Role.RECOVERY), Contents.FULL)
+
+
+@pytest.mark.parametrize("reason", [SaveReason.FINAL, SaveReason.PREEMPTION])
+def test_final_and_preemption_need_a_full_save_unless_the_cadence_makes_one(reason: SaveReason) -> None:
+    policy = Policy(rollback_every=10, recovery_every=50)
+    assert decide_save(policy, 10, reason) is None  # the full rollback save of step 10 is enough
+    assert decide_save(policy, 13, reason) == SaveDecision((Role.RECOVERY,), Contents.FULL)
+    light = Policy(rollback_every=10, recovery_every=50, rollback_contents="params")
+    assert decide_save(light, 10, reason) == SaveDecision((Role.RECOVERY,), Contents.FULL)
+    # Only a full rollback role saves: the extra save is a rollback checkpoint, which retention rotates away.
+    only_rollback = Policy(rollback_every=10, recovery_every=0)
+    assert decide_save(only_rollback, 13, reason) == SaveDecision((Role.ROLLBACK,), Contents.FULL)
+    # No cadence at all: a recovery checkpoint, kept until removed by hand.
+    assert decide_save(Policy(rollback_every=0, recovery_every=0), 13, reason) == SaveDecision(
+        (Role.RECOVERY,), Contents.FULL
+    )
+
+
+def test_resave_repeats_the_target_roles_without_best_k() -> None:
+    policy = Policy(rollback_every=10, recovery_every=50, rollback_contents="params")
+    assert decide_save(policy, 20, SaveReason.RESAVE, (Role.ROLLBACK, Role.BEST_K)) == SaveDecision(
+        (Role.ROLLBACK,), Contents.PARAMS
+    )
+    assert decide_save(policy, 50, SaveReason.RESAVE, (Role.ROLLBACK, Role.RECOVERY)) == SaveDecision(
+        (Role.ROLLBACK, Role.RECOVERY), Contents.FULL
+    )
+    assert decide_save(policy, 20, SaveReason.RESAVE, (Role.BEST_K,)) is None

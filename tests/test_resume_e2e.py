@@ -87,7 +87,8 @@ def test_fresh_launch_into_an_existing_run_is_refused(tmp_path: Path) -> None:
     before = (tmp_path / "runs" / "taken" / "metrics.jsonl").read_text()
     proc = run_train([*args, "checkpoint.rollback_every=7"], tmp_path, check=False)  # another policy, same run id
     assert proc.returncode == 2
-    assert "already holds a run (1 steps done, last launched " in proc.stderr and "+resume=latest" in proc.stderr
+    assert "already holds a finished run (1 steps done, last launched " in proc.stderr
+    assert "+resume=latest" in proc.stderr
     assert "config differs: checkpoint.rollback_every=100 there, 7 here" in proc.stderr
     assert "start another beside it with run.id=NAME" in proc.stderr
     assert (tmp_path / "runs" / "taken" / "metrics.jsonl").read_text() == before, "nothing may be touched"

@@ -4,6 +4,7 @@ after a few steps and resumed with +resume=latest, made once for the whole modul
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def test_status_shows_rollbacks_and_events_it_does_not_know(
         "rolled back to step 4 from step 9 (loss 9.5, baseline 4.1); skipped samples [40, 72); optimizer "
         "restored; 1 checkpoint set aside" in text
     )
-    assert 'spike_alarm at step 9: detail={"window": 20}' in text
+    assert "spike_alarm at step 9: detail window 20" in text
     pytest.importorskip("matplotlib")
     from curry_train.plot import plot_runs
 
@@ -128,9 +129,10 @@ def test_diff_of_killed_and_straight_is_bitwise_identical(
 ) -> None:
     straight, killed = runs
     lines = _run(capsys, "diff", str(straight), str(killed))
+    # One headline per run, each after its name, as `status` opens with it.
     assert (
         lines[0]
-        == f"tools-killed resumed from step {_resume_step(killed)} (1 resume), tools-straight ran straight through"
+        == f"tools-straight: ran straight through; tools-killed: resumed from step {_resume_step(killed)} (1 resume)"
     )
     assert "config: 1 key differs:" in lines
     assert any(line.split() == ["run.id", "'tools-straight'", "->", "'tools-killed'"] for line in lines)
@@ -181,6 +183,12 @@ def test_plot_is_a_png_with_one_curve_per_run_and_the_events(
 # ---------------------------------------------------------------------------------------------- export
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _model_of(run_dir: Path) -> tuple[dict, Transformer]:
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     return config, Transformer(ModelConfig(**config["model"]))
@@ -210,8 +218,15 @@ def test_export_loads_strictly_and_reproduces_the_dev_loss(
     with torch.no_grad():
         losses = [F.cross_entropy(model(b["input"]).flatten(0, 1), b["target"].flatten()).item() for b in batches]
     assert sum(losses) / len(losses) == pytest.approx(current[best_step]["dev_loss"], rel=1e-6, abs=0)
-    # A cast on the way out.
-    assert main(["export", str(killed), "-o", str(tmp_path / "bf16.safetensors"), "--dtype", "bf16"]) == 0
+    # Readable as the umask allows (safetensors alone makes it 0600), like any file the user writes.
+    assert out.stat().st_mode & 0o777 == 0o666 & ~_umask()
+    # A cast on the way out, under a group-readable umask.
+    old = os.umask(0o027)
+    try:
+        assert main(["export", str(killed), "-o", str(tmp_path / "bf16.safetensors"), "--dtype", "bf16"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "bf16.safetensors").stat().st_mode & 0o777 == 0o640
     assert {t.dtype for t in safetensors.load_file(tmp_path / "bf16.safetensors").values()} == {torch.bfloat16}
     assert main(["export", str(killed), "-o", str(tmp_path / "x"), "--format", "onnx"]) == 2
     assert "allowed: safetensors, hf" in capsys.readouterr().err
@@ -229,6 +244,8 @@ def test_hf_export_gives_transformers_the_same_logits(
     out = tmp_path / "hf"
     _run(capsys, "export", str(ckpt), "--format", "hf", "-o", str(out))
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~_umask()
     hf, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     _, ours = _model_of(killed)

@@ -1,8 +1,9 @@
-"""scripts/slurm_train.sbatch: it parses, and its own logic (trap, wait, requeue, +resume=auto) works.
+"""scripts/slurm_train.sbatch: it parses, and its own logic (trap, wait, requeue on the run's status, +resume=auto)
+works.
 
-SLURM is not available here, so the second test stands in small shell commands for `srun` (runs its command on
-this machine), `scancel` (signals that command) and `scontrol` (one host name; records a requeue). Everything else
-is real: the batch script under bash, torchrun with the script's rendezvous and signal options, two gloo ranks,
+SLURM is not available here, so the tests stand in small shell commands for `srun` (runs its command on this
+machine), `scancel` (signals that command) and `scontrol` (one host name; records a requeue). Everything else is
+real: the batch script under bash, `curry-train run` with the script's rendezvous options, torchrun, two gloo ranks,
 the SIGUSR1 that `--signal=B:USR1@...` would send, and the checkpoint the run saves before it is requeued.
 """
 
@@ -62,7 +63,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_time_limit_warning_saves_requeues_and_the_requeued_job_resumes(tmp_path: Path) -> None:
+def _job_env(tmp_path: Path) -> tuple[dict[str, str], Path, Path]:
+    """The environment of a batch job on one node with two ranks, its run root and its requeue record."""
     bin_dir, runs = tmp_path / "bin", tmp_path / "runs"
     pid_file, requeue_log = tmp_path / "step.pid", tmp_path / "requeues.log"
     _stand_ins(bin_dir, pid_file, requeue_log)
@@ -76,6 +78,36 @@ def test_time_limit_warning_saves_requeues_and_the_requeued_job_resumes(tmp_path
         "RUN_ROOT": str(runs),
         "RDZV_PORT": str(_free_port()),
     }
+    return env, runs, requeue_log
+
+
+def _job(args: list[str], tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
+
+
+def test_a_refused_launch_is_not_requeued(tmp_path: Path) -> None:
+    env, _, requeue_log = _job_env(tmp_path)
+    proc = _job([*FAST, "checkpoint.rollbak_every=5"], tmp_path, env)
+    assert proc.returncode == 2, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "checkpoint.rollbak_every: no such key" in proc.stderr
+    assert "the run stopped with status 2 (see above); not requeued" in proc.stdout
+    assert not requeue_log.exists()
+
+
+def test_a_crash_is_requeued(tmp_path: Path) -> None:
+    env, runs, requeue_log = _job_env(tmp_path)
+    crash = ["train.steps=6", "checkpoint.rollback_every=2", "+debug.fail_save_at=2", "+debug.fail_save_rank=1"]
+    proc = _job([*FAST, *crash, "run.id=crash"], tmp_path, env)
+    assert "curry-train: rank 1 failed: OSError: [Errno 28]" in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "the run failed with status 1" in proc.stdout and "requeueing job 4242" in proc.stdout
+    assert requeue_log.read_text().split() == ["requeue", "4242"]
+    assert (runs / "crash" / "failures.log").exists()
+
+
+def test_time_limit_warning_saves_requeues_and_the_requeued_job_resumes(tmp_path: Path) -> None:
+    env, runs, requeue_log = _job_env(tmp_path)
     overrides = [*FAST, "train.steps=150", "train.eval_every=75", "checkpoint.recovery_every=50", "run.id=slurm"]
     job = subprocess.Popen(
         ["bash", str(SCRIPT), *overrides],

@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 
 from curry_train.checkpoint import checksum
+from curry_train.checkpoint.durable import link_or_copy
+from curry_train.checkpoint.manifest import MANIFEST, Manifest
 from curry_train.checkpoint.policy import Checkpoint, Role
-from curry_train.checkpoint.store import MANIFEST, REPLACED_PREFIX, Manifest, RunDir, _link_or_copy
+from curry_train.checkpoint.store import REPLACED_PREFIX, RunDir
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARDS = ("__0_0.distcp", "__1_0.distcp", ".metadata")
@@ -292,12 +294,12 @@ def test_link_or_copy_falls_back_to_copy_across_devices(tmp_path: Path) -> None:
     src.write_bytes(os.urandom(1000))
     dst = shm / f"curry-train-test-{os.getpid()}.distcp"
     try:
-        assert _link_or_copy(src, dst) is False  # EXDEV: copied, not linked
+        assert link_or_copy(src, dst) is False  # EXDEV: copied, not linked
         assert dst.read_bytes() == src.read_bytes() and os.stat(dst).st_ino != os.stat(src).st_ino
     finally:
         dst.unlink(missing_ok=True)
     same_fs = tmp_path / "linked.distcp"
-    assert _link_or_copy(src, same_fs) is True and os.stat(same_fs).st_ino == os.stat(src).st_ino
+    assert link_or_copy(src, same_fs) is True and os.stat(same_fs).st_ino == os.stat(src).st_ino
 
 
 def test_link_refuses_uncommitted_source(run: RunDir) -> None:
@@ -448,7 +450,7 @@ def test_commit_real_dcp_checkpoint_readable_by_torch_tools(run: RunDir, tmp_pat
 
 def test_commit_uses_checksums_the_writing_ranks_computed(run: RunDir) -> None:
     """Rank 0 trusts each rank's checksum of its own shard (no re-read) but recomputes one whose size changed."""
-    from curry_train.checkpoint.store import FileEntry, file_entry
+    from curry_train.checkpoint.manifest import FileEntry, file_entry
 
     staging = run.staging_dir(rc(7))
     contents = write_fake_dcp(staging, 1000)

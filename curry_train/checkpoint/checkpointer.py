@@ -20,8 +20,8 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.pending import Durable, ParamsCopy, PendingSave, StepClock
-from curry_train.checkpoint.policy import Checkpoint, Policy, Role, best_k_decision, retention
-from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, Contents, DataLoaderState
+from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, best_k_decision, retention
+from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
 from curry_train.failures import PeerFailure
 from curry_train.journal import Journal

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 from torch.distributed.tensor import DTensor
 
 from curry_train.checkpoint import checksum
-from curry_train.checkpoint.store import FileEntry
+from curry_train.checkpoint.manifest import FileEntry
 
 _IMMUTABLE = (int, float, str, bytes, bool, type(None), torch.dtype, torch.device)
 

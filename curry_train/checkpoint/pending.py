@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from curry_train.checkpoint import io
-from curry_train.checkpoint.policy import Checkpoint
-from curry_train.checkpoint.state import Contents
+from curry_train.checkpoint.policy import Checkpoint, Contents
 
 
 @dataclass

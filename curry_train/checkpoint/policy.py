@@ -34,11 +34,20 @@ class Direction(enum.StrEnum):
     MAXIMIZE = "maximize"
 
 
-class RollbackContents(enum.StrEnum):
-    """What a rollback checkpoint holds."""
+class Contents(enum.StrEnum):
+    """What a checkpoint holds (`checkpoint.rollback_contents` chooses it for the rollback role)."""
 
-    FULL = "full"  # parameters + optimizer + RNG + dataloader + step: enough to resume exactly
-    PARAMS = "params"  # parameters only: enough to roll back, not to resume
+    FULL = "full"  # everything that decides the next step (parameters, optimizer, RNG, data position): exact resume
+    PARAMS = "params"  # parameters (and the step they belong to) only: enough to roll back, not to resume
+
+
+class SaveReason(enum.StrEnum):
+    """Why a save is considered at a step; `decide_save` turns it into roles and contents."""
+
+    CADENCE = "cadence"  # the roles whose cadence falls on the step
+    FINAL = "final"  # the run's last step: `run_end` must name an exact-resume checkpoint
+    PREEMPTION = "preemption"  # a stop signal: the requeued run must resume exactly
+    RESAVE = "resave"  # a rollback saves its target step again, with the data position that skips the spike
 
 
 # No leading, trailing or doubled '_': the name becomes '-'-separated and must parse back unambiguously.
@@ -76,7 +85,7 @@ class Policy:
     best_k_direction: Direction = Direction.MINIMIZE
     rollback_keep: int = 5
     recovery_keep: int = 3
-    rollback_contents: RollbackContents = RollbackContents.FULL
+    rollback_contents: Contents = Contents.FULL
     abandoned_keep: int = 1  # checkpoints set aside by rollbacks that are kept (the newest set aside)
 
     def __post_init__(self) -> None:
@@ -91,7 +100,7 @@ class Policy:
                     f"must keep at least 1 checkpoint; set {_key(every)}=0 to disable the role"
                 )
         _check_metric_name(_key("best_k_metric"), self.best_k_metric)
-        for name, enum_type in (("best_k_direction", Direction), ("rollback_contents", RollbackContents)):
+        for name, enum_type in (("best_k_direction", Direction), ("rollback_contents", Contents)):
             value = getattr(self, name)
             try:
                 object.__setattr__(self, name, enum_type(value))
@@ -102,7 +111,7 @@ class Policy:
     @property
     def full_rollback(self) -> bool:
         """Rollback checkpoints hold full state, so they are exact-resume points too."""
-        return self.rollback_contents is RollbackContents.FULL
+        return self.rollback_contents is Contents.FULL
 
 
 @dataclass(frozen=True)
@@ -166,6 +175,44 @@ def roles_due(policy: Policy, step: int) -> list[Role]:
         return []
     cadences = ((Role.ROLLBACK, policy.rollback_every), (Role.RECOVERY, policy.recovery_every))
     return [role for role, every in cadences if every > 0 and step % every == 0]
+
+
+@dataclass(frozen=True)
+class SaveDecision:
+    """One save: its bytes are written for the first role and linked for the others."""
+
+    roles: tuple[Role, ...]
+    contents: Contents
+
+
+def contents_of(policy: Policy, roles: tuple[Role, ...] | list[Role]) -> Contents:
+    """What a save for `roles` holds: full state when any of them is an exact-resume role."""
+    if Role.RECOVERY in roles or (Role.ROLLBACK in roles and policy.full_rollback):
+        return Contents.FULL
+    return Contents.PARAMS
+
+
+def decide_save(
+    policy: Policy, step: int, reason: SaveReason, roles_at_step: tuple[Role, ...] = ()
+) -> SaveDecision | None:
+    """What to save after `step` completed steps, and why; None when nothing is to be saved.
+
+    CADENCE: the roles due. FINAL and PREEMPTION: a full checkpoint, unless the cadence saves one at this step
+    anyway (then finishing that save is enough); it goes under recovery, or under rollback when only a full
+    rollback role saves, so that retention deletes it in due course. RESAVE: `roles_at_step`, the roles a rollback's
+    target step was committed under, again. Best-K is never decided here: it follows the dev metric."""
+    reason = SaveReason(reason)
+    if reason is SaveReason.RESAVE:
+        roles = tuple(r for r in roles_at_step if r is not Role.BEST_K)
+        return SaveDecision(roles, contents_of(policy, roles)) if roles else None
+    due = tuple(roles_due(policy, step))
+    cadence = SaveDecision(due, contents_of(policy, due)) if due else None
+    if reason is SaveReason.CADENCE:
+        return cadence
+    if cadence is not None and cadence.contents is Contents.FULL:
+        return None
+    only_rollback = policy.full_rollback and policy.rollback_every > 0 and policy.recovery_every == 0
+    return SaveDecision((Role.ROLLBACK if only_rollback else Role.RECOVERY,), Contents.FULL)
 
 
 def is_better(direction: Direction, a: float, b: float) -> bool:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
+from pathlib import Path
 
 from curry_train.checkpoint.checkpointer import Checkpointer
-from curry_train.checkpoint.policy import Policy, Role, roles_due
-from curry_train.checkpoint.state import Contents
+from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
+from curry_train.journal import read_journal
+from curry_train.watchdog import journal_any_rank
 
 
 class StopNow(KeyboardInterrupt):
@@ -17,19 +20,43 @@ class StopNow(KeyboardInterrupt):
 class Preemption:
     """SIGTERM (what schedulers and torchrun send before killing), SIGUSR1 (SLURM's `--signal` warning) and SIGINT
     (Ctrl-C) ask the run to finish its step, save a full checkpoint and stop, instead of dying mid-step. A second
-    signal stops at once: the last committed checkpoint is intact, a save cut short is never visible."""
+    signal stops at once: the last committed checkpoint is intact, a save cut short is never visible.
+
+    Rank 0 says at once what the first signal will do, and journals the second (`preempt` with `forced`) before
+    stopping, so that `curry-train status` tells what stopped the attempt. `where` gives the last completed step
+    and what the rank is doing (the watchdog's phase, e.g. "the save of step 12")."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
-    def __init__(self) -> None:
+    def __init__(
+        self,
+        run_dir: Path | None = None,
+        is_main: bool = False,
+        where: Callable[[], tuple[int, str]] = lambda: (0, "the current step"),
+        plan_save_seconds: float | None = None,
+    ) -> None:
         self.received: int | None = None
+        self.run_dir, self.is_main, self.where, self.plan_save_seconds = run_dir, is_main, where, plan_save_seconds
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
+        name = signal.Signals(signum).name
+        step, phase = self.where()
         if self.received is not None:
             self.uninstall()
-            raise StopNow(f"{signal.Signals(signum).name} received twice: stopped at once")
+            if self.is_main and self.run_dir is not None:
+                journal_any_rank(self.run_dir, "preempt", step, signal=name, forced=True, during=phase)
+            raise StopNow(f"{name} received twice: stopped at once during {phase}")
         self.received = signum
+        if self.is_main:
+            seconds = last_full_save_seconds(self.run_dir) or self.plan_save_seconds
+            about = f"about {seconds:.0f} s" if seconds is not None else "no save measured yet"
+            # os.write, not print: the handler may run while the training thread is inside a print.
+            os.write(
+                2,
+                f"curry-train: {name} received: finishing {phase}, then saving a full checkpoint ({about}) and "
+                "stopping; a second signal stops at once without that save\n".encode(),
+            )
 
     @property
     def requested(self) -> bool:
@@ -40,16 +67,31 @@ class Preemption:
             signal.signal(sig, handler)
 
 
-def ensure_full_save(ckpt: Checkpointer, policy: Policy, step: int, state: Callable[[Contents], dict]) -> None:
+def last_full_save_seconds(run_dir: Path | None) -> float | None:
+    """The seconds of the last full save journaled in `run_dir`, written and committed (None when there is none)."""
+    path = None if run_dir is None else run_dir / "journal.jsonl"
+    if path is None or not path.is_file():
+        return None
+    saves = [
+        e
+        for e in read_journal(path)
+        if e["event"] == "save" and e.get("contents") == "full" and "linked_from" not in e and "seconds" in e
+    ]
+    return float(saves[-1]["seconds"]) if saves else None
+
+
+def ensure_full_save(
+    ckpt: Checkpointer,
+    policy: Policy,
+    step: int,
+    state: Callable[[Contents], dict],
+    reason: SaveReason = SaveReason.PREEMPTION,
+) -> None:
     """A full checkpoint of `step`, unless the cadence already saved one (in flight or committed: then finishing it
     is enough)."""
-    due = roles_due(policy, step)
-    full_rollback = policy.rollback_every > 0 and policy.full_rollback
-    if not (Role.RECOVERY in due or (Role.ROLLBACK in due and full_rollback)):
-        # Saved under a role whose retention will delete it in due course; with both cadences off it is a
-        # recovery checkpoint that stays until removed by hand.
-        role = Role.ROLLBACK if full_rollback and policy.recovery_every == 0 else Role.RECOVERY
-        ckpt.save(step, [role], Contents.FULL, state(Contents.FULL))
+    decision = decide_save(policy, step, reason)
+    if decision is not None:
+        ckpt.save(step, list(decision.roles), decision.contents, state(decision.contents))
 
 
 def save_on_preemption(

@@ -17,10 +17,12 @@ import torch.distributed as dist
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.checkpointer import Checkpointer
+from curry_train.checkpoint.manifest import MANIFEST, Manifest, check_file
 from curry_train.checkpoint.policy import Checkpoint, Role
 from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress, digest_algorithm, legacy_layout
-from curry_train.checkpoint.store import MANIFEST, Manifest, RunDir, check_file
+from curry_train.checkpoint.store import RunDir
 from curry_train.config import Launch, flatten
+from curry_train.failures import Refused
 from curry_train.journal import Deferred, Journal, read_journal
 from curry_train.metrics import read_metrics
 
@@ -158,9 +160,13 @@ def find_resume_point(launch: Launch, store: RunDir, config: dict[str, Any] | No
     if request is None:
         metrics = store.path / "metrics.jsonl"
         if store.list() or (metrics.exists() and metrics.stat().st_size > 0):
-            raise ResumeError(
-                f"run directory {store.path} already holds a run ({describe_run(store, config)}); continue it with "
-                "+resume=latest (or +resume=auto), or start another beside it with run.id=NAME"
+            # Not a ResumeError: nobody asked to resume. A refusal that names the two ways on.
+            journal = store.path / "journal.jsonl"
+            finished = journal.exists() and any(e["event"] == "run_end" for e in read_journal(journal))
+            raise Refused(
+                f"run directory {store.path} already holds a {'finished ' if finished else ''}run "
+                f"({describe_run(store, config)}) and this launch has no +resume: continue it with +resume=latest "
+                "(or +resume=auto), or start another beside it with run.id=NAME"
             )
         return None
     if request in ("latest", "auto") and launch.rollback_to is None:

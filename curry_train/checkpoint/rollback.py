@@ -13,14 +13,21 @@ from pathlib import Path
 from typing import Any
 
 from curry_train.checkpoint.checkpointer import Checkpointer
-from curry_train.checkpoint.policy import Role, abandoned_by_rollback, rollback_target, skipped_range
+from curry_train.checkpoint.policy import (
+    Role,
+    SaveReason,
+    abandoned_by_rollback,
+    decide_save,
+    rollback_target,
+    skipped_range,
+)
 from curry_train.checkpoint.resume import ResumePoint, Trainee, load, point_of
 from curry_train.checkpoint.state import Contents, Progress
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import SpikeConfig
 from curry_train.distributed import on_rank0
 from curry_train.metrics import read_metrics
-from curry_train.spike import SpikeRule, Verdict, recent_rollbacks, rollback_bound
+from curry_train.spike import Verdict, recent_rollbacks, rollback_bound
 
 
 class SpikeError(RuntimeError):
@@ -88,13 +95,15 @@ def roll_back(
             set_aside=set_aside,
             **cause.fields,
         )
-        return set_aside, [c.role for c in committed if c.step == point.step and c.role is not Role.BEST_K]
+        return set_aside, tuple(c.role for c in committed if c.step == point.step)
 
     set_aside, roles = on_rank0(ckpt.is_main, ckpt.group, rewind_run_dir)
     # The target step again, now with the skipped range in its progress: a crash from here on resumes the new
     # trajectory exactly, never the spiked one. It replaces the old bytes through the store's atomic re-save.
-    ckpt.save(point.step, roles, point.contents, into.state(point.contents))
-    ckpt.wait()
+    decision = decide_save(ckpt.policy, point.step, SaveReason.RESAVE, roles)
+    if decision is not None:
+        ckpt.save(point.step, list(decision.roles), decision.contents, into.state(decision.contents))
+        ckpt.wait()
     say(
         f"curry-train: {cause.summary}: rolled back to step {point.step} ({point.rollback_to}), skipping samples "
         f"[{start}, {end}) ({(end - start) // batch_size} steps of data); "
@@ -111,7 +120,7 @@ def spike_target(
     verdict: Verdict, step: int, progress: Progress, ckpt: Checkpointer, spike: SpikeConfig, batch_size: int
 ) -> tuple[ResumePoint, Cause]:
     """Where an in-process rollback after a spike at `step` goes, or a SpikeError when it cannot."""
-    rule = SpikeRule(spike.window, spike.warmup_steps, spike.sigmas, spike.min_rise)
+    rule = spike.rule()
     seen = [r["spike_step"] for r in progress.rollbacks]
     if recent_rollbacks(seen, step, spike.max_rollbacks_within) >= spike.max_rollbacks:
         raise SpikeError(

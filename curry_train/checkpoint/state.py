@@ -20,7 +20,6 @@ so keying by rank is what keeps rank 1's data position from being overwritten by
 
 from __future__ import annotations
 
-import enum
 import json
 import pickle
 import random
@@ -42,12 +41,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.tensor import DTensor
 
 from curry_train.checkpoint import checksum
-
-
-class Contents(enum.StrEnum):
-    FULL = "full"  # everything that decides the next step: exact resume
-    PARAMS = "params"  # parameters (and the step they belong to) only
-
+from curry_train.checkpoint.policy import Contents
 
 # Keys whose values belong to one layout of ranks: a resume on another world size leaves them out.
 PER_RANK_KEYS = ("rng", "fidelity")

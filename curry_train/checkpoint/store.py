@@ -1,4 +1,5 @@
-"""The run directory on disk: atomic commit, manifest, latest link, listing, deletion.
+"""The run directory on disk: the commit protocol, the latest link, listing, deletion, rollbacks' set-aside
+checkpoints, and the one-writer lock.
 
 Layout::
 
@@ -14,7 +15,6 @@ every file, the manifest and the staging directory itself were fsynced. This mod
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
@@ -23,16 +23,22 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from curry_train.checkpoint import checksum
+from curry_train.checkpoint.durable import fsync_dir, fsync_file, link_or_copy, remove, write_json_durably
+from curry_train.checkpoint.manifest import (
+    MANIFEST,
+    FileEntry,
+    Manifest,
+    check_file,
+    checksum_tree,
+    data_files,
+)
 from curry_train.checkpoint.policy import Checkpoint, Role, parse_checkpoint_name
 
-MANIFEST = "manifest.json"
-MANIFEST_VERSION = 1
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
 TRASH_PREFIX = ".trash-"
@@ -48,74 +54,10 @@ ABANDONED_PREFIX = ".abandoned-"
 # finds it finishes the rollback before choosing where to resume, so a crash mid-rollback never resumes the
 # abandoned trajectory.
 ROLLBACK_INTENT = "rollback-intent.json"
-# Errors after which os.link cannot work here but a plain copy can (cross-device, no hard-link support).
-_NO_LINK_ERRNOS = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
-
-
-# --------------------------------------------------------------------------------------------- fsync helpers
-
-
-def fsync_file(path: str | os.PathLike[str]) -> None:
-    """Flush one file's data and metadata to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Flush a directory's entries (creations, renames, unlinks) to stable storage."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_json_durably(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON via tmp + fsync + rename, so a reader sees the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _remove(path: Path) -> None:
-    """Remove a directory tree, a file or a (possibly dangling) symlink."""
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)
 
 
 def _now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
-
-
-# ------------------------------------------------------------------------------------------------- manifest
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    """Size and checksum of one file of a checkpoint; the manifest keys the checksum by its algorithm's name."""
-
-    nbytes: int
-    digest: str
-    algorithm: str = checksum.DEFAULT
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"bytes": self.nbytes, self.algorithm: self.digest}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> FileEntry:
-        named = [a for a in checksum.ALGORITHMS if a in d]
-        if not named:
-            raise ValueError(f"file entry {d} has no checksum of a known algorithm ({', '.join(checksum.ALGORITHMS)})")
-        return cls(nbytes=int(d["bytes"]), digest=str(d[named[0]]), algorithm=named[0])
 
 
 @dataclass(frozen=True)
@@ -134,101 +76,14 @@ class Abandoned:
         return f"{self.path.parent.name}/{self.path.name}"
 
 
-@dataclass
-class Manifest:
-    """What a committed checkpoint holds; written last, so its presence marks a complete checkpoint."""
-
-    role: Role
-    step: int
-    name: str
-    created: str
-    files: dict[str, FileEntry]
-    metric: float | None = None
-    metric_name: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-    linked_from: str | None = None
-    version: int = MANIFEST_VERSION
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(e.nbytes for e in self.files.values())
-
-    @property
-    def checkpoint(self) -> Checkpoint:
-        return Checkpoint(self.role, self.step, self.metric, self.metric_name)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "version": self.version,
-            "role": self.role.value,
-            "step": self.step,
-            "metric": self.metric,
-            "metric_name": self.metric_name,
-            "name": self.name,
-            "created": self.created,
-            "files": {rel: e.to_dict() for rel, e in sorted(self.files.items())},
-            "total_bytes": self.total_bytes,
-            "linked_from": self.linked_from,
-            "extra": self.extra,
-        }
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
-        return cls(
-            role=Role(d["role"]),
-            step=int(d["step"]),
-            name=str(d["name"]),
-            created=str(d["created"]),
-            files={rel: FileEntry.from_dict(e) for rel, e in d["files"].items()},
-            metric=None if d.get("metric") is None else float(d["metric"]),
-            metric_name=d.get("metric_name"),
-            extra=dict(d.get("extra") or {}),
-            linked_from=d.get("linked_from"),
-            version=int(d.get("version", MANIFEST_VERSION)),
-        )
-
-    @classmethod
-    def read(cls, ckpt_dir: Path) -> Manifest:
-        with open(ckpt_dir / MANIFEST, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
-
-
-def _data_files(root: Path) -> Iterator[Path]:
-    """Every regular file under a checkpoint directory except the manifest (and its tmp)."""
-    for dirpath, _dirnames, filenames in os.walk(root):
-        for fname in filenames:
-            p = Path(dirpath, fname)
-            if p.parent == root and fname in (MANIFEST, MANIFEST + ".tmp"):
-                continue
-            if p.is_symlink() or not p.is_file():
-                raise ValueError(f"checkpoint may hold only regular files: {p}")
-            yield p
-
-
 def _fsync_tree(root: Path, durable: frozenset[str] = frozenset()) -> None:
     """fsync every file (but those in `durable`, relative paths), then every directory bottom-up (so each dir entry
     is durable too)."""
-    for p in _data_files(root):
+    for p in data_files(root):
         if p.relative_to(root).as_posix() not in durable:
             fsync_file(p)
     for dirpath, _dirnames, _filenames in os.walk(root, topdown=False):
         fsync_dir(dirpath)
-
-
-def file_entry(path: Path) -> FileEntry:
-    return FileEntry(path.stat().st_size, checksum.of_file(path))
-
-
-def _checksum_tree(root: Path, known: dict[str, FileEntry] | None = None) -> dict[str, FileEntry]:
-    """Size and checksum of every file; entries in `known` (computed by the rank that wrote the file) are trusted
-    when the size still matches, so rank 0 need not re-read every rank's shards."""
-    known = known or {}
-    entries = {}
-    for p in sorted(_data_files(root)):
-        rel = p.relative_to(root).as_posix()
-        entry = known.get(rel)
-        entries[rel] = entry if entry is not None and entry.nbytes == p.stat().st_size else file_entry(p)
-    return entries
 
 
 # --------------------------------------------------------------------------------------------- one writer
@@ -305,7 +160,7 @@ class RunDir:
         """Fresh ``<role>/.tmp-<name>`` for all ranks to write into; an old one from a crash is removed."""
         staging = self._ensure_role_dir(ckpt.role) / f"{TMP_PREFIX}{ckpt.name}"
         if staging.exists() or staging.is_symlink():
-            _remove(staging)
+            remove(staging)
         staging.mkdir()
         return staging
 
@@ -335,7 +190,7 @@ class RunDir:
             step=ckpt.step,
             name=ckpt.name,
             created=_now_iso(),
-            files=_checksum_tree(staging, known),
+            files=checksum_tree(staging, known),
             metric=ckpt.metric,
             metric_name=ckpt.metric_name,
             extra=dict(extra or {}),
@@ -351,7 +206,7 @@ class RunDir:
         for rel in src_manifest.files:
             target = staging / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            if not _link_or_copy(src_dir / rel, target):
+            if not link_or_copy(src_dir / rel, target):
                 fsync_file(target)  # a copy holds new data; a hard link shares data already durable
         for dirpath, _dirnames, _filenames in os.walk(staging, topdown=False):
             fsync_dir(dirpath)
@@ -371,7 +226,7 @@ class RunDir:
 
     def _publish(self, ckpt: Checkpoint, staging: Path, manifest: Manifest) -> None:
         """Manifest last, then rename into place; the rename is the moment the checkpoint exists."""
-        _write_json_durably(staging / MANIFEST, manifest.to_dict())
+        write_json_durably(staging / MANIFEST, manifest.to_dict())
         fsync_dir(staging)
         final = self.path_of(ckpt)
         self._ensure_role_dir(ckpt.role)
@@ -496,7 +351,7 @@ class RunDir:
         if not self.is_committed(target):
             raise ValueError(f"refusing to roll back to an uncommitted checkpoint: {target.relpath}")
         intent = {"target": target.relpath, "abandoned": [c.relpath for c in abandoned]}
-        _write_json_durably(self.path / ROLLBACK_INTENT, intent)
+        write_json_durably(self.path / ROLLBACK_INTENT, intent)
         fsync_dir(self.path)
         return self._carry_out_rollback(target, abandoned)
 
@@ -583,13 +438,13 @@ class RunDir:
             self._restore_replaced(d)
             stale = [Path(e.path) for e in os.scandir(d) if e.name.startswith((TMP_PREFIX, TRASH_PREFIX))]
             for p in sorted(stale):
-                _remove(p)
+                remove(p)
                 removed.append(p)
             if stale:
                 fsync_dir(d)
         tmp_link = self.path / (LATEST + ".tmp")
         if tmp_link.is_symlink() or tmp_link.exists():
-            _remove(tmp_link)
+            remove(tmp_link)
             removed.append(tmp_link)
             fsync_dir(self.path)
         return removed
@@ -609,7 +464,7 @@ class RunDir:
             return [f"{d}: {MANIFEST} unreadable: {e!r}"]
         problems = [p for rel, e in sorted(manifest.files.items()) if (p := check_file(d, rel, e))]
         try:
-            on_disk = {p.relative_to(d).as_posix() for p in _data_files(d)}
+            on_disk = {p.relative_to(d).as_posix() for p in data_files(d)}
         except ValueError as e:
             return [*problems, str(e)]
         problems += [f"{rel}: file not in manifest" for rel in sorted(on_disk - manifest.files.keys())]
@@ -631,29 +486,3 @@ class RunDir:
 
 def _tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
-
-
-def check_file(ckpt_dir: Path, rel: str, entry: FileEntry) -> str | None:
-    """One human-readable problem with a checkpoint file, or None if size and checksum match."""
-    p = ckpt_dir / rel
-    if not p.is_file():
-        return f"{rel}: missing"
-    size = p.stat().st_size
-    if size != entry.nbytes:
-        return f"{rel}: size {size} bytes, manifest says {entry.nbytes} (truncated or overwritten)"
-    digest = checksum.of_file(p, entry.algorithm)
-    if digest != entry.digest:
-        return f"{rel}: {entry.algorithm} checksum {digest}, manifest says {entry.digest} (corrupted)"
-    return None
-
-
-def _link_or_copy(src: Path, dst: Path) -> bool:
-    """Hard-link src to dst; copy where the filesystem refuses links. True if a hard link was made."""
-    try:
-        os.link(src, dst)
-        return True
-    except OSError as e:
-        if e.errno not in _NO_LINK_ERRNOS:
-            raise
-    shutil.copy2(src, dst)
-    return False
