@@ -253,7 +253,7 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
     dog.beat(final_step, f"the save of step {final_step}")
     if final_step == t.steps and cfg.checkpoint.save_final:
         ensure_full_save(ckpt, policy, final_step, state, SaveReason.FINAL)  # run_end names an exact-resume one
-    ckpt.wait()
+    ckpt.close()
     preemption.uninstall()
     if final_step == t.steps:
         latest = ckpt.store.latest() if env.is_main else None

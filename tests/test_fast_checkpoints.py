@@ -18,10 +18,11 @@ from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
 
 from curry_train import distributed
+from curry_train.checkpoint import io
 from curry_train.checkpoint import state as state_module
 from curry_train.checkpoint.checkpointer import Checkpointer
-from curry_train.checkpoint.io import Stager
 from curry_train.checkpoint.policy import Checkpoint, Role
+from curry_train.checkpoint.staging import Stager
 from curry_train.checkpoint.state import Contents, Progress, app_state, param_digest
 from curry_train.checkpoint.store import RunDir
 from curry_train.compose import resolve
@@ -121,7 +122,7 @@ def test_best_k_at_a_step_with_a_full_save_in_flight_writes_its_staged_parameter
     assert store.verify(best) == []
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
     assert {key.split(".")[0] for key in metadata} == {"model", "progress", "dataloader"}
-    ckpt.load(path, {"model": state_module.ModelState(model)})
+    io.load({"model": state_module.ModelState(model)}, path, ckpt.group)
     assert all(torch.equal(v.full_tensor(), saved[k]) for k, v in model.state_dict().items())
     saves = [e for e in read_journal(run / "journal.jsonl") if e["event"] == "save"]
     assert [(e["role"], e.get("params_of")) for e in saves] == [
@@ -162,7 +163,7 @@ def test_an_async_save_holds_the_state_of_its_step_although_the_update_follows_a
     ckpt.wait()
     after = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
     assert any(not torch.equal(after[k], saved[k]) for k in saved), "the update changed nothing: the test is void"
-    ckpt.load(ckpt.store.path_of(Checkpoint(Role.RECOVERY, 1)), state(Contents.FULL))
+    io.load(state(Contents.FULL), ckpt.store.path_of(Checkpoint(Role.RECOVERY, 1)), ckpt.group)
     assert all(torch.equal(v.full_tensor(), saved[k]) for k, v in model.state_dict().items())
     [save] = [e for e in read_journal(world_of_one["run"] / "journal.jsonl") if e["event"] == "save"]
     assert save["snapshot_wait_seconds"] >= 0.0
@@ -201,7 +202,7 @@ def test_fidelity_digest_comes_from_the_save_and_is_not_computed_on_load(
     digests = []
     real_digest = state_module._digest
     monkeypatch.setattr(state_module, "_digest", lambda *args: digests.append(1) or real_digest(*args))
-    ckpt.load(ckpt.store.path_of(Checkpoint(Role.RECOVERY, 1)), state(Contents.FULL))
+    io.load(state(Contents.FULL), ckpt.store.path_of(Checkpoint(Role.RECOVERY, 1)), ckpt.group)
     assert digests == [], "loading computed the parameter digest"
     # The writer's digest, taken from the staged copy, is the live parameters' digest: a resume's check passes.
     assert saved["params"] == param_digest(model) and saved["next_indices"] == [8, 9]

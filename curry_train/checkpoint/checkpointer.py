@@ -21,6 +21,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from curry_train.checkpoint import io
 from curry_train.checkpoint.pending import Durable, ParamsCopy, PendingSave, StepClock
 from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, best_k_decision, retention
+from curry_train.checkpoint.staging import Snapshot, Stager, to_state_dict
 from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
 from curry_train.failures import PeerFailure
@@ -47,7 +48,7 @@ class Checkpointer:
         self.rank = rank
         self.is_main = rank == 0
         self.async_save = async_save
-        self.stager = io.Stager()  # one per run: its buffers are reused by every asynchronous save
+        self.stager = Stager()  # one per run: its buffers are reused by every asynchronous save
         self.writer = io.Writer(direct_io)  # one per run: one save written at a time
         self.writing: PendingSave | None = None  # every rank: bytes being written
         self.committing: PendingSave | None = None  # rank 0: durable bytes being committed
@@ -132,7 +133,7 @@ class Checkpointer:
     def _start(self, pending: PendingSave, state: dict[str, Stateful]) -> None:
         """Stage (asynchronous saves) and plan the save on every rank, then hand it to the writer thread."""
         try:
-            state_dict = io.to_state_dict(state)
+            state_dict = to_state_dict(state)
             snapshot = None
             if self.async_save:
                 # Parameters and optimizer state change only at optimizer.step(): the copies are made while the next
@@ -143,7 +144,7 @@ class Checkpointer:
             raise
         self._submit(pending, state_dict, snapshot)
 
-    def _submit(self, pending: PendingSave, state_dict: dict[str, Any], snapshot: io.Snapshot | None = None) -> None:
+    def _submit(self, pending: PendingSave, state_dict: dict[str, Any], snapshot: Snapshot | None = None) -> None:
         """Plan the save of `state_dict` (staged, or the live state of a synchronous save) on every rank, then hand
         it to the writer thread."""
         first = pending.checkpoints[0]
@@ -430,11 +431,10 @@ class Checkpointer:
                 reason=f"abandoned_keep={self.policy.abandoned_keep} exceeded (set aside by a rollback)",
             )
 
-    # ------------------------------------------------------------------------------------------------ loading
-
-    def load(self, path: Path, state: dict[str, Stateful]) -> None:
-        """Load the keys of `state` that the checkpoint at `path` holds (all ranks)."""
-        io.load(state, path, self.group)
+    def close(self) -> None:
+        """Finish the save in flight (every rank) and end the writer's thread: the launch is done saving."""
+        self.wait()
+        self.writer.close()
 
 
 def _params_only(state_dict: dict[str, Any]) -> dict[str, Any]:

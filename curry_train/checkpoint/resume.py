@@ -338,7 +338,7 @@ def load(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: int)
     if "dataloader" not in io.saved_keys(point.path):
         wanted = legacy_layout(wanted)  # written before `dataloader`: the data position is in `progress`
     into.saved_fidelity.clear()
-    ckpt.load(point.path, wanted)
+    io.load(wanted, point.path, ckpt.group)
     if point.contents is Contents.PARAMS:
         into.optimizer.state.clear()  # Adam's moments start fresh (a rollback may have had them)
     into.progress.world_size = world_size
