@@ -165,6 +165,27 @@ def _render_cadence(plan: Plan) -> list[str]:
     return lines
 
 
+def clamp_words(clamped: str | None, optimum_steps: float | None) -> str:
+    """Why an automatic interval is what it is, in a few words (the plan and `status` say it alike)."""
+    if optimum_steps is None:
+        return "nothing measured yet: checkpoint.auto_min_every, so the first save comes early and is measured"
+    daly = f"Daly's optimum {optimum_steps:.1f} steps"
+    return {
+        None: daly,
+        "min": f"{daly}, raised to checkpoint.auto_min_every",
+        "max": f"{daly}, lowered to checkpoint.auto_max_every (default: train.steps)",
+        "overhead": f"{daly}, raised so saves cost at most checkpoint.max_overhead of training time",
+    }.get(clamped, f"{daly}, clamped: {clamped}")
+
+
+def _render_auto(plan: Plan) -> list[str]:
+    if plan.auto is None:
+        return []
+    keys = " and ".join(f"checkpoint.{role}_every=auto" for role in plan.auto_roles)
+    clamped = plan.auto.clamped.value if plan.auto.clamped else None
+    return [f"  {keys}: every {plan.auto.every} steps ({clamp_words(clamped, plan.auto.optimum_steps)})"]
+
+
 def render_plan(plan: Plan) -> str:
     """The plan as the text block that `curry-train plan` and the start of training print."""
     sections = [
@@ -173,6 +194,7 @@ def render_plan(plan: Plan) -> str:
         _render_recommendation(plan),
         _render_worst_case(plan),
         _render_cadence(plan),
+        _render_auto(plan),
         [f"hang timeout: {plan.hang_timeout_s:.0f} s ({plan.hang_source}): no progress for this long ends the job"],
     ]
     return "\n".join(line for section in sections for line in section)
@@ -203,6 +225,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "recommendation": None if plan.recommendation is None else asdict(plan.recommendation),
         "timing": asdict(plan.timing),
         "cadence": None if plan.cadence is None else asdict(plan.cadence),
+        "auto": None if plan.auto is None else asdict(plan.auto) | {"roles": list(plan.auto_roles)},
         "hang_timeout_s": plan.hang_timeout_s,
     }
     if plan.crash is not None and plan.spike is not None:
