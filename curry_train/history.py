@@ -176,7 +176,7 @@ def read_run(path: str | Path) -> RunHistory:
 # -------------------------------------------------------------------------------------------------- facts
 
 
-def _plural(count: int, word: str) -> str:
+def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
@@ -223,14 +223,14 @@ def headline(run: RunHistory) -> str:
     resumes = run.resumes
     if resumes:
         steps = ", ".join(str(e["step"]) for e in resumes)
-        parts.append(f"resumed from step{'s' if len(resumes) > 1 else ''} {steps} ({_plural(len(resumes), 'resume')})")
+        parts.append(f"resumed from step{'s' if len(resumes) > 1 else ''} {steps} ({plural(len(resumes), 'resume')})")
     rollbacks = [e for e in run.events if e["event"] == "rollback"]
     if rollbacks:
         steps = ", ".join(str(e["step"]) for e in rollbacks)
         parts.append(f"rolled back to step{'s' if len(rollbacks) > 1 else ''} {steps}")
     for event, word in (("preempt", "preemption"), ("world_size_change", "world-size change"), ("error", "error")):
         if n := run.count(event):
-            parts.append(_plural(n, word))
+            parts.append(plural(n, word))
     if len(parts) == (init is not None):
         parts.append("ran straight through")
     return ", ".join(parts)
@@ -250,7 +250,7 @@ def _attempt_end_fact(attempt: Attempt) -> str | None:
 def _resume_fact(event: dict[str, Any], attempt: Attempt, previous: Attempt | None) -> str:
     redone = ""
     if previous is not None and previous.last_step is not None:
-        redone = f", {_plural(max(previous.last_step - int(event['step']), 0), 'step')} redone"
+        redone = f", {plural(max(previous.last_step - int(event['step']), 0), 'step')} redone"
     how = "exact" if event.get("exact") else f"{event.get('contents', '?')} state, not exact"
     return (
         f"resumed from step {event['step']} at {short_time(event['time'])[11:]} (attempt {attempt.number}{redone}) "
@@ -279,7 +279,7 @@ def _rollback_fact(event: dict[str, Any]) -> str:
         text += "; optimizer " + ("restored" if event["optimizer_restored"] else "starts fresh")
     aside = event.get("set_aside", event.get("abandoned"))
     if isinstance(aside, list):
-        text += f"; {_plural(len(aside), 'checkpoint')} set aside"
+        text += f"; {plural(len(aside), 'checkpoint')} set aside"
     return text
 
 
@@ -294,7 +294,7 @@ def _spike_injected_fact(event: dict[str, Any]) -> str:
 def _resume_fallback_fact(event: dict[str, Any]) -> str:
     problems = event.get("problems") if isinstance(event.get("problems"), list) else []
     first = shorten(str(problems[0]), 120) if problems else "no problem recorded"
-    more = f" (and {_plural(len(problems) - 1, 'more problem')})" if len(problems) > 1 else ""
+    more = f" (and {plural(len(problems) - 1, 'more problem')})" if len(problems) > 1 else ""
     fallback = event.get("fallback")
     then = f"fell back to {fallback}" if fallback else "no other checkpoint to fall back to"
     return f"checkpoint {event.get('path', '?')} failed verification: {first}{more}; {then}"
@@ -359,7 +359,7 @@ def history_lines(run: RunHistory) -> list[str]:
         start = attempt.start
         if attempt.resume is None:
             ranks = start.get("world_size")
-            on = _plural(ranks, "rank") if isinstance(ranks, int) else "? ranks"
+            on = plural(ranks, "rank") if isinstance(ranks, int) else "? ranks"
             out.append((start["time"], f"attempt {attempt.number} started at step {start['step']} on {on}"))
         for event in attempt.events:
             kind = event["event"]
@@ -519,7 +519,7 @@ def timing_of(
     prior = mtbf_hours * 3600.0
     mtbf = mtbf_estimate(prior, history.training_seconds, history.count)
     mtbf_source = (
-        f"{mtbf_key}={mtbf_hours:g} as a prior, with {_plural(history.count, 'interruption')} in "
+        f"{mtbf_key}={mtbf_hours:g} as a prior, with {plural(history.count, 'interruption')} in "
         f"{history.training_seconds / 3600:.3g} h of this run's training: (prior + T) / (1 + n)"
     )
     return Timing(

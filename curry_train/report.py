@@ -8,7 +8,7 @@ from typing import Any
 from curry_train.checkpoint.sizes import human_bytes
 from curry_train.checkpoint.store import ABANDONED_PREFIX, RunDir
 from curry_train.config import flatten
-from curry_train.history import RunHistory, headline, history_lines, in_words
+from curry_train.history import RunHistory, headline, history_lines, in_words, plural
 
 # Metrics compared by `diff` besides the train loss, when both runs have them at common steps.
 COMPARED_METRICS = ("loss", "dev_loss", "lr", "grad_norm")
@@ -91,7 +91,7 @@ def cadence_lines(run: RunHistory) -> list[str]:
             why = (
                 f"Daly's optimum {optimum:.1f} steps for a save cost of {in_words(e.get('save_seconds'))} s, a step "
                 f"of {in_words(e.get('step_seconds'))} s and an MTBF of {mtbf / 3600:.3g} h after "
-                f"{e.get('interruptions', 0)} interruptions{_CLAMPED.get(str(e.get('clamped')), '')}"
+                f"{plural(int(e.get('interruptions') or 0), 'interruption')}{_CLAMPED.get(str(e.get('clamped')), '')}"
             )
         else:
             why = "nothing measured yet: the first save comes early, at checkpoint.auto_min_every"
