@@ -494,6 +494,7 @@ class Launch:
     stall_at: int | None = None  # +debug.stall_at=STEP: stop making progress before that step, once in the run
     stall_rank: int = 0  # +debug.stall_rank=R: on this rank
     save_delay_s: float = 0.0  # +debug.save_delay_s=S: every save blocks training S seconds longer (a slow disk)
+    perturb_resume: bool = False  # +debug.perturb_resume=true: a deliberately inexact resume (`curry-train rehearse`)
     given: frozenset[str] = frozenset()  # the keys the command line set (`model.vocab_size`, ...), not the presets
     notes: tuple[str, ...] = ()  # what this launch will do that the user may not expect, said at start by rank 0
 
@@ -588,14 +589,18 @@ def _launch_of(options: dict) -> Launch:
         "stall_at",
         "stall_rank",
         "save_delay_s",
+        "perturb_resume",
     )
     unknown = sorted(set(debug) - set(allowed))
     _require(
         not unknown,
         f"debug.{unknown[0] if unknown else ''}",
         "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X, +debug.fail_save_at=STEP, "
-        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R, +debug.save_delay_s=S",
+        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R, +debug.save_delay_s=S, "
+        "+debug.perturb_resume=true",
     )
+    perturb = debug.get("perturb_resume", False)
+    _require(isinstance(perturb, bool), "debug.perturb_resume", f"must be true or false, got {perturb!r}")
     launch = Launch(
         resume=None if options.get("resume") is None else str(options["resume"]),
         rollback_to=None if options.get("rollback_to") is None else str(options["rollback_to"]),
@@ -606,6 +611,7 @@ def _launch_of(options: dict) -> Launch:
         stall_at=None if debug.get("stall_at") is None else int(debug["stall_at"]),
         stall_rank=int(debug.get("stall_rank", 0)),
         save_delay_s=float(debug.get("save_delay_s", 0.0)),
+        perturb_resume=perturb,
     )
     _require(
         launch.save_delay_s >= 0, "debug.save_delay_s", f"must be a number of seconds >= 0, got {launch.save_delay_s}"

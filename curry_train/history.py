@@ -393,17 +393,15 @@ RECENT_STEPS = 100  # the step time is the median of this many newest step-to-st
 _TAIL_BYTES = 64 * 1024  # enough metrics lines for RECENT_STEPS intervals without reading a long run's whole file
 
 
-def measured_save_seconds(
-    run_dir: Path, async_save: bool, recent: int | None = RECENT_SAVES
-) -> tuple[float, int] | None:
-    """Median time training paid per full save among this run's ``recent`` newest (None: all), and how many.
+def save_costs(run_dir: Path, async_save: bool) -> list[float]:
+    """What training paid for each full save in this run's journal, in order.
 
     Asynchronous saves cost training their ``cost_seconds`` (blocked time plus the extra time of the steps they
     overlapped), synchronous ones their ``seconds``. Hard-linked saves (``linked_from``) cost nothing and are skipped.
     """
     path = run_dir / "journal.jsonl"
     if not path.is_file():
-        return None
+        return []
     # Journals written before `cost_seconds` existed have only `blocking_seconds`; a save that finished before a
     # clean step was measured has `cost_seconds` null and falls back to it too.
     keys = ("cost_seconds", "blocking_seconds") if async_save else ("seconds",)
@@ -414,6 +412,14 @@ def measured_save_seconds(
         value = next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None)
         if value is not None:
             values.append(float(value))
+    return values
+
+
+def measured_save_seconds(
+    run_dir: Path, async_save: bool, recent: int | None = RECENT_SAVES
+) -> tuple[float, int] | None:
+    """Median of `save_costs` over the ``recent`` newest full saves (None: all), and how many it covers."""
+    values = save_costs(run_dir, async_save)
     values = values[-recent:] if recent else values
     return (statistics.median(values), len(values)) if values else None
 
