@@ -155,9 +155,10 @@ def _render_cadence(plan: Plan) -> list[str]:
         f"  Young sqrt(2CM) = {c.young_seconds:.0f} s; Daly {c.daly_seconds:.0f} s = every {c.optimum_steps} steps",
     ]
     if c.configured_steps is not None and c.wasted_configured is not None:
+        auto = "auto: " if c.configured_role in plan.auto_roles else ""
         lines.append(
             f"  time lost to saving + recomputation: {c.wasted_configured:.1%} at the configured exact-resume cadence "
-            f"(checkpoint.{c.configured_role}_every={c.configured_steps}), {c.wasted_optimum:.1%} at every "
+            f"(checkpoint.{c.configured_role}_every={auto}{c.configured_steps}), {c.wasted_optimum:.1%} at every "
             f"{c.optimum_steps} steps"
         )
     else:
