@@ -31,7 +31,8 @@ from curry_train import failures
 from curry_train.checkpoint.cadence import exact_resume_cadence
 from curry_train.checkpoint.plan import build_plan, storage_refusal
 from curry_train.checkpoint.sizes import human_bytes, model_size
-from curry_train.config import Config, ConfigError, from_command_line, validate
+from curry_train.compose import from_command_line
+from curry_train.config import Config, ConfigError, validate
 from curry_train.history import measured_save_seconds, measured_step_seconds, save_costs
 from curry_train.journal import read_journal
 from curry_train.launcher import (

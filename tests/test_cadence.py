@@ -18,7 +18,8 @@ from curry_train.checkpoint.cadence import (
     optimum_moved,
 )
 from curry_train.checkpoint.policy import Policy, decide_save
-from curry_train.config import ConfigError, resolve
+from curry_train.compose import resolve
+from curry_train.config import ConfigError
 from curry_train.history import interruptions, timing_of
 from curry_train.journal import Journal
 from tests.conftest import compose_config
