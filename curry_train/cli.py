@@ -225,7 +225,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--save-seconds", type=_at_least(float, 0), help="time one save costs training (default: measured)")
     p.add_argument("--step-seconds", type=_at_least(float, 0), help="time one optimizer step takes (default: measured)")
-    p.add_argument("--mtbf-hours", type=_at_least(float, 0), help="mean time between failures (default: 24)")
+    p.add_argument(
+        "--mtbf-hours",
+        type=_at_least(float, 0),
+        help="prior mean time between failures (default: checkpoint.mtbf_hours, 24); the run's interruptions refine it",
+    )
     p.add_argument("--world-size", type=_at_least(int, 0), default=1, help="number of ranks the run will use")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 

@@ -135,6 +135,7 @@ def _launch_of(options: dict) -> Launch:
         "fail_save_rank",
         "stall_at",
         "stall_rank",
+        "save_delay_s",
         "perturb_resume",
     )
     unknown = sorted(set(debug) - set(allowed))
@@ -142,7 +143,8 @@ def _launch_of(options: dict) -> Launch:
         not unknown,
         f"debug.{unknown[0] if unknown else ''}",
         "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X, +debug.fail_save_at=STEP, "
-        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R, +debug.perturb_resume=true",
+        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R, +debug.save_delay_s=S, "
+        "+debug.perturb_resume=true",
     )
     perturb = debug.get("perturb_resume", False)
     require(isinstance(perturb, bool), "debug.perturb_resume", f"must be true or false, got {perturb!r}")
@@ -155,7 +157,11 @@ def _launch_of(options: dict) -> Launch:
         fail_save_rank=int(debug.get("fail_save_rank", 0)),
         stall_at=None if debug.get("stall_at") is None else int(debug["stall_at"]),
         stall_rank=int(debug.get("stall_rank", 0)),
+        save_delay_s=float(debug.get("save_delay_s", 0.0)),
         perturb_resume=perturb,
+    )
+    require(
+        launch.save_delay_s >= 0, "debug.save_delay_s", f"must be a number of seconds >= 0, got {launch.save_delay_s}"
     )
     require(
         launch.resume is None or launch.rollback_to is None,

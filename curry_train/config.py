@@ -14,8 +14,11 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from curry_train.checkpoint.policy import Policy
+from curry_train.checkpoint.cadence import AutoBounds
+from curry_train.checkpoint.policy import Policy, Role
 from curry_train.spike import SpikeRule
+
+AUTO = "auto"  # checkpoint.rollback_every / recovery_every chosen by the run (see CheckpointConfig)
 
 
 class ConfigError(ValueError):
@@ -143,8 +146,10 @@ class RetentionConfig:
 class CheckpointConfig:
     """The checkpoint policy: three roles, each with a cadence (0 disables it), contents and retention."""
 
-    rollback_every: int = 100
-    recovery_every: int = 1000
+    # Steps between saves (0 disables), or auto: see mtbf_hours and auto_* below. `Any` because Hydra cannot merge
+    # a Union-typed node; __post_init__ allows an integer or "auto".
+    rollback_every: Any = 100
+    recovery_every: Any = 1000
     best_k: int = 3
     best_k_metric: str = "dev_loss"
     best_k_direction: str = "minimize"
@@ -155,6 +160,12 @@ class CheckpointConfig:
     check_storage: bool = True  # refuse to start when the committed storage does not fit the free space
     save_final: bool = True  # the last step is always saved with full state, so run_end names a checkpoint
     preempt_grace_s: float = 30.0  # seconds between the preemption signal and the kill (torchrun's default)
+    # `*_every=auto`: Daly's optimum interval for this run's measured save cost, step time and mean time between
+    # failures, within these bounds (checkpoint/cadence.py: auto_interval).
+    mtbf_hours: float = 24.0  # prior MTBF at this job's scale; the run's own interruptions refine it
+    auto_min_every: int = 10  # fewest steps between saves (and the first interval, before anything is measured)
+    auto_max_every: int | None = None  # most steps between saves; None: train.steps
+    max_overhead: float = 0.05  # saves may cost at most this fraction of training time
 
     def __post_init__(self) -> None:
         _one_of(self.best_k_direction, "checkpoint.best_k_direction", ("minimize", "maximize"))
@@ -162,18 +173,54 @@ class CheckpointConfig:
         _one_of(self.best_k_metric, "checkpoint.best_k_metric", ("dev_loss",))
         _one_of(self.rollback_contents, "checkpoint.rollback_contents", ("full", "params"))
         for key in ("rollback_every", "recovery_every", "best_k"):
+            value = getattr(self, key)
+            number = isinstance(value, int) and not isinstance(value, bool)
             require(
-                getattr(self, key) >= 0,
+                (number and value >= 0) or (value == AUTO and key != "best_k"),
                 f"checkpoint.{key}",
-                f"must be >= 0 (0 disables), got {getattr(self, key)}",
+                f"must be an integer >= 0 (0 disables){' or auto' if key != 'best_k' else ''}, got {value!r}",
             )
+        # The automatic interval is chosen for crash recovery; a parameters-only rollback cannot resume a crash.
+        require(
+            not (self.rollback_every == AUTO and self.rollback_contents == "params"),
+            "checkpoint.rollback_every",
+            "auto chooses the interval between exact-resume saves, and rollback_contents=params checkpoints cannot "
+            "resume a crash; give a number of steps, or checkpoint.rollback_contents=full",
+        )
+        require(self.mtbf_hours > 0, "checkpoint.mtbf_hours", f"must be > 0, got {self.mtbf_hours}")
+        require(self.auto_min_every >= 1, "checkpoint.auto_min_every", f"must be >= 1, got {self.auto_min_every}")
+        require(
+            self.auto_max_every is None or self.auto_max_every >= self.auto_min_every,
+            "checkpoint.auto_max_every",
+            f"must be >= auto_min_every={self.auto_min_every} (or null: train.steps), got {self.auto_max_every}",
+        )
+        require(
+            0 < self.max_overhead <= 1,
+            "checkpoint.max_overhead",
+            f"must be a fraction of training time in (0, 1], got {self.max_overhead}",
+        )
+
+    def auto_roles(self) -> tuple[Role, ...]:
+        """The roles whose cadence is `auto`, recovery first."""
+        every = {Role.RECOVERY: self.recovery_every, Role.ROLLBACK: self.rollback_every}
+        return tuple(role for role, value in every.items() if value == AUTO)
+
+    def auto_bounds(self, steps: int) -> AutoBounds:
+        top = steps if self.auto_max_every is None else self.auto_max_every
+        return AutoBounds(self.auto_min_every, max(top, self.auto_min_every), self.max_overhead)
 
     def policy(self) -> Policy:
-        """The policy this block describes; the policy's own checks (keeps against cadences) name the key."""
+        """The policy this block describes; the policy's own checks (keeps against cadences) name the key. An
+        `auto` cadence starts at auto_min_every, the most often it can save (so the storage plan is an upper bound);
+        the run then replaces it with its decisions."""
+
+        def every(value: int | str) -> int:
+            return self.auto_min_every if value == AUTO else int(value)
+
         try:
             return Policy(
-                rollback_every=self.rollback_every,
-                recovery_every=self.recovery_every,
+                rollback_every=every(self.rollback_every),
+                recovery_every=every(self.recovery_every),
                 best_k=self.best_k,
                 best_k_metric=self.best_k_metric,
                 best_k_direction=self.best_k_direction,
@@ -342,8 +389,9 @@ def validate(cfg: Config, world_size: int) -> None:
         f"{cfg.data.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len}",
     )
     if cfg.spike.enabled:
+        policy = cfg.checkpoint.policy()
         require(
-            cfg.checkpoint.rollback_every > 0 or cfg.checkpoint.recovery_every > 0,
+            policy.rollback_every > 0 or policy.recovery_every > 0,
             "spike.enabled",
             "a rollback needs a checkpoint to return to: set checkpoint.rollback_every (or recovery_every) > 0, "
             "or spike.enabled=false",
@@ -410,6 +458,7 @@ class Launch:
     fail_save_rank: int = 0  # +debug.fail_save_rank=R: on this rank
     stall_at: int | None = None  # +debug.stall_at=STEP: stop making progress before that step, once in the run
     stall_rank: int = 0  # +debug.stall_rank=R: on this rank
+    save_delay_s: float = 0.0  # +debug.save_delay_s=S: every save blocks training S seconds longer (a slow disk)
     perturb_resume: bool = False  # +debug.perturb_resume=true: a deliberately inexact resume (`curry-train rehearse`)
     given: frozenset[str] = frozenset()  # the keys the command line set (`model.vocab_size`, ...), not the presets
     notes: tuple[str, ...] = ()  # what this launch will do that the user may not expect, said at start by rank 0

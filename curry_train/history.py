@@ -2,6 +2,9 @@
 line of their own (resumes, rollbacks, preemptions, world-size changes, errors, and any event this module does not
 know). Stdlib and YAML only, so `curry-train status|diff` start fast.
 
+It also measures what the checkpoint cadence is chosen from: the cost of recent full saves, the time of recent steps,
+and the run's interruptions (`curry-train plan` and `checkpoint.*_every=auto` read them here, alike).
+
 Each launch journals `run_start` (with its `attempt`) and ends with `run_end` (finished), `preempt` (saved and
 stopped) or nothing at all (killed, crashed). For the last case the next launch journals `attempt_end` with the
 last step that attempt completed, read from `metrics.jsonl` (every line carries its launch's `attempt`).
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import statistics
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,12 +22,16 @@ from typing import Any
 
 import yaml
 
+from curry_train.checkpoint.cadence import Timing, mtbf_estimate
 from curry_train.journal import Journal, read_journal
 
 # Events that end a launch in order: after them the next launch needs no `attempt_end`.
 ENDING_EVENTS = frozenset({"run_end", "preempt", "attempt_end"})
 # Routine bookkeeping: counted, never a history line of its own. Every other event is one (unknown ones too).
-ROUTINE_EVENTS = frozenset({"run_start", "policy", "save", "delete", "best_k", "latest", "run_end", "attempt_end"})
+# `cadence` decisions are many; `status` shows the one in force on a line of its own.
+ROUTINE_EVENTS = frozenset(
+    {"run_start", "policy", "save", "delete", "best_k", "latest", "run_end", "attempt_end", "cadence"}
+)
 
 
 def short_time(iso: object) -> str:
@@ -168,7 +176,7 @@ def read_run(path: str | Path) -> RunHistory:
 # -------------------------------------------------------------------------------------------------- facts
 
 
-def _plural(count: int, word: str) -> str:
+def plural(count: int, word: str) -> str:
     return f"{count} {word}" + ("" if count == 1 else "s")
 
 
@@ -215,14 +223,14 @@ def headline(run: RunHistory) -> str:
     resumes = run.resumes
     if resumes:
         steps = ", ".join(str(e["step"]) for e in resumes)
-        parts.append(f"resumed from step{'s' if len(resumes) > 1 else ''} {steps} ({_plural(len(resumes), 'resume')})")
+        parts.append(f"resumed from step{'s' if len(resumes) > 1 else ''} {steps} ({plural(len(resumes), 'resume')})")
     rollbacks = [e for e in run.events if e["event"] == "rollback"]
     if rollbacks:
         steps = ", ".join(str(e["step"]) for e in rollbacks)
         parts.append(f"rolled back to step{'s' if len(rollbacks) > 1 else ''} {steps}")
     for event, word in (("preempt", "preemption"), ("world_size_change", "world-size change"), ("error", "error")):
         if n := run.count(event):
-            parts.append(_plural(n, word))
+            parts.append(plural(n, word))
     if len(parts) == (init is not None):
         parts.append("ran straight through")
     return ", ".join(parts)
@@ -242,7 +250,7 @@ def _attempt_end_fact(attempt: Attempt) -> str | None:
 def _resume_fact(event: dict[str, Any], attempt: Attempt, previous: Attempt | None) -> str:
     redone = ""
     if previous is not None and previous.last_step is not None:
-        redone = f", {_plural(max(previous.last_step - int(event['step']), 0), 'step')} redone"
+        redone = f", {plural(max(previous.last_step - int(event['step']), 0), 'step')} redone"
     how = "exact" if event.get("exact") else f"{event.get('contents', '?')} state, not exact"
     return (
         f"resumed from step {event['step']} at {short_time(event['time'])[11:]} (attempt {attempt.number}{redone}) "
@@ -271,7 +279,7 @@ def _rollback_fact(event: dict[str, Any]) -> str:
         text += "; optimizer " + ("restored" if event["optimizer_restored"] else "starts fresh")
     aside = event.get("set_aside", event.get("abandoned"))
     if isinstance(aside, list):
-        text += f"; {_plural(len(aside), 'checkpoint')} set aside"
+        text += f"; {plural(len(aside), 'checkpoint')} set aside"
     return text
 
 
@@ -286,7 +294,7 @@ def _spike_injected_fact(event: dict[str, Any]) -> str:
 def _resume_fallback_fact(event: dict[str, Any]) -> str:
     problems = event.get("problems") if isinstance(event.get("problems"), list) else []
     first = shorten(str(problems[0]), 120) if problems else "no problem recorded"
-    more = f" (and {_plural(len(problems) - 1, 'more problem')})" if len(problems) > 1 else ""
+    more = f" (and {plural(len(problems) - 1, 'more problem')})" if len(problems) > 1 else ""
     fallback = event.get("fallback")
     then = f"fell back to {fallback}" if fallback else "no other checkpoint to fall back to"
     return f"checkpoint {event.get('path', '?')} failed verification: {first}{more}; {then}"
@@ -351,7 +359,7 @@ def history_lines(run: RunHistory) -> list[str]:
         start = attempt.start
         if attempt.resume is None:
             ranks = start.get("world_size")
-            on = _plural(ranks, "rank") if isinstance(ranks, int) else "? ranks"
+            on = plural(ranks, "rank") if isinstance(ranks, int) else "? ranks"
             out.append((start["time"], f"attempt {attempt.number} started at step {start['step']} on {on}"))
         for event in attempt.events:
             kind = event["event"]
@@ -376,3 +384,158 @@ def history_lines(run: RunHistory) -> list[str]:
             # An old journal without attempt_end: metrics still say where it stopped.
             out.append((start["time"], f"attempt {attempt.number} stopped after step {attempt.last_step} (killed)"))
     return [f"{short_time(time)}  {fact}" for time, fact in out]
+
+
+# ------------------------------------------------------------------ what the checkpoint cadence is chosen from
+
+RECENT_SAVES = 5  # the save cost is the median of this many newest full saves: a slowdown shows after a few
+RECENT_STEPS = 100  # the step time is the median of this many newest step-to-step intervals
+_TAIL_BYTES = 64 * 1024  # enough metrics lines for RECENT_STEPS intervals without reading a long run's whole file
+
+
+def save_costs(run_dir: Path, async_save: bool) -> list[float]:
+    """What training paid for each full save in this run's journal, in order.
+
+    Asynchronous saves cost training their ``cost_seconds`` (blocked time plus the extra time of the steps they
+    overlapped), synchronous ones their ``seconds``. Hard-linked saves (``linked_from``) cost nothing and are skipped.
+    """
+    path = run_dir / "journal.jsonl"
+    if not path.is_file():
+        return []
+    # Journals written before `cost_seconds` existed have only `blocking_seconds`; a save that finished before a
+    # clean step was measured has `cost_seconds` null and falls back to it too.
+    keys = ("cost_seconds", "blocking_seconds") if async_save else ("seconds",)
+    values = []
+    for r in read_journal(path):
+        if r["event"] != "save" or r.get("linked_from") or r.get("contents", "full") != "full":
+            continue
+        value = next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None)
+        if value is not None:
+            values.append(float(value))
+    return values
+
+
+def measured_save_seconds(
+    run_dir: Path, async_save: bool, recent: int | None = RECENT_SAVES
+) -> tuple[float, int] | None:
+    """Median of `save_costs` over the ``recent`` newest full saves (None: all), and how many it covers."""
+    values = save_costs(run_dir, async_save)
+    values = values[-recent:] if recent else values
+    return (statistics.median(values), len(values)) if values else None
+
+
+def _tail_lines(path: Path, max_bytes: int) -> list[str]:
+    """The whole lines among the last ``max_bytes`` of a file."""
+    with path.open("rb") as f:
+        size = f.seek(0, 2)
+        f.seek(max(0, size - max_bytes))
+        data = f.read()
+    lines = data.decode("utf-8", errors="replace").splitlines()
+    return lines[1:] if size > max_bytes else lines  # the first may be cut
+
+
+def measured_step_seconds(run_dir: Path, recent: int | None = RECENT_STEPS) -> tuple[float, int] | None:
+    """Median wall time between consecutive steps among the ``recent`` newest intervals in metrics.jsonl (None:
+    all), and how many it covers."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    raw = _tail_lines(path, _TAIL_BYTES) if recent else path.read_text(encoding="utf-8").splitlines()
+    points = []
+    for line in raw:
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and "time" in record:
+                points.append((record["step"], float(record["time"])))
+    # Only step n -> n+1 pairs: a resume restarts the step count and a gap between launches is not a step.
+    diffs = [t1 - t0 for (s0, t0), (s1, t1) in zip(points, points[1:], strict=False) if s1 == s0 + 1 and t1 > t0]
+    diffs = diffs[-recent:] if recent else diffs
+    return (statistics.median(diffs), len(diffs)) if diffs else None
+
+
+@dataclass(frozen=True)
+class Interruptions:
+    """How often the run failed: launches that ended other than by finishing (crashed, killed, hung, preempted),
+    and the training time they are counted over (each launch from its start to its last step)."""
+
+    count: int
+    training_seconds: float
+
+
+def _seconds(iso: object) -> float | None:
+    with contextlib.suppress(TypeError, ValueError):
+        return datetime.fromisoformat(str(iso)).timestamp()
+    return None
+
+
+def interruptions(events: list[dict[str, Any]]) -> Interruptions:
+    """The interruptions in a journal's events. The launch still running (the last, with no end) is not one, and
+    counts up to its newest event."""
+    launches: list[list[dict[str, Any]]] = []
+    for event in events:
+        if event["event"] == "run_start":
+            launches.append([event])
+        elif launches:
+            launches[-1].append(event)
+    count, seconds = 0, 0.0
+    for launch in launches:
+        end = next((e for e in launch if e["event"] in ENDING_EVENTS), None)
+        if end is None:
+            stop = _seconds(launch[-1]["time"])
+        elif end["event"] == "attempt_end":  # journaled by the next launch: its last step, not its own time
+            stop = _seconds(end.get("last_step_time"))
+        else:
+            stop = _seconds(end["time"])
+        start = _seconds(launch[0]["time"])
+        if start is not None and stop is not None:
+            seconds += max(0.0, stop - start)
+        count += end is not None and end["event"] != "run_end"
+    return Interruptions(count, seconds)
+
+
+def timing_of(
+    run_dir: Path,
+    async_save: bool,
+    mtbf_hours: float,
+    mtbf_key: str = "checkpoint.mtbf_hours",
+    save_seconds: float | None = None,
+    step_seconds: float | None = None,
+) -> Timing:
+    """The inputs of the cadence: given values win, else what this run measured (None: not measured yet); the
+    MTBF is the prior ``mtbf_hours`` (named ``mtbf_key`` in its source) combined with the run's interruptions."""
+    save_source, step_source = "given", "given"
+    if save_seconds is None:
+        measured = measured_save_seconds(run_dir, async_save)
+        save_seconds, save_source = (
+            (measured[0], f"median of the last {measured[1]} full saves in journal.jsonl")
+            if measured
+            else (None, "no full save measured yet")
+        )
+        if measured and async_save:
+            save_source += " (their cost to training: saves are asynchronous)"
+    if step_seconds is None:
+        measured = measured_step_seconds(run_dir)
+        step_seconds, step_source = (
+            (measured[0], f"median of the last {measured[1]} steps in metrics.jsonl")
+            if measured
+            else (None, "no step measured yet")
+        )
+    path = run_dir / "journal.jsonl"
+    history = interruptions(read_journal(path)) if path.is_file() else Interruptions(0, 0.0)
+    prior = mtbf_hours * 3600.0
+    mtbf = mtbf_estimate(prior, history.training_seconds, history.count)
+    mtbf_source = (
+        f"{mtbf_key}={mtbf_hours:g} as a prior, with {plural(history.count, 'interruption')} in "
+        f"{history.training_seconds / 3600:.3g} h of this run's training: (prior + T) / (1 + n)"
+    )
+    return Timing(
+        save_seconds,
+        save_source,
+        step_seconds,
+        step_source,
+        mtbf,
+        mtbf_source,
+        history.count,
+        history.training_seconds,
+        prior,
+    )

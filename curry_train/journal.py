@@ -32,6 +32,7 @@ EVENTS: frozenset[str] = frozenset(
         "attempt_end",  # a launch that ended without run_end or preempt: its last completed step
         "hang",  # a rank's watchdog saw no progress for train.hang_timeout_s and ended the job
         "stall_injected",  # +debug.stall_at: a rank stopped making progress on purpose, once in the run's life
+        "cadence",  # checkpoint.*_every=auto: an interval decided, with its inputs and their sources
     }
 )
 _REQUIRED = ("event", "time", "step")

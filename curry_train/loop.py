@@ -15,6 +15,7 @@ from torch import nn
 from curry_train import distributed, spike, warm_start, watchdog
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint import rollback
+from curry_train.checkpoint.auto_cadence import AutoCadence
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan_text import plan_json, render_plan
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
@@ -170,7 +171,15 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
     fault = None if launch.fail_save_at is None else (launch.fail_save_at, launch.fail_save_rank)
     c = cfg.checkpoint
     ckpt = Checkpointer(
-        RunDir(run_dir), policy, journal, env.checkpoint_group, env.rank, c.async_save, fault, c.direct_io
+        RunDir(run_dir),
+        policy,
+        journal,
+        env.checkpoint_group,
+        env.rank,
+        c.async_save,
+        fault,
+        c.direct_io,
+        save_delay_s=launch.save_delay_s,
     )
 
     progress = Progress(world_size=env.world_size)
@@ -206,6 +215,8 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
     if point is not None:
         batches = resuming.check_next_batch(batches, slicing.indices_at(progress.cursor, 0))
 
+    auto = AutoCadence(cfg, run_dir, journal, env, ckpt)  # checkpoint.*_every=auto: decided now, and as saves commit
+    policy = auto.decide(progress.step, "resume" if point is not None else "start")
     rule = cfg.spike.rule()
     preemption = Preemption(run_dir, env.is_main, lambda: (dog.step, dog.phase), run.plan.full_save_seconds)
     tokens_per_step = t.batch_size * cfg.data.seq_len
@@ -243,6 +254,7 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
         log.log(done, values)
         dog.beat(done, f"the save of step {done}")
         save_checkpoint(ckpt, policy, done, values, state)
+        policy = auto.follow(done)
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]
         if stop:

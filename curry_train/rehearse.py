@@ -29,16 +29,11 @@ from typing import Any
 
 from curry_train import failures
 from curry_train.checkpoint.cadence import exact_resume_cadence
-from curry_train.checkpoint.plan import (
-    build_plan,
-    measured_save_seconds,
-    measured_step_seconds,
-    save_costs,
-    storage_refusal,
-)
+from curry_train.checkpoint.plan import build_plan, storage_refusal
 from curry_train.checkpoint.sizes import human_bytes, model_size
 from curry_train.compose import from_command_line
 from curry_train.config import Config, ConfigError, validate
+from curry_train.history import measured_save_seconds, measured_step_seconds, save_costs
 from curry_train.journal import read_journal
 from curry_train.launcher import (
     LaunchError,
@@ -313,8 +308,8 @@ def measurements(r: Rehearsal, straight: Path, resume: dict[str, Any], resume_se
     journal = read_journal(straight / "journal.jsonl")
     ranks = next(int(e["world_size"]) for e in journal if e["event"] == "run_start")
     saves = [s for s in committed_full_saves(straight / "journal.jsonl") if not s.get("linked_from")]
-    cost = measured_save_seconds(straight, async_save)
-    step = measured_step_seconds(straight)
+    cost = measured_save_seconds(straight, async_save, recent=None)  # every save of the rehearsal, all listed
+    step = measured_step_seconds(straight, recent=None)
     lines = [f"what the real run will pay, as measured here on {ranks} rank{'s' if ranks > 1 else ''}:"]
     if cost is not None:
         what = "cost_seconds" if async_save else "seconds"

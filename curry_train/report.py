@@ -8,7 +8,7 @@ from typing import Any
 from curry_train.checkpoint.sizes import human_bytes
 from curry_train.checkpoint.store import ABANDONED_PREFIX, RunDir
 from curry_train.config import flatten
-from curry_train.history import RunHistory, headline, history_lines
+from curry_train.history import RunHistory, headline, history_lines, in_words, plural
 
 # Metrics compared by `diff` besides the train loss, when both runs have them at common steps.
 COMPARED_METRICS = ("loss", "dev_loss", "lr", "grad_norm")
@@ -69,8 +69,34 @@ def render_status(run: RunHistory, with_history: bool = True) -> str:
     if with_history:
         lines.append("history:")
         lines += [f"  {line}" for line in history_lines(run)]
+    lines += cadence_lines(run)
     lines.append(storage_line(run))
     return "\n".join(lines)
+
+
+_CLAMPED = {
+    "min": "; raised to checkpoint.auto_min_every",
+    "max": "; lowered to checkpoint.auto_max_every",
+    "overhead": "; raised so saves cost at most checkpoint.max_overhead of training time",
+}
+
+
+def cadence_lines(run: RunHistory) -> list[str]:
+    """The automatic interval in force for each `auto` role (its newest `cadence` event), and why."""
+    newest = {e.get("role"): e for e in run.events if e["event"] == "cadence"}
+    lines = []
+    for role, e in newest.items():
+        optimum, mtbf = e.get("optimum_steps"), e.get("mtbf_seconds")
+        if isinstance(optimum, (int, float)) and isinstance(mtbf, (int, float)):
+            why = (
+                f"Daly's optimum {optimum:.1f} steps for a save cost of {in_words(e.get('save_seconds'))} s, a step "
+                f"of {in_words(e.get('step_seconds'))} s and an MTBF of {mtbf / 3600:.3g} h after "
+                f"{plural(int(e.get('interruptions') or 0), 'interruption')}{_CLAMPED.get(str(e.get('clamped')), '')}"
+            )
+        else:
+            why = "nothing measured yet: the first save comes early, at checkpoint.auto_min_every"
+        lines.append(f"cadence: {role} every {e.get('every', '?')} steps since step {e['step']} ({why})")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- diff

@@ -39,8 +39,10 @@ class Checkpointer:
         async_save: bool = True,
         fail_save_at: tuple[int, int] | None = None,
         direct_io: bool = True,
+        save_delay_s: float = 0.0,
     ) -> None:
         self.store = store
+        self.save_delay_s = save_delay_s  # +debug.save_delay_s: each save blocks training this much longer
         self.fail_save_at = fail_save_at  # (step, rank): +debug.fail_save_at, a full disk while that save writes
         self.policy = policy
         self.journal = journal
@@ -55,6 +57,7 @@ class Checkpointer:
         self.durable: Durable | None = None
         # Every rank: the save whose commit rank 0 is carrying out, until every rank has heard how it went.
         self.commit_pending: Checkpoint | None = None
+        self.commits = 0  # saves every rank has heard committed, at the same step on each (an auto cadence follows)
         self.clock = StepClock()
         self.best: list[Checkpoint] = self._shared_listing(Role.BEST_K)
 
@@ -152,6 +155,8 @@ class Checkpointer:
         try:
             pending.job = self._plan(first, state_dict)
             pending.job.snapshot = snapshot
+            if self.save_delay_s:  # a slow save on demand, in its blocking part (tests of the automatic cadence)
+                time.sleep(self.save_delay_s)
         except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
             self._journal_error(first, f"save failed: {err!r}; earlier checkpoints are intact")
             raise
@@ -253,6 +258,7 @@ class Checkpointer:
             if self.is_main and committing is not None and committing.commit_error is not None:
                 raise committing.commit_error
             raise PeerFailure(f"rank 0 could not commit {failed.relpath} (its message says why)")
+        self.commits += 1
 
     def _collect(self, pending: PendingSave) -> None:
         """Every rank's report of its durable files, on every rank: a failed write anywhere fails the save
