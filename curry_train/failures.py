@@ -15,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from datetime import UTC, datetime
@@ -113,8 +114,15 @@ def write_status(status: int, line: str, quiet: bool = False) -> None:
         os.replace(tmp, path)
 
 
+# Set once this process is ending because another rank failed: what it was about to announce (the save a stop
+# signal asked for) will not happen, and the failed rank's line is the one the user needs.
+ending = threading.Event()
+
+
 def exit_with(line: str, status: int, quiet: bool = False) -> NoReturn:
     """End this process now with `status`, after one line for the user (unless `quiet`: another rank tells it)."""
+    if quiet:
+        ending.set()
     write_status(status, line, quiet)
     if quiet:
         # Later than the rank that tells the user by a whole second (torchrun's error timestamps are in seconds),
