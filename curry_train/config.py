@@ -160,12 +160,25 @@ class CheckpointConfig:
     check_storage: bool = True  # refuse to start when the committed storage does not fit the free space
     save_final: bool = True  # the last step is always saved with full state, so run_end names a checkpoint
     preempt_grace_s: float = 30.0  # seconds between the preemption signal and the kill (torchrun's default)
+    # A second, durable home for the checkpoints: any fsspec URL (s3://bucket/prefix, gs://..., file:///...), under
+    # <remote>/<run.id>/ in the run directory's layout, uploaded in the background after each local commit.
+    remote: str | None = None
+    remote_roles: list[str] = field(default_factory=lambda: ["recovery", "best_k"])  # the roles copied there
+    remote_rollback_keep: int | None = None  # remote retention; None: the local keep
+    remote_recovery_keep: int | None = None
+    remote_retry_s: float = 600.0  # a failing upload retries with backoff this long, then is journaled as failed
 
     def __post_init__(self) -> None:
         _one_of(self.best_k_direction, "checkpoint.best_k_direction", ("minimize", "maximize"))
         # Only metrics every rank computes identically may rank best-K: the save it triggers is collective.
         _one_of(self.best_k_metric, "checkpoint.best_k_metric", ("dev_loss",))
         _one_of(self.rollback_contents, "checkpoint.rollback_contents", ("full", "params"))
+        for role in self.remote_roles:
+            _one_of(role, "checkpoint.remote_roles", ("rollback", "recovery", "best_k"))
+        for key in ("remote_rollback_keep", "remote_recovery_keep"):
+            keep = getattr(self, key)
+            _require(keep is None or keep >= 1, f"checkpoint.{key}", f"must be >= 1 (null: the local keep), got {keep}")
+        _require(self.remote_retry_s > 0, "checkpoint.remote_retry_s", f"must be > 0, got {self.remote_retry_s}")
         for key in ("rollback_every", "recovery_every", "best_k"):
             _require(
                 getattr(self, key) >= 0,
@@ -445,6 +458,7 @@ class Launch:
     fail_save_rank: int = 0  # +debug.fail_save_rank=R: on this rank
     stall_at: int | None = None  # +debug.stall_at=STEP: stop making progress before that step, once in the run
     stall_rank: int = 0  # +debug.stall_rank=R: on this rank
+    upload_stall_at: int | None = None  # +debug.upload_stall_at=STEP: uploads from that step on stall after a file
     given: frozenset[str] = frozenset()  # the keys the command line set (`model.vocab_size`, ...), not the presets
     notes: tuple[str, ...] = ()  # what this launch will do that the user may not expect, said at start by rank 0
 
@@ -531,13 +545,21 @@ def explain_hydra_error(err: Exception) -> str:
 
 def _launch_of(options: dict) -> Launch:
     debug = options.get("debug") or {}
-    allowed = ("inject_spike_at", "inject_lr_scale", "fail_save_at", "fail_save_rank", "stall_at", "stall_rank")
+    allowed = (
+        "inject_spike_at",
+        "inject_lr_scale",
+        "fail_save_at",
+        "fail_save_rank",
+        "stall_at",
+        "stall_rank",
+        "upload_stall_at",
+    )
     unknown = sorted(set(debug) - set(allowed))
     _require(
         not unknown,
         f"debug.{unknown[0] if unknown else ''}",
         "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X, +debug.fail_save_at=STEP, "
-        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R",
+        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R, +debug.upload_stall_at=STEP",
     )
     launch = Launch(
         resume=None if options.get("resume") is None else str(options["resume"]),
@@ -548,6 +570,7 @@ def _launch_of(options: dict) -> Launch:
         fail_save_rank=int(debug.get("fail_save_rank", 0)),
         stall_at=None if debug.get("stall_at") is None else int(debug["stall_at"]),
         stall_rank=int(debug.get("stall_rank", 0)),
+        upload_stall_at=None if debug.get("upload_stall_at") is None else int(debug["upload_stall_at"]),
     )
     _require(
         launch.resume is None or launch.rollback_to is None,
