@@ -1,6 +1,7 @@
 """curry-train: plan a run's checkpoint storage, and inspect, compare, plot and export the runs in its run
-directories (runs/<run-id>); and train: `curry-train run [torchrun options] overrides...` (or `python -m
-curry_train.train`, `torchrun ... -m curry_train.train`)."""
+directories (runs/<run-id>); rehearse a run's resume before the long run: `curry-train rehearse [torchrun options]
+overrides...`; and train: `curry-train run [torchrun options] overrides...` (or `python -m curry_train.train`,
+`torchrun ... -m curry_train.train`)."""
 
 from __future__ import annotations
 
@@ -268,8 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
     parser.add_argument("--version", action="version", version=f"curry-train {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    # Listed for --help only: main() hands `run` to the launcher before this parser sees it.
+    # Listed for --help only: main() hands `run` and `rehearse` to their own modules before this parser sees them.
     sub.add_parser("run", help="train: torchrun underneath, the run's own exit status (curry-train run --help)")
+    sub.add_parser(
+        "rehearse",
+        help="before a long run: a short run killed and resumed against a straight one, on your own config "
+        "(curry-train rehearse --help)",
+    )
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
         if name == "plan":
@@ -303,6 +309,10 @@ def main(argv: list[str] | None = None) -> int:
         from curry_train.launcher import main as run_main
 
         return run_main(args[1:])
+    if args[:1] == ["rehearse"]:
+        from curry_train.rehearse import main as rehearse_main
+
+        return rehearse_main(args[1:])
     parser = build_parser()
     # parse_known_args lets Hydra overrides stand anywhere among the plan's options, as they do for training.
     args, rest = parser.parse_known_args(args)

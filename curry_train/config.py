@@ -459,6 +459,7 @@ class Launch:
     stall_at: int | None = None  # +debug.stall_at=STEP: stop making progress before that step, once in the run
     stall_rank: int = 0  # +debug.stall_rank=R: on this rank
     upload_stall_at: int | None = None  # +debug.upload_stall_at=STEP: uploads from that step on stall after a file
+    perturb_resume: bool = False  # +debug.perturb_resume=true: a deliberately inexact resume (`curry-train rehearse`)
     given: frozenset[str] = frozenset()  # the keys the command line set (`model.vocab_size`, ...), not the presets
     notes: tuple[str, ...] = ()  # what this launch will do that the user may not expect, said at start by rank 0
 
@@ -553,14 +554,18 @@ def _launch_of(options: dict) -> Launch:
         "stall_at",
         "stall_rank",
         "upload_stall_at",
+        "perturb_resume",
     )
     unknown = sorted(set(debug) - set(allowed))
     _require(
         not unknown,
         f"debug.{unknown[0] if unknown else ''}",
         "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X, +debug.fail_save_at=STEP, "
-        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R, +debug.upload_stall_at=STEP",
+        "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R, +debug.upload_stall_at=STEP, "
+        "+debug.perturb_resume=true",
     )
+    perturb = debug.get("perturb_resume", False)
+    _require(isinstance(perturb, bool), "debug.perturb_resume", f"must be true or false, got {perturb!r}")
     launch = Launch(
         resume=None if options.get("resume") is None else str(options["resume"]),
         rollback_to=None if options.get("rollback_to") is None else str(options["rollback_to"]),
@@ -571,6 +576,7 @@ def _launch_of(options: dict) -> Launch:
         stall_at=None if debug.get("stall_at") is None else int(debug["stall_at"]),
         stall_rank=int(debug.get("stall_rank", 0)),
         upload_stall_at=None if debug.get("upload_stall_at") is None else int(debug["upload_stall_at"]),
+        perturb_resume=perturb,
     )
     _require(
         launch.resume is None or launch.rollback_to is None,

@@ -88,8 +88,12 @@ class LaunchError(ValueError):
     """A command line the launcher cannot run: an unknown option or a bad value (exit 2)."""
 
 
-def parse_options(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
-    """torchrun's options (`--name=value`, `--name value`, `--name_with_underscores` alike) and the overrides."""
+def parse_options(argv: list[str], own: dict[str, str | None] | None = None) -> tuple[dict[str, str | None], list[str]]:
+    """torchrun's options (`--name=value`, `--name value`, `--name_with_underscores` alike) and the overrides.
+
+    `own`: a command's own options besides torchrun's (name -> value pattern, None for a flag), returned among
+    them (`curry-train rehearse` takes them out)."""
+    known = {**OPTIONS, **(own or {})}
     options: dict[str, str | None] = {}
     overrides: list[str] = []
     args = iter(argv)
@@ -99,10 +103,11 @@ def parse_options(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
             continue
         name, has_value, value = arg.lstrip("-").partition("=")
         name = name.replace("_", "-")
-        if name not in OPTIONS:
-            known = ", ".join(f"--{n}" for n in OPTIONS)
-            raise LaunchError(f"unknown option {arg.split('=')[0]}; the torchrun options it knows: {known}")
-        pattern = OPTIONS[name]
+        if name not in known:
+            mine = f"its own options: {', '.join(f'--{n}' for n in own)}; " if own else ""
+            torchrun = ", ".join(f"--{n}" for n in OPTIONS)
+            raise LaunchError(f"unknown option {arg.split('=')[0]}; {mine}the torchrun options it knows: {torchrun}")
+        pattern = known[name]
         if pattern is None:
             if has_value:
                 raise LaunchError(f"--{name} takes no value, got {arg}")
@@ -113,7 +118,8 @@ def parse_options(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
             if value is None:
                 raise LaunchError(f"--{name} needs a value: --{name}=VALUE")
         if not re.fullmatch(pattern, value):
-            raise LaunchError(f"--{name}={value}: not a valid value (expected {pattern.replace('|', ' or ')})")
+            expected = "a whole number" if pattern == _INT else pattern.replace("|", " or ")
+            raise LaunchError(f"--{name}={value}: not a valid value (expected {expected})")
         if name == "signals-to-handle" and not set(value.split(",")) <= set(signal.Signals.__members__):
             raise LaunchError(f"--{name}={value}: not a list of signal names (e.g. SIGTERM,SIGINT,SIGUSR1)")
         options[name] = value
@@ -216,18 +222,41 @@ def refusal(options: dict[str, str | None], overrides: list[str]) -> tuple[str |
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def worker_pids(parent: int) -> list[int]:
-    """The processes whose parent is `parent` (torchrun's workers)."""
-    pids = []
+def children() -> dict[int, list[int]]:
+    """parent pid -> the pids of its children, for every process now (Linux /proc)."""
+    found: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # the process ended while we looked
             # The command name, in parentheses, may hold spaces: the fields after its closing one are fixed.
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == parent:
-                pids.append(int(entry.name))
-    return pids
+            found.setdefault(int(fields[1]), []).append(int(entry.name))
+    return found
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (torchrun's workers)."""
+    return children().get(parent, [])
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants. torchrun starts each worker in a session of its own, so killing torchrun's
+    process group would leave the workers training."""
+    below = children()
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(below.get(pid, []))
+    return tree
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL `root` and every process below it: a job killed outright, as a node failure would."""
+    for pid in process_tree(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class Forwarder:
@@ -258,17 +287,26 @@ class Forwarder:
             signal.signal(sig, handler)
 
 
+def forwarded_signals(options: dict[str, str | None]) -> list[str]:
+    return (options.get("signals-to-handle") or ",".join(FORWARDED)).split(",")
+
+
+def start(options: dict[str, str | None], overrides: list[str], folder: Path, **popen: Any) -> subprocess.Popen:
+    """Start torchrun (this module as a child) with the workers; they record their statuses in `folder`. `popen`:
+    more arguments for subprocess.Popen (where the output goes)."""
+    env = {**os.environ, failures.STATUS_DIR_ENV: str(folder), _FORWARDED_ENV: ",".join(forwarded_signals(options))}
+    if options.get("shutdown-timeout"):
+        # Read by every torchrun version, not only those with the option.
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(options["shutdown-timeout"])
+    command = [sys.executable, "-m", "curry_train.launcher", *torchrun_arguments(options)]
+    return subprocess.Popen([*command, "-m", "curry_train.train", *overrides], env=env, **popen)
+
+
 def launch(options: dict[str, str | None], overrides: list[str], run_dir: Path | None) -> int:
     """Run torchrun with the workers; returns the run's exit status."""
-    forwarded = (options.get("signals-to-handle") or ",".join(FORWARDED)).split(",")
     with tempfile.TemporaryDirectory(prefix="curry-train-run-") as folder:
-        env = {**os.environ, failures.STATUS_DIR_ENV: folder, _FORWARDED_ENV: ",".join(forwarded)}
-        if options.get("shutdown-timeout"):
-            # Read by every torchrun version, not only those with the option.
-            env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(options["shutdown-timeout"])
-        command = [sys.executable, "-m", "curry_train.launcher", *torchrun_arguments(options)]
-        agent = subprocess.Popen([*command, "-m", "curry_train.train", *overrides], env=env)
-        forwarder = Forwarder(agent, forwarded)
+        agent = start(options, overrides, Path(folder))
+        forwarder = Forwarder(agent, forwarded_signals(options))
         try:
             code = agent.wait()
         finally:

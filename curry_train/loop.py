@@ -200,6 +200,8 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
         log.event("rollback", progress.step, spike_step=cause.step)
     elif point is not None:
         resuming.resume(point, ckpt, trainee, env.world_size, log.print)
+        if launch.perturb_resume:
+            perturb_parameters(model, log.print)
         log.event("resume", progress.step)
     batches = data_from(progress.cursor)
     if point is not None:
@@ -277,6 +279,16 @@ def injected_lr_scale(launch: Launch, progress: Progress, journal: Journal, step
     progress.injected.append(step)
     journal.append("spike_injected", step, lr_scale=launch.inject_lr_scale, reason="+debug.inject_spike_at")
     return launch.inject_lr_scale
+
+
+def perturb_parameters(model: nn.Module, say: Callable[[str], None]) -> None:
+    """`+debug.perturb_resume=true`: scale every parameter by 1 + 2^-16 once the resume's fidelity check has passed,
+    so the resume is inexact in a way only the losses show (`curry-train rehearse` must catch it). Not the RNG: no
+    step draws from torch's RNG, so perturbing it would change nothing."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1 + 2**-16)
+    say("curry-train: +debug.perturb_resume: parameters scaled by 1 + 2^-16 after loading: this resume is inexact")
 
 
 def save_checkpoint(ckpt: Checkpointer, policy: Policy, step: int, values: dict[str, float], state: Any) -> None:

@@ -81,7 +81,13 @@ def _median(values: list[float]) -> float | None:
 
 
 def measured_save_seconds(run_dir: Path, async_save: bool) -> tuple[float, int] | None:
-    """Median time training paid per full save in this run's journal, and how many saves that covers.
+    """Median time training paid per full save in this run's journal, and how many saves that covers."""
+    values = save_costs(run_dir, async_save)
+    return (statistics.median(values), len(values)) if values else None
+
+
+def save_costs(run_dir: Path, async_save: bool) -> list[float]:
+    """What training paid for each full save in this run's journal, in order.
 
     Asynchronous saves cost training their ``cost_seconds`` (blocked time plus the extra time of the steps they
     overlapped), synchronous ones their ``seconds``. Hard-linked saves (``linked_from``) cost nothing and are skipped.
@@ -90,7 +96,7 @@ def measured_save_seconds(run_dir: Path, async_save: bool) -> tuple[float, int] 
 
     path = run_dir / "journal.jsonl"
     if not path.is_file():
-        return None
+        return []
     # An asynchronous save costs training what its steps lost (`cost_seconds`, measured against clean steps), not
     # just its blocked time; journals written before that field existed have only `blocking_seconds`.
     keys = ("cost_seconds", "blocking_seconds") if async_save else ("seconds",)
@@ -101,8 +107,7 @@ def measured_save_seconds(run_dir: Path, async_save: bool) -> tuple[float, int] 
         value = next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None)
         if value is not None:
             values.append(float(value))
-    median = _median(values)
-    return None if median is None else (median, len(values))
+    return values
 
 
 def measured_step_seconds(run_dir: Path) -> tuple[float, int] | None:
