@@ -210,6 +210,11 @@ def test_resume_from_the_remote_after_a_kill_during_an_upload(tmp_path: Path, mo
     assert "step-00000008.dcp" in " ".join(fs.ls(prefix))  # uploaded again by the resumed run, committed
     assert fs.exists(f"{prefix}/step-00000008.dcp/{MANIFEST}")
     assert "testing" not in (run_dir / "journal.jsonl").read_text()  # no credentials in the journal
+    status = subprocess.run(
+        [sys.executable, "-m", "curry_train.cli", "status", str(run_dir)], capture_output=True, text=True, check=True
+    ).stdout
+    assert "remote: s3://ckpts/runs/remote: newest upload recovery/step-00000012.dcp" in status, status
+    assert "up to date with latest" in status, status
 
 
 def test_an_outage_mid_run_does_not_stop_training(tmp_path: Path, moto: MotoServer) -> None:
