@@ -356,6 +356,12 @@ class SaveJob:
     future: Future[Written] | None = None
     snapshot: Snapshot | None = None  # an asynchronous save's copies, completed first thing on the writer thread
 
+    @property
+    def staged(self) -> dict[str, Any]:
+        """The state dict this job writes: the staged copy of an asynchronous save (complete once the snapshot is
+        taken), the live state of a synchronous one."""
+        return self.planner.root
+
     @classmethod
     def start(
         cls, state_dict: dict[str, Any], staging: Path, group: dist.ProcessGroup, fs: _ChecksummingFileSystem
@@ -429,6 +435,13 @@ class Writer:
 
 
 # ------------------------------------------------------------------------------------------------- loading
+
+
+def saved_keys(path: Path) -> set[str]:
+    """The top-level keys of the DCP checkpoint at `path` (`model`, `optim`, `dataloader`, ...), from its
+    `.metadata`: no tensor is read."""
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {fqn.split(".", 1)[0] for fqn in metadata}
 
 
 def load(state: dict[str, Stateful], path: Path, group: dist.ProcessGroup) -> None:

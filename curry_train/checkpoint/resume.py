@@ -15,10 +15,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from curry_train.checkpoint import io
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.manifest import MANIFEST, Manifest, check_file
 from curry_train.checkpoint.policy import Checkpoint, Role
-from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress, digest_algorithm
+from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress, digest_algorithm, legacy_layout
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Launch, flatten
 from curry_train.failures import Refused
@@ -335,6 +336,8 @@ def load(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: int)
         # Per-rank states belong to the old layout of ranks; the data position is the global sample cursor.
         for key in PER_RANK_KEYS:
             wanted.pop(key, None)
+    if "dataloader" not in io.saved_keys(point.path):
+        wanted = legacy_layout(wanted)  # written before `dataloader`: the data position is in `progress`
     into.saved_fidelity.clear()
     ckpt.load(point.path, wanted)
     if point.contents is Contents.PARAMS:
