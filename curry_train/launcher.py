@@ -161,7 +161,8 @@ def world_size(options: dict[str, str | None]) -> int | None:
 def check_launch(options: dict[str, str | None], overrides: list[str]) -> Path:
     """The checks the workers would make first, made once here: config, data, the `+init_from` source and (single
     node) the run directory. Returns the run directory; raises ConfigError, Refused or ResumeError."""
-    from curry_train.config import from_command_line, validate
+    from curry_train.compose import from_command_line
+    from curry_train.config import validate
     from curry_train.data import check_data
     from curry_train.init_source import check_source
 

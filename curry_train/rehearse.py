@@ -37,7 +37,8 @@ from curry_train.checkpoint.plan import (
     storage_refusal,
 )
 from curry_train.checkpoint.sizes import human_bytes, model_size
-from curry_train.config import Config, ConfigError, from_command_line, validate
+from curry_train.compose import from_command_line
+from curry_train.config import Config, ConfigError, validate
 from curry_train.journal import read_journal
 from curry_train.launcher import (
     LaunchError,

@@ -16,7 +16,8 @@ from curry_train import distributed, failures, loop
 from curry_train.checkpoint.preemption import StopNow
 from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
-from curry_train.config import ConfigError, from_command_line
+from curry_train.compose import from_command_line
+from curry_train.config import ConfigError
 from curry_train.data import check_data
 from curry_train.init_source import check_source
 from curry_train.journal import append_from_any_rank

@@ -51,7 +51,8 @@ from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Role
 from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, Launch, compose, resolve
+from curry_train.compose import compose, resolve
+from curry_train.config import Config, Launch
 from curry_train.data import Slicing, build_train_loader
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import read_metrics

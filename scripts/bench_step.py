@@ -34,7 +34,8 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from curry_train import distributed, loop
-from curry_train.config import Config, config_dir, resolve, validate
+from curry_train.compose import resolve
+from curry_train.config import Config, config_dir, validate
 from curry_train.data import Slicing, build_train_loader, load_corpus
 from curry_train.metrics import MetricsLogger
 from curry_train.optim import build_optimizer

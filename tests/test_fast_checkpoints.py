@@ -24,7 +24,7 @@ from curry_train.checkpoint.io import Stager
 from curry_train.checkpoint.policy import Checkpoint, Role
 from curry_train.checkpoint.state import Contents, Progress, app_state, param_digest
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import resolve
+from curry_train.compose import resolve
 from curry_train.journal import Journal, read_journal
 from tests.conftest import _env, compose_config
 

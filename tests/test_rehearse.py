@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from curry_train.cli import main as cli_main
-from curry_train.config import from_command_line
+from curry_train.compose import from_command_line
 from curry_train.rehearse import Refused, compare_losses, schedule, verdict
 from tests.conftest import FAST, _env
 

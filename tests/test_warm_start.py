@@ -19,7 +19,8 @@ import torch.nn.functional as F
 import yaml
 
 from curry_train.cli import main as cli
-from curry_train.config import ConfigError, DataConfig, ModelConfig, resolve
+from curry_train.compose import resolve
+from curry_train.config import ConfigError, DataConfig, ModelConfig
 from curry_train.data import Slicing, dev_batches, load_corpus
 from curry_train.export import iter_parameters
 from curry_train.hf_llama import hf_name
