@@ -166,12 +166,25 @@ class CheckpointConfig:
     auto_min_every: int = 10  # fewest steps between saves (and the first interval, before anything is measured)
     auto_max_every: int | None = None  # most steps between saves; None: train.steps
     max_overhead: float = 0.05  # saves may cost at most this fraction of training time
+    # A second, durable home for the checkpoints: any fsspec URL (s3://bucket/prefix, gs://..., file:///...), under
+    # <remote>/<run.id>/ in the run directory's layout, uploaded in the background after each local commit.
+    remote: str | None = None
+    remote_roles: list[str] = field(default_factory=lambda: ["recovery", "best_k"])  # the roles copied there
+    remote_rollback_keep: int | None = None  # remote retention; None: the local keep
+    remote_recovery_keep: int | None = None
+    remote_retry_s: float = 600.0  # a failing upload retries with backoff this long, then is journaled as failed
 
     def __post_init__(self) -> None:
         _one_of(self.best_k_direction, "checkpoint.best_k_direction", ("minimize", "maximize"))
         # Only metrics every rank computes identically may rank best-K: the save it triggers is collective.
         _one_of(self.best_k_metric, "checkpoint.best_k_metric", ("dev_loss",))
         _one_of(self.rollback_contents, "checkpoint.rollback_contents", ("full", "params"))
+        for role in self.remote_roles:
+            _one_of(role, "checkpoint.remote_roles", ("rollback", "recovery", "best_k"))
+        for key in ("remote_rollback_keep", "remote_recovery_keep"):
+            keep = getattr(self, key)
+            require(keep is None or keep >= 1, f"checkpoint.{key}", f"must be >= 1 (null: the local keep), got {keep}")
+        require(self.remote_retry_s > 0, "checkpoint.remote_retry_s", f"must be > 0, got {self.remote_retry_s}")
         for key in ("rollback_every", "recovery_every", "best_k"):
             value = getattr(self, key)
             number = isinstance(value, int) and not isinstance(value, bool)
@@ -459,6 +472,7 @@ class Launch:
     stall_at: int | None = None  # +debug.stall_at=STEP: stop making progress before that step, once in the run
     stall_rank: int = 0  # +debug.stall_rank=R: on this rank
     save_delay_s: float = 0.0  # +debug.save_delay_s=S: every save blocks training S seconds longer (a slow disk)
+    upload_stall_at: int | None = None  # +debug.upload_stall_at=STEP: uploads from that step on stall after a file
     perturb_resume: bool = False  # +debug.perturb_resume=true: a deliberately inexact resume (`curry-train rehearse`)
     given: frozenset[str] = frozenset()  # the keys the command line set (`model.vocab_size`, ...), not the presets
     notes: tuple[str, ...] = ()  # what this launch will do that the user may not expect, said at start by rank 0

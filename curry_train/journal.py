@@ -33,6 +33,11 @@ EVENTS: frozenset[str] = frozenset(
         "hang",  # a rank's watchdog saw no progress for train.hang_timeout_s and ended the job
         "stall_injected",  # +debug.stall_at: a rank stopped making progress on purpose, once in the run's life
         "cadence",  # checkpoint.*_every=auto: an interval decided, with its inputs and their sources
+        "upload",  # a checkpoint committed on checkpoint.remote (bytes, seconds from the local commit)
+        "upload_error",  # an upload that failed after its retries (the local checkpoint is intact)
+        "upload_skipped",  # a commit not uploaded: its role's previous upload was still in flight
+        "remote_delete",  # a remote checkpoint removed: remote retention, or an upload a kill cut short
+        "remote_fetch",  # a checkpoint downloaded from checkpoint.remote to resume from
     }
 )
 _REQUIRED = ("event", "time", "step")

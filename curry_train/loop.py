@@ -14,7 +14,7 @@ from torch import nn
 
 from curry_train import distributed, spike, warm_start, watchdog
 from curry_train.checkpoint import resume as resuming
-from curry_train.checkpoint import rollback
+from curry_train.checkpoint import rollback, upload
 from curry_train.checkpoint.auto_cadence import AutoCadence
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan_text import plan_json, render_plan
@@ -170,6 +170,7 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
     journal.append("policy", 0, **plan_json(run.plan))
     fault = None if launch.fail_save_at is None else (launch.fail_save_at, launch.fail_save_rank)
     c = cfg.checkpoint
+    uploader = upload.build(c, run_dir, env.rank, journal, launch.upload_stall_at)
     ckpt = Checkpointer(
         RunDir(run_dir),
         policy,
@@ -180,6 +181,7 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
         fault,
         c.direct_io,
         save_delay_s=launch.save_delay_s,
+        uploader=uploader,
     )
 
     progress = Progress(world_size=env.world_size)
@@ -268,6 +270,8 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
     ckpt.close()
     preemption.uninstall()
     if final_step == t.steps:
+        dog.beat(final_step, "the uploads to checkpoint.remote")
+        ckpt.finish_uploads()
         latest = ckpt.store.latest() if env.is_main else None
         journal.append("run_end", final_step, last_loss=last_loss, checkpoint=latest.relpath if latest else None)
     if first_loss is not None:

@@ -57,6 +57,29 @@ def storage_line(run: RunHistory) -> str:
     return text
 
 
+def remote_line(run: RunHistory, latest_step: int | None) -> str | None:
+    """What the journal says is on checkpoint.remote and how far it lags the run directory's `latest` (read from the
+    journal, so `status` never needs the store's credentials)."""
+    starts = [e for e in run.events if e["event"] == "run_start"]
+    url = ((starts[-1].get("config") or {}).get("checkpoint") or {}).get("remote") if starts else None
+    if not url:
+        return None
+    uploads = [e for e in run.events if e["event"] == "upload"]
+    newest = max(uploads, key=lambda e: int(e["step"]), default=None)
+    text = f"remote: {url.rstrip('/')}/{run.path.name}: "
+    if newest is None:
+        text += "nothing uploaded yet"
+    else:
+        text += f"newest upload {newest['path']} (step {newest['step']}, {human_bytes(newest['bytes'])})"
+        if latest_step is not None:
+            lag = latest_step - int(newest["step"])
+            text += f", {lag} step(s) behind latest" if lag > 0 else ", up to date with latest"
+    counts = [
+        (n, kind) for kind in ("upload_error", "upload_skipped") if (n := sum(e["event"] == kind for e in run.events))
+    ]
+    return text + "".join(f"; {n} {kind.replace('_', ' ')}" for n, kind in counts)
+
+
 def render_status(run: RunHistory, with_history: bool = True) -> str:
     """`curry-train status`: the headline on the first line, then progress, history and storage."""
     store = RunDir(run.path)
@@ -71,6 +94,9 @@ def render_status(run: RunHistory, with_history: bool = True) -> str:
         lines += [f"  {line}" for line in history_lines(run)]
     lines += cadence_lines(run)
     lines.append(storage_line(run))
+    remote = remote_line(run, latest.step if latest else None)
+    if remote is not None:
+        lines.append(remote)
     return "\n".join(lines)
 
 

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import yaml
 
 from curry_train import distributed, failures
+from curry_train.checkpoint import remote_start
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.durable import make_durable_dir
 from curry_train.checkpoint.plan import build_plan, storage_refusal
@@ -67,7 +68,10 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
         warnings = on_rank0(main, group, resuming.clean_run_dir, store, found)
         for warning in warnings if env.is_main else []:
             print(f"curry-train: WARNING: {warning}", file=sys.stderr, flush=True)
+        fetched = remote_start.start(cfg.checkpoint.remote, store, launch, env, found)
         point = on_rank0(main, group, resuming.find_resume_point, launch, store, config)
+        if point is not None and fetched is not None and fetched.endswith(resuming.relpath_in(store, point.path)):
+            point.fetched_from = fetched
         if point is not None:
             say = (lambda line: print(line, file=sys.stderr, flush=True)) if env.is_main else (lambda line: None)
             point = resuming.choose_verified(point, group, store, found, say)

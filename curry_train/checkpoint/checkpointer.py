@@ -24,6 +24,7 @@ from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, be
 from curry_train.checkpoint.staging import Snapshot, Stager, to_state_dict
 from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
+from curry_train.checkpoint.upload import Uploader
 from curry_train.failures import PeerFailure
 from curry_train.journal import Journal
 
@@ -40,9 +41,11 @@ class Checkpointer:
         fail_save_at: tuple[int, int] | None = None,
         direct_io: bool = True,
         save_delay_s: float = 0.0,
+        uploader: Uploader | None = None,
     ) -> None:
         self.store = store
         self.save_delay_s = save_delay_s  # +debug.save_delay_s: each save blocks training this much longer
+        self.uploader = uploader  # checkpoint.remote: committed saves are copied there in the background
         self.fail_save_at = fail_save_at  # (step, rank): +debug.fail_save_at, a full disk while that save writes
         self.policy = policy
         self.journal = journal
@@ -58,6 +61,9 @@ class Checkpointer:
         # Every rank: the save whose commit rank 0 is carrying out, until every rank has heard how it went.
         self.commit_pending: Checkpoint | None = None
         self.commits = 0  # saves every rank has heard committed, at the same step on each (an auto cadence follows)
+        self.settling: PendingSave | None = None  # every rank: that save, uploaded once its commit is heard
+        self.my_files: list[str] = []  # every rank: the files it wrote of the last durable save
+        self.my_copy_files: list[str] = []  # and of its best-K parameters copy, if it had one
         self.clock = StepClock()
         self.best: list[Checkpoint] = self._shared_listing(Role.BEST_K)
 
@@ -254,6 +260,11 @@ class Checkpointer:
             return
         failed, self.commit_pending = self.commit_pending, None
         committing, self.committing = self.committing, None
+        settled, self.settling = self.settling, None
+        if state == self._COMMITTED and settled is not None:
+            self._upload(settled.checkpoints, self.my_files)
+            if settled.params_copy is not None:
+                self._upload([settled.params_copy.checkpoint], self.my_copy_files)
         if state == self._FAILED:
             if self.is_main and committing is not None and committing.commit_error is not None:
                 raise committing.commit_error
@@ -288,6 +299,11 @@ class Checkpointer:
         pending.written = [r[0] for r in reports]
         if pending.params_copy is not None:
             pending.params_copy.written = [r[1] for r in reports]
+        # Rank 0 also writes DCP's `.metadata` of each checkpoint, at the commit.
+        metadata = [".metadata"] if self.is_main else []
+        mine = reports[dist.get_rank(self.group)]
+        self.my_files = sorted(mine[0].files) + metadata
+        self.my_copy_files = sorted(mine[1].files) + metadata if pending.params_copy is not None else []
         assert pending.job is not None
         self.durable = Durable(
             pending.step, pending.checkpoints[0], pending.contents, _params_only(pending.job.staged), pending.extra
@@ -299,6 +315,7 @@ class Checkpointer:
         manifest, links and retention touch only the filesystem and the journal, no collective). Every rank then
         hears how it went, at the next `poll()` or `wait()`, and a failure stops them all."""
         self.commit_pending = pending.checkpoints[0]
+        self.settling = pending
         if not self.is_main:
             return
 
@@ -403,6 +420,34 @@ class Checkpointer:
         dist.broadcast_object_list(box, src=0, group=self.group)
         if box[0] is not None:
             raise box[0]
+        self._upload([ckpt], self.my_files)
+
+    # ------------------------------------------------------------------------------------------------ remote
+
+    def _upload(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
+        """Every rank, once all have heard that `checkpoints` committed: hand this rank's files of them to the
+        uploader. Whether their role's upload is still in flight anywhere is agreed here (one tiny all-reduce a
+        commit), so every rank uploads the same saves and rank 0's manifest never waits for files that never come."""
+        if self.uploader is None or not self.uploader.wanted(checkpoints):
+            return
+        busy = torch.tensor(self.uploader.busy(), dtype=torch.int32)
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=self.group)
+        wanted = [c for c in self.uploader.wanted(checkpoints) if self.store.is_committed(c)]
+        if not wanted:
+            return
+        manifests = [self.store.manifest(c) for c in wanted] if self.is_main else []
+        self.uploader.submit(wanted, self.store.path_of(wanted[0]), names, manifests, busy.tolist())
+
+    def finish_uploads(self) -> None:
+        """At the run's end (every rank): wait for the uploads in flight, then upload the newest commit of each role
+        that a busy lane skipped, so that a finished run's newest checkpoints are remote."""
+        if self.uploader is None:
+            return
+        self.wait()
+        self.uploader.join()
+        for checkpoints, names in list(self.uploader.skipped.values()):
+            self._upload(checkpoints, names)
+        self.uploader.join()
 
     def _journal_error(self, ckpt: Checkpoint, reason: str) -> None:
         if self.is_main:

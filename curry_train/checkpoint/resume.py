@@ -40,6 +40,7 @@ class ResumePoint:
     rollback_to: str | None = None  # a rollback of this run to its checkpoint at this relpath (one-shot)
     note: str | None = None  # what the launch should tell the user about how this point was chosen
     fallbacks: list[Path] = field(default_factory=list)  # +resume=latest|auto: older full checkpoints, newest first
+    fetched_from: str | None = None  # the remote checkpoint this one was downloaded from at this start
 
 
 @dataclass
@@ -366,11 +367,13 @@ def resume(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: in
         exact=point.contents is Contents.FULL and same_world,
         world_size=world_size,
         saved_world_size=point.world_size,
+        **({"source": "remote", "remote": point.fetched_from} if point.fetched_from else {}),
     )
     if not same_world:
         ckpt.journal.append("world_size_change", point.step, old=point.world_size, new=world_size)
     say(
         f"curry-train: resumed from step {point.step} of {relpath}"
+        + (f" (fetched from {point.fetched_from})" if point.fetched_from else "")
         + ("" if same_world else f" (world size {point.world_size} -> {world_size})")
         + ("" if point.contents is Contents.FULL else " (parameters only: optimizer state starts fresh)")
     )
