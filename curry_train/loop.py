@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from curry_train import distributed, faults, spike, warm_start, watchdog
 from curry_train.checkpoint import resume as resuming
@@ -23,13 +19,14 @@ from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
 from curry_train.checkpoint.state import Progress, TrainState
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, ConfigError, Launch, validate
-from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
+from curry_train.config import Config, Launch, validate
+from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_checked_corpus
 from curry_train.distributed import on_rank0
-from curry_train.optim import build_optimizer, lr_at, set_lr
+from curry_train.optim import build_optimizer
 from curry_train.run import Run, open_run
+from curry_train.step import evaluate, optimizer_step
 
-__all__ = ["ResumeError", "SpikeError", "TrainResult", "optimizer_step", "train"]
+__all__ = ["ResumeError", "SpikeError", "TrainResult", "train"]
 
 
 @dataclass
@@ -38,90 +35,6 @@ class TrainResult:
     final_step: int
     first_loss: float | None
     last_loss: float | None
-
-
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterator[dict],
-    grad_accum: int,
-    grad_clip: float,
-    device: torch.device,
-    before_update: Callable[[], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss and the grad norm.
-
-    `before_update` runs just before the optimizer changes the parameters (a save in flight takes its copy of them
-    during the forward and backward)."""
-    total = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        batch = next(batches)
-        inputs, targets = batch["input"].to(device), batch["target"].to(device)
-        if grad_accum > 1:
-            # Reduce-scatter gradients once, on the last micro-batch, not on every one.
-            model.set_requires_gradient_sync(micro == grad_accum - 1)
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        (loss / grad_accum).backward()
-        total += loss.detach()
-    grad_norm = None
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if before_update is not None:
-        before_update()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum, grad_norm
-
-
-def optimizer_step(
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterator[dict],
-    cfg: Config,
-    device: torch.device,
-    stop_requested: bool = False,
-    lr_scale: float = 1.0,
-    before_update: Callable[[], None] | None = None,
-) -> tuple[dict[str, float], bool]:
-    """Optimizer step `step` (0-based) at the schedule's lr times `lr_scale` (a re-warmup after a rollback).
-
-    Returns the metrics every rank agrees on, and whether any rank was asked to stop: the request rides on the
-    loss's all-reduce, so all ranks stop after the same step at no extra collective.
-    """
-    lr = lr_at(step, cfg.optimizer.lr, cfg.train.steps, cfg.scheduler) * lr_scale
-    set_lr(optimizer, lr)
-    loss, grad_norm = train_step(
-        model, optimizer, batches, cfg.train.grad_accum, cfg.train.grad_clip, device, before_update
-    )
-    loss_value, stop = distributed.all_reduce_mean([loss.item(), float(stop_requested)], device)
-    values = {"loss": loss_value, "lr": lr}
-    if grad_norm is not None:  # already global: clipping all-reduced it
-        values["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-    return values, stop > 0
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], device: torch.device) -> float:
-    """Mean dev loss over `batches` (micro-batches of one size, from `dev_batches`) and over all ranks."""
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches:
-        logits = model(batch["input"].to(device))
-        total += F.cross_entropy(logits.view(-1, logits.size(-1)), batch["target"].to(device).view(-1)).double()
-    model.train()
-    return distributed.all_reduce_mean([total.item() / len(batches)], device)[0]
-
-
-def load_checked_corpus(cfg: Config) -> Corpus:
-    corpus = load_corpus(cfg.data)
-    if corpus.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
-            f"({corpus.vocab_size} token ids in {cfg.data.name} data)"
-        )
-    return corpus
 
 
 @dataclass
@@ -183,7 +96,7 @@ def start(
             run.close()
             return TrainResult(run_dir, point.step, None, None)
 
-    corpus = load_checked_corpus(cfg)
+    corpus = load_checked_corpus(cfg.data, cfg.model.vocab_size)
     model, n_params = distributed.build_sharded_model(cfg, env, initialize=point is None and init_plan is None)
     optimizer = build_optimizer(model, cfg.optimizer)
     if point is None and cfg.init.source is not None:  # a warm start; a resume never reads the source again
@@ -253,9 +166,16 @@ def run_steps(s: Session, batches: Iterator[dict]) -> tuple[float | None, float 
         lr_scale *= faults.injected_lr_scale(s.launch.debug, progress, s.run.journal, done)
         started = time.perf_counter()
         values, stop = optimizer_step(
-            step, model, s.state.optimizer, batches, cfg, env.device, preemption.requested, lr_scale,
+            step,
+            model,
+            s.state.optimizer,
+            batches,
+            cfg,
+            env.device,
+            preemption.requested,
+            lr_scale,
             checkpointer.before_update,
-        )  # fmt: skip
+        )
         values["tokens_per_s"] = t.batch_size * cfg.data.seq_len / (time.perf_counter() - started)
         verdict = spike.judge(rule, progress.loss_window, done, values["loss"]) if cfg.spike.enabled else None
         if verdict is not None and verdict.spike:

@@ -46,6 +46,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from curry_train import distributed, loop
+from curry_train import step as step_module
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Role
@@ -53,7 +54,7 @@ from curry_train.checkpoint.state import Contents, Progress, TrainState
 from curry_train.checkpoint.store import RunDir
 from curry_train.compose import compose, resolve
 from curry_train.config import Config, Launch
-from curry_train.data import Slicing, build_train_loader
+from curry_train.data import Slicing, build_train_loader, load_checked_corpus
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import read_metrics
 from curry_train.optim import build_optimizer
@@ -170,11 +171,11 @@ class IoBench:
         cfg = config(args, "train.steps=1000")
         self.model, _ = distributed.build_sharded_model(cfg, env)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        corpus = loop.load_checked_corpus(cfg)
+        corpus = load_checked_corpus(cfg.data, cfg.model.vocab_size)
         slicing = Slicing(cfg.train.batch_size, env.world_size, env.rank, cfg.train.grad_accum)
         batches = iter(build_train_loader(corpus.train, cfg.data, slicing, cfg.train.seed))
         for step in range(2):  # Adam's moments exist from the first step on
-            loop.optimizer_step(step, self.model, self.optimizer, batches, cfg, env.device)
+            step_module.optimizer_step(step, self.model, self.optimizer, batches, cfg, env.device)
         self.progress = Progress(step=2, cursor=2 * cfg.train.batch_size, world_size=env.world_size)
         self.train_state = TrainState(
             self.model, self.optimizer, self.progress, env.rank, env.device, lambda c: slicing.indices_at(c, 0)
