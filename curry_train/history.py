@@ -1,5 +1,5 @@
 """A run's history read back from its directory: launches (attempts), where each stopped, and its events
-(`history_text.py` puts them in words). Stdlib and YAML only, so `curry-train status|diff` start fast.
+(`history_text.py` puts them in words). No torch and no Hydra, so `curry-train status|diff` start fast.
 
 It also measures what the checkpoint cadence is chosen from: the cost of recent full saves, the time of recent steps,
 and the run's interruptions (`curry-train plan` and `checkpoint.*_every=auto` read them here, alike).
@@ -12,7 +12,6 @@ last step that attempt completed, read from `metrics.jsonl` (every line carries 
 from __future__ import annotations
 
 import contextlib
-import json
 import statistics
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -23,23 +22,11 @@ import yaml
 
 from curry_train.checkpoint.cadence import Timing, mtbf_estimate
 from curry_train.journal import Journal, read_journal
+from curry_train.layout import RunFiles
+from curry_train.metrics import by_step, read_metric_lines
 
 # Events that end a launch in order: after them the next launch needs no `attempt_end`.
 ENDING_EVENTS = frozenset({"run_end", "preempt", "attempt_end"})
-
-
-def read_metric_lines(path: Path) -> list[dict[str, Any]]:
-    """Every line of `metrics.jsonl` in order (a resumed run's redone steps appear twice); a line cut off by a
-    crash is skipped."""
-    if not path.is_file():
-        return []
-    lines = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(raw)
-            if isinstance(record, dict) and isinstance(record.get("step"), int):
-                lines.append(record)
-    return lines
 
 
 def last_step_of_each_attempt(lines: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
@@ -122,7 +109,7 @@ class RunHistory:
     @property
     def current(self) -> dict[int, dict[str, Any]]:
         """step -> its current metrics line (a redone step's later line wins)."""
-        return {line["step"]: line for line in self.lines}
+        return by_step(self.lines)
 
     @property
     def total_steps(self) -> int | None:
@@ -197,29 +184,11 @@ def measured_save_seconds(
     return (statistics.median(values), len(values)) if values else None
 
 
-def _tail_lines(path: Path, max_bytes: int) -> list[str]:
-    """The whole lines among the last ``max_bytes`` of a file."""
-    with path.open("rb") as f:
-        size = f.seek(0, 2)
-        f.seek(max(0, size - max_bytes))
-        data = f.read()
-    lines = data.decode("utf-8", errors="replace").splitlines()
-    return lines[1:] if size > max_bytes else lines  # the first may be cut
-
-
 def measured_step_seconds(run_dir: Path, recent: int | None = RECENT_STEPS) -> tuple[float, int] | None:
     """Median wall time between consecutive steps among the ``recent`` newest intervals in metrics.jsonl (None:
     all), and how many it covers."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    raw = _tail_lines(path, _TAIL_BYTES) if recent else path.read_text(encoding="utf-8").splitlines()
-    points = []
-    for line in raw:
-        with contextlib.suppress(json.JSONDecodeError):
-            record = json.loads(line)
-            if isinstance(record, dict) and isinstance(record.get("step"), int) and "time" in record:
-                points.append((record["step"], float(record["time"])))
+    lines = read_metric_lines(RunFiles(run_dir).metrics, _TAIL_BYTES if recent else None)
+    points = [(line["step"], float(line["time"])) for line in lines if isinstance(line.get("time"), (int, float))]
     # Only step n -> n+1 pairs: a resume restarts the step count and a gap between launches is not a step.
     diffs = [t1 - t0 for (s0, t0), (s1, t1) in zip(points, points[1:], strict=False) if s1 == s0 + 1 and t1 > t0]
     diffs = diffs[-recent:] if recent else diffs

@@ -161,8 +161,6 @@ def prepare(argv: list[str]) -> Rehearsal:
 
 def completed_steps(metrics_path: Path) -> int:
     """The newest step in a run's metrics.jsonl (0 before the first)."""
-    if not metrics_path.exists():
-        return 0
     return max(read_metrics(metrics_path), default=0)
 
 
