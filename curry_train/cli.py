@@ -13,13 +13,14 @@ from pathlib import Path
 
 from curry_train.checkpoint.plan import build_plan
 from curry_train.checkpoint.plan_text import plan_json, render_plan
-from curry_train.checkpoint.sizes import human_bytes, model_size
+from curry_train.checkpoint.sizes import model_size
 from curry_train.checkpoint.store import RunDir
 from curry_train.compose import from_command_line
 from curry_train.config import Config, ConfigError, validate
 from curry_train.history import RunHistory, read_run
 from curry_train.journal import Journal, format_events, read_journal
 from curry_train.report import render_diff, render_status
+from curry_train.units import human_bytes
 
 
 def _run_dir(path: str) -> Path:

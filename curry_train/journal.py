@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Self
 
+from curry_train.units import human_bytes
+
 EVENTS: frozenset[str] = frozenset(
     {
         "run_start",
@@ -204,17 +206,6 @@ def read_journal(path: str | os.PathLike[str]) -> list[dict[str, object]]:
     return records
 
 
-def _human_bytes(count: float) -> str:
-    """Decimal units, as disks and cloud quotas count them."""
-    if count < 1000:
-        return f"{count:g} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        count /= 1000
-        if round(count, 1) < 1000 or unit == "TB":
-            return f"{count:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 def _format_value(value: object) -> str:
     if isinstance(value, str) and value and not any(ch.isspace() for ch in value):
         return value
@@ -235,7 +226,7 @@ def format_event(record: dict[str, object]) -> str:
     timing = []
     size, seconds = record.get("bytes"), record.get("seconds")
     if isinstance(size, (int, float)) and not isinstance(size, bool):
-        timing.append(_human_bytes(size))
+        timing.append(human_bytes(size))
         shown.add("bytes")
     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
         timing.append(f"{seconds:.2f} s")
@@ -261,7 +252,7 @@ def _policy_line(record: dict[str, object]) -> dict[str, object]:
                 short[str(name)] = f"{every}/keep{role.get('keep', '?')}/{role.get('contents', '?')}"
     for key, label in (("committed_bytes", "commits"), ("free_bytes", "free")):
         if isinstance(record.get(key), (int, float)):
-            short[label] = _human_bytes(float(record[key]))  # type: ignore[arg-type]
+            short[label] = human_bytes(float(record[key]))  # type: ignore[arg-type]
     if "fits" in record:
         short["fits"] = record["fits"]
     return short

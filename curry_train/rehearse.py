@@ -30,7 +30,7 @@ from typing import Any
 from curry_train import failures
 from curry_train.checkpoint.cadence import exact_resume_cadence
 from curry_train.checkpoint.plan import build_plan, storage_refusal
-from curry_train.checkpoint.sizes import human_bytes, model_size
+from curry_train.checkpoint.sizes import model_size
 from curry_train.compose import from_command_line
 from curry_train.config import Config, ConfigError, validate
 from curry_train.history import measured_save_seconds, measured_step_seconds, save_costs
@@ -49,6 +49,7 @@ from curry_train.launcher import (
     world_size,
 )
 from curry_train.metrics import read_metrics
+from curry_train.units import human_bytes
 
 USAGE = """usage: curry-train rehearse [torchrun options] [--steps=N] [--kill-at=K] [--keep] [overrides ...]
 

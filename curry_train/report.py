@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from curry_train.checkpoint.sizes import human_bytes
 from curry_train.checkpoint.store import ABANDONED_PREFIX, RunDir
 from curry_train.config import flatten
 from curry_train.history import RunHistory
 from curry_train.history_text import headline, history_lines, in_words, plural
+from curry_train.units import human_bytes
 
 # Metrics compared by `diff` besides the train loss, when both runs have them at common steps.
 COMPARED_METRICS = ("loss", "dev_loss", "lr", "grad_norm")
