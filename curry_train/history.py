@@ -22,7 +22,7 @@ import yaml
 
 from curry_train.checkpoint.cadence import Timing, mtbf_estimate
 from curry_train.journal import Journal, read_journal
-from curry_train.layout import RunFiles
+from curry_train.layout import JOURNAL, METRICS, RunFiles
 from curry_train.metrics import by_step, read_metric_lines
 
 # Events that end a launch in order: after them the next launch needs no `attempt_end`.
@@ -51,7 +51,7 @@ def end_unfinished_attempt(journal: Journal, run_dir: Path) -> dict[str, Any] | 
     if any(e["event"] in ENDING_EVENTS for e in events[starts[-1] :]):
         return None
     attempt = int(start.get("attempt", len(starts) - 1))
-    line = last_step_of_each_attempt(read_metric_lines(run_dir / "metrics.jsonl")).get(attempt)
+    line = last_step_of_each_attempt(read_metric_lines(RunFiles(run_dir).metrics)).get(attempt)
     # No metrics line at all: it stopped before its first step completed, so at the step it started from.
     last_step = int(line["step"]) if line else int(start["step"])
     fields: dict[str, Any] = {"attempt": attempt, "started_step": int(start["step"])}
@@ -127,12 +127,12 @@ class RunHistory:
 def read_run(path: str | Path) -> RunHistory:
     """Read a run directory's journal, metrics and config; raises FileNotFoundError naming what is missing."""
     path = Path(path)
-    journal = path / "journal.jsonl"
-    if not journal.is_file():
-        raise FileNotFoundError(f"{path} is not a run directory (no journal.jsonl)")
-    events = read_journal(journal)
-    lines = read_metric_lines(path / "metrics.jsonl")
-    config_path = path / "config.yaml"
+    files = RunFiles(path)
+    if not files.journal.is_file():
+        raise FileNotFoundError(f"{path} is not a run directory (no {JOURNAL})")
+    events = read_journal(files.journal)
+    lines = read_metric_lines(files.metrics)
+    config_path = files.config
     config = yaml.safe_load(config_path.read_text(encoding="utf-8")) if config_path.is_file() else {}
     attempts: list[Attempt] = []
     for event in events:
@@ -159,7 +159,7 @@ def save_costs(run_dir: Path, async_save: bool) -> list[float]:
     Asynchronous saves cost training their ``cost_seconds`` (blocked time plus the extra time of the steps they
     overlapped), synchronous ones their ``seconds``. Hard-linked saves (``linked_from``) cost nothing and are skipped.
     """
-    path = run_dir / "journal.jsonl"
+    path = RunFiles(run_dir).journal
     if not path.is_file():
         return []
     # Journals written before `cost_seconds` existed have only `blocking_seconds`; a save that finished before a
@@ -249,7 +249,7 @@ def timing_of(
     if save_seconds is None:
         measured = measured_save_seconds(run_dir, async_save)
         save_seconds, save_source = (
-            (measured[0], f"median of the last {measured[1]} full saves in journal.jsonl")
+            (measured[0], f"median of the last {measured[1]} full saves in {JOURNAL}")
             if measured
             else (None, "no full save measured yet")
         )
@@ -258,11 +258,11 @@ def timing_of(
     if step_seconds is None:
         measured = measured_step_seconds(run_dir)
         step_seconds, step_source = (
-            (measured[0], f"median of the last {measured[1]} steps in metrics.jsonl")
+            (measured[0], f"median of the last {measured[1]} steps in {METRICS}")
             if measured
             else (None, "no step measured yet")
         )
-    path = run_dir / "journal.jsonl"
+    path = RunFiles(run_dir).journal
     history = interruptions(read_journal(path)) if path.is_file() else Interruptions(0, 0.0)
     prior = mtbf_hours * 3600.0
     mtbf = mtbf_estimate(prior, history.training_seconds, history.count)

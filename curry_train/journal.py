@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Self
 
+from curry_train.layout import RunFiles
 from curry_train.units import human_bytes
 
 EVENTS: frozenset[str] = frozenset(
@@ -64,7 +65,7 @@ def append_from_any_rank(run_dir: Path, event: str, step: int | None = None, **f
     """Append to a run's journal from whichever rank has something to say (a failure, a hang): it is rank 0's
     file, but rank 0 may be the rank that is gone or stuck. `step` None: the step of the journal's last line.
     Best effort: a journal that cannot be read or written must not hide the failure being reported."""
-    path = run_dir / "journal.jsonl"
+    path = RunFiles(run_dir).journal
     if not path.exists():
         return
     with contextlib.suppress(OSError, ValueError):

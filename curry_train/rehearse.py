@@ -48,6 +48,7 @@ from curry_train.launcher import (
     torchrun_arguments,
     world_size,
 )
+from curry_train.layout import RunFiles
 from curry_train.metrics import read_metrics
 from curry_train.units import human_bytes
 
@@ -207,7 +208,7 @@ class Launches:
         dead)."""
         folder = self.scratch / f"{name}.status"
         folder.mkdir()
-        metrics = self.scratch / run_id / "metrics.jsonl"
+        metrics = RunFiles(self.scratch / run_id).metrics
         overrides = [*overrides, f"run.root={self.scratch}", f"run.id={run_id}"]
         with open(self.scratch / f"{name}.log", "wb") as log:
             self.job = start(self.options, overrides, folder, stdout=log, stderr=subprocess.STDOUT)
@@ -304,9 +305,9 @@ def measurements(r: Rehearsal, straight: Path, resume: dict[str, Any], resume_se
     """What the rehearsal measured that the real run will pay, and the plan of the real run with those figures."""
     cfg = r.cfg
     async_save = cfg.checkpoint.async_save
-    journal = read_journal(straight / "journal.jsonl")
+    journal = read_journal(RunFiles(straight).journal)
     ranks = next(int(e["world_size"]) for e in journal if e["event"] == "run_start")
-    saves = [s for s in committed_full_saves(straight / "journal.jsonl") if not s.get("linked_from")]
+    saves = [s for s in committed_full_saves(RunFiles(straight).journal) if not s.get("linked_from")]
     cost = measured_save_seconds(straight, async_save, recent=None)  # every save of the rehearsal, all listed
     step = measured_step_seconds(straight, recent=None)
     lines = [f"what the real run will pay, as measured here on {ranks} rank{'s' if ranks > 1 else ''}:"]
@@ -441,24 +442,24 @@ def _rehearse(r: Rehearsal, scratch: Path, launches: Launches) -> tuple[bool, li
     progress.done(f"{s.steps} steps in {time.monotonic() - started:.0f} s")
 
     def due() -> bool:
-        return completed_steps(killed / "metrics.jsonl") >= s.kill_at and bool(
-            committed_full_saves(killed / "journal.jsonl")
+        return completed_steps(RunFiles(killed).metrics) >= s.kill_at and bool(
+            committed_full_saves(RunFiles(killed).journal)
         )
 
     progress = Progress("2/3 killed run", s.steps)
     if not launches.run("killed", "killed", base, progress, stop=due):
         raise LaunchFailed(f"the killed launch ended on its own before step {s.kill_at} with a checkpoint committed")
-    killed_after = completed_steps(killed / "metrics.jsonl")
+    killed_after = completed_steps(RunFiles(killed).metrics)
     progress.done(f"killed outright (SIGKILL to every process of the job) after step {killed_after}")
 
     launched = time.time()
     progress = Progress("3/3 resumed", s.steps)
     launches.run("resumed", "killed", [*base, "+resume=latest"], progress)
-    resume = resumed_point(read_journal(killed / "journal.jsonl"))
+    resume = resumed_point(read_journal(RunFiles(killed).journal))
     progress.done(f"with +resume=latest from step {resume['step']} ({resume['path']}) to step {s.steps}")
 
-    resumed_metrics = read_metrics(killed / "metrics.jsonl")
-    comparison = compare_losses(read_metrics(straight / "metrics.jsonl"), resumed_metrics, s.steps)
+    resumed_metrics = read_metrics(RunFiles(killed).metrics)
+    comparison = compare_losses(read_metrics(RunFiles(straight).metrics), resumed_metrics, s.steps)
     first_after = resumed_metrics.get(int(resume["step"]) + 1, {})
     resume_seconds = float(first_after.get("time", math.nan)) - launched
     lines = [
