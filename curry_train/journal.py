@@ -241,7 +241,7 @@ def format_event(record: dict[str, object]) -> str:
 
 
 def _policy_line(record: dict[str, object]) -> dict[str, object]:
-    """The `policy` record (the whole plan, ~850 characters) cut to what a reader scans for."""
+    """The `policy` record (the whole plan, too long to scan on one line) cut to what a reader scans for."""
     roles = record.get("roles")
     short: dict[str, object] = {key: record[key] for key in ("event", "time", "step") if key in record}
     if isinstance(record.get("model"), str):

@@ -226,15 +226,15 @@ def refusal(options: dict[str, str | None], overrides: list[str]) -> tuple[str |
 
 def children() -> dict[int, list[int]]:
     """parent pid -> the pids of its children, for every process now (Linux /proc)."""
-    found: dict[int, list[int]] = {}
+    children_of: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, IndexError, ValueError):  # the process ended while we looked
             # The command name, in parentheses, may hold spaces: the fields after its closing one are fixed.
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            found.setdefault(int(fields[1]), []).append(int(entry.name))
-    return found
+            children_of.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children_of
 
 
 def worker_pids(parent: int) -> list[int]:

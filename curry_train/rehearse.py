@@ -100,8 +100,8 @@ class Schedule:
 def schedule(cfg: Config, steps: int | None, kill_at: int | None) -> Schedule:
     """N and K (given, or from the exact-resume cadence), and the settings the rehearsal changes: `train.steps`,
     wandb off, and the cadence of a full-state role only where no full checkpoint would come before step K."""
-    found = exact_resume_cadence(cfg.checkpoint.policy())
-    every = found[0] if found else None
+    full_cadence = exact_resume_cadence(cfg.checkpoint.policy())  # (every, role) of a full-state role, or None
+    every = full_cadence[0] if full_cadence else None
     auto_kill = min(every + max(1, every // 2), MAX_KILL_AT) if every else MAX_KILL_AT
     if steps is None:
         steps = min(auto_kill + min(every or MAX_AFTER_KILL, MAX_AFTER_KILL), cfg.train.steps)
@@ -116,11 +116,11 @@ def schedule(cfg: Config, steps: int | None, kill_at: int | None) -> Schedule:
     if cfg.logger.wandb.mode != "disabled":
         changes.append(f"logger.wandb.mode={cfg.logger.wandb.mode} -> disabled")
     if every is None or every >= kill_at:
-        key = f"checkpoint.{found[1] if found else 'recovery'}_every"
+        key = f"checkpoint.{full_cadence[1] if full_cadence else 'recovery'}_every"
         overrides.append(f"{key}={kill_at - 1}")
         why = "no role saves full state" if every is None else "no full checkpoint would come before the kill"
         changes.append(f"{key}={every or 0} -> {kill_at - 1} ({why})")
-        if found is None and cfg.checkpoint.retention.recovery_keep == 0:
+        if full_cadence is None and cfg.checkpoint.retention.recovery_keep == 0:
             overrides.append("checkpoint.retention.recovery_keep=1")
     return Schedule(steps, kill_at, overrides, changes)
 
@@ -188,10 +188,10 @@ class Progress:
         if self.tty:
             print(f"\r{self.label}: step {step}/{self.total}", end="", file=sys.stderr, flush=True)
         else:
-            say(f"  {self.label}: step {step}/{self.total}")
+            print_stderr(f"  {self.label}: step {step}/{self.total}")
 
     def done(self, text: str) -> None:
-        say(f"\r{self.label}: {text}" + " " * 10 if self.tty else f"{self.label}: {text}")
+        print_stderr(f"\r{self.label}: {text}" + " " * 10 if self.tty else f"{self.label}: {text}")
 
 
 class Launches:
@@ -382,7 +382,7 @@ def remove_scratch(scratch: Scratch) -> None:
             scratch.path.parent.rmdir()
 
 
-def say(line: str) -> None:
+def print_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -401,15 +401,17 @@ def rehearse(r: Rehearsal, made: Scratch) -> int:
         report = _rehearse(r, scratch, launches)
     except KeyboardInterrupt:
         launches.kill()
-        say(f"\ncurry-train rehearse: interrupted: the job is killed; {scratch} " + ("kept" if keep else "removed"))
+        print_stderr(
+            f"\ncurry-train rehearse: interrupted: the job is killed; {scratch} " + ("kept" if keep else "removed")
+        )
         return EXIT_INTERRUPTED
     except Refused as err:
-        say(f"curry-train rehearse: {err}")
+        print_stderr(f"curry-train rehearse: {err}")
         return failures.EXIT_REFUSED
     except LaunchFailed as err:
         launches.kill()
         keep = True  # its logs and failures.log say why
-        say(f"\ncurry-train rehearse: {err}; the launches' output and runs are kept in {scratch}")
+        print_stderr(f"\ncurry-train rehearse: {err}; the launches' output and runs are kept in {scratch}")
         return err.status
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -432,7 +434,7 @@ def _rehearse(r: Rehearsal, scratch: Path, launches: Launches) -> tuple[bool, li
         raise Refused(line)  # the config, the data or run.root: before any launch
     base = [*r.overrides, *s.overrides]
     straight, killed = scratch / "straight", scratch / "killed"
-    say(
+    print_stderr(
         f"curry-train rehearse: {s.steps} steps straight, then the same killed after step {s.kill_at} and resumed, "
         f"in {scratch}\n  rehearsal settings: {'; '.join(s.changes)}"
     )
