@@ -12,14 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.manifest import MANIFEST, Manifest, check_file
 from curry_train.checkpoint.policy import Checkpoint, Role
-from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress, digest_algorithm, legacy_layout
+from curry_train.checkpoint.state import (
+    PER_RANK_KEYS,
+    Contents,
+    TrainState,
+    digest_algorithm,
+    legacy_layout,
+)
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Launch, flatten
 from curry_train.failures import Refused
@@ -41,17 +46,6 @@ class ResumePoint:
     note: str | None = None  # what the launch should tell the user about how this point was chosen
     fallbacks: list[Path] = field(default_factory=list)  # +resume=latest|auto: older full checkpoints, newest first
     fetched_from: str | None = None  # the remote checkpoint this one was downloaded from at this start
-
-
-@dataclass
-class Trainee:
-    """What a resume or a rollback loads into."""
-
-    state: Callable[[Contents], dict]  # the DCP state of a checkpoint with these contents
-    optimizer: torch.optim.Optimizer
-    progress: Progress
-    saved_fidelity: dict[str, Any]  # filled by loading a full checkpoint
-    fidelity_now: Callable[[str], dict[str, Any]]  # this rank's record now, parameters digested with that algorithm
 
 
 # ------------------------------------------------------------------------------------------ where to resume
@@ -327,7 +321,7 @@ def check_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def load(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: int) -> None:
+def load(point: ResumePoint, ckpt: Checkpointer, into: TrainState, world_size: int) -> None:
     """Load the checkpoint at `point` (all ranks); after a full checkpoint on the same world size, check that
     parameters, RNG and the next batch are bitwise what was saved."""
     same_world = point.world_size == world_size
@@ -354,7 +348,9 @@ def relpath_in(store: RunDir, path: Path) -> str:
         return str(path)
 
 
-def resume(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: int, say: Callable[[str], None]) -> None:
+def resume(
+    point: ResumePoint, ckpt: Checkpointer, into: TrainState, world_size: int, say: Callable[[str], None]
+) -> None:
     """Continue from `point` at launch: load it and journal the resume."""
     load(point, ckpt, into, world_size)
     same_world = point.world_size == world_size

@@ -21,8 +21,8 @@ from curry_train.checkpoint.policy import (
     rollback_target,
     skipped_range,
 )
-from curry_train.checkpoint.resume import ResumePoint, Trainee, load, point_of
-from curry_train.checkpoint.state import Contents, Progress
+from curry_train.checkpoint.resume import ResumePoint, load, point_of
+from curry_train.checkpoint.state import Contents, Progress, TrainState
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import SpikeConfig
 from curry_train.distributed import on_rank0
@@ -48,7 +48,7 @@ def roll_back(
     point: ResumePoint,
     cause: Cause,
     ckpt: Checkpointer,
-    into: Trainee,
+    into: TrainState,
     spike: SpikeConfig,
     batch_size: int,
     world_size: int,
