@@ -11,27 +11,30 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from curry_train import layout
 from curry_train.checkpoint.plan import build_plan
 from curry_train.checkpoint.plan_text import plan_json, render_plan
-from curry_train.checkpoint.sizes import human_bytes, model_size
+from curry_train.checkpoint.sizes import model_size
 from curry_train.checkpoint.store import RunDir
 from curry_train.compose import from_command_line
 from curry_train.config import Config, ConfigError, validate
 from curry_train.history import RunHistory, read_run
 from curry_train.journal import Journal, format_events, read_journal
+from curry_train.layout import RunFiles
 from curry_train.report import render_diff, render_status
+from curry_train.units import human_bytes
 
 
 def _run_dir(path: str) -> Path:
     p = Path(path)
-    if not (p / "journal.jsonl").exists():
-        raise SystemExit(f"curry-train: {p} is not a run directory (no journal.jsonl)")
+    if not RunFiles(p).journal.exists():
+        raise SystemExit(f"curry-train: {p} is not a run directory (no {layout.JOURNAL})")
     return p
 
 
 def cmd_journal(args: argparse.Namespace) -> int:
     """Print a run's journal, one readable line per event."""
-    records = read_journal(_run_dir(args.run_dir) / "journal.jsonl")
+    records = read_journal(RunFiles(_run_dir(args.run_dir)).journal)
     for record, line in zip(records, format_events(records), strict=True):
         if not args.event or record["event"] in args.event:
             print(line)
@@ -88,7 +91,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{len(items)} set-aside checkpoint(s), {human_bytes(total)}: dry run, nothing removed; add --yes")
         return 0
     latest = store.latest()
-    with Journal(run_dir / "journal.jsonl") as journal:
+    with Journal(RunFiles(run_dir).journal) as journal:
         for item in items:
             journal.append(
                 "delete",

@@ -31,6 +31,7 @@ from curry_train.checkpoint.manifest import MANIFEST, Manifest
 from curry_train.checkpoint.policy import Role
 from curry_train.checkpoint.store import RunDir
 from curry_train.hf_llama import hf_llama_config, hf_name
+from curry_train.layout import RunFiles
 
 FORMATS = ("safetensors", "hf")
 DTYPES = {
@@ -66,7 +67,7 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _best_k_direction(run_dir: Path) -> str:
-    config = _read_config(run_dir / "config.yaml")
+    config = _read_config(RunFiles(run_dir).config)
     return str((config.get("checkpoint") or {}).get("best_k_direction", "minimize"))
 
 
@@ -75,7 +76,7 @@ def choose_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if _is_checkpoint(path):
         return path
-    if not (path / "journal.jsonl").is_file():
+    if not RunFiles(path).journal.is_file():
         raise ExportError(f"{path} is neither a checkpoint (no {MANIFEST} or .metadata) nor a run directory")
     store = RunDir(path)
     best = [c for c in store.list(Role.BEST_K) if c.metric is not None]
@@ -124,7 +125,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def run_config_of(ckpt: Path) -> Path:
     """The config.yaml of the run a checkpoint belongs to (`<run>/<role>/<checkpoint>`)."""
-    return ckpt.resolve().parent.parent / "config.yaml"
+    return RunFiles(ckpt.resolve().parent.parent).config
 
 
 # -------------------------------------------------------------------------------------------------- export

@@ -22,11 +22,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
+from curry_train.layout import RunFiles
+
 EXIT_DONE = 0
 EXIT_FAILURE = 1
 EXIT_REFUSED = 2
 EXIT_SPIKE = 3
-FAILURES_LOG = "failures.log"
 # Set by `curry-train run` for its workers: a folder on the worker's own node where each rank leaves its exit status
 # (torchrun exits 1 whatever the workers' statuses were, so the true one has to travel this way).
 STATUS_DIR_ENV = "CURRY_TRAIN_STATUS_DIR"
@@ -67,7 +68,7 @@ def record(err: BaseException, rank: int, run_dir: Path, line: str) -> Path | No
     directory does not exist: nothing was created, nothing is left behind)."""
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     text = "".join(traceback.format_exception(err))
-    log = run_dir / FAILURES_LOG
+    log = RunFiles(run_dir).failures
     written = None
     if run_dir.is_dir():
         try:

@@ -22,6 +22,7 @@ from typing import Any
 
 from curry_train.config import Config, ConfigError, InitConfig, Launch, ModelConfig
 from curry_train.hf_llama import ARCH_KEYS, EMBEDDING, HEAD, model_of_hf_config, our_name
+from curry_train.layout import JOURNAL, RunFiles
 from curry_train.model_shapes import parameter_shapes
 
 CONFIG_JSON = "config.json"
@@ -216,13 +217,13 @@ def find_source(given: str) -> Source:
         return _safetensors_file(path, given)
     if (path / "manifest.json").is_file():
         return _checkpoint(path, given)
-    if (path / "journal.jsonl").is_file():
+    if RunFiles(path).journal.is_file():
         return _checkpoint(_run_latest(path, given), given)
     if (path / CONFIG_JSON).is_file():
         return _hf_dir(path, given)
     raise _refuse(
         given,
-        f"{path} is neither a curry-train checkpoint (manifest.json), a run directory (journal.jsonl) nor a Hugging "
+        f"{path} is neither a curry-train checkpoint (manifest.json), a run directory ({JOURNAL}) nor a Hugging "
         f"Face directory ({CONFIG_JSON} with {HF_WEIGHTS})",
     )
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from curry_train import failures
+from curry_train.layout import RunFiles
 
 USAGE = """usage: curry-train run [torchrun options] [group=option ...] [key=value ...] [+resume=latest|auto|PATH]
 
@@ -187,7 +188,7 @@ def check_run_dir(run_dir: Path, launch: Any, config: dict[str, Any]) -> None:
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.root: cannot write the run directory {run_dir} ({existing} is not writable)")
-    if run_dir.is_dir() and (run_dir / ".lock").exists():
+    if run_dir.is_dir() and RunFiles(run_dir).lock.exists():
         lock = RunLock(run_dir)
         try:
             holder = lock.acquire()
@@ -225,15 +226,15 @@ def refusal(options: dict[str, str | None], overrides: list[str]) -> tuple[str |
 
 def children() -> dict[int, list[int]]:
     """parent pid -> the pids of its children, for every process now (Linux /proc)."""
-    found: dict[int, list[int]] = {}
+    children_of: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError, IndexError, ValueError):  # the process ended while we looked
             # The command name, in parentheses, may hold spaces: the fields after its closing one are fixed.
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            found.setdefault(int(fields[1]), []).append(int(entry.name))
-    return found
+            children_of.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children_of
 
 
 def worker_pids(parent: int) -> list[int]:
@@ -371,7 +372,7 @@ def keep_torchrun_log(log: Path, run_dir: Path, status: int) -> None:
     if not run_dir.is_dir() or not log.exists() or log.stat().st_size == 0:
         return
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
-    with contextlib.suppress(OSError), open(run_dir / failures.FAILURES_LOG, "a", encoding="utf-8") as f:
+    with contextlib.suppress(OSError), open(RunFiles(run_dir).failures, "a", encoding="utf-8") as f:
         f.write(f"--- {stamp} torchrun on {socket.gethostname()} (curry-train run, exit status {status})\n")
         f.write(log.read_text(errors="replace") + "\n")
 

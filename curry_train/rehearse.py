@@ -30,7 +30,7 @@ from typing import Any
 from curry_train import failures
 from curry_train.checkpoint.cadence import exact_resume_cadence
 from curry_train.checkpoint.plan import build_plan, storage_refusal
-from curry_train.checkpoint.sizes import human_bytes, model_size
+from curry_train.checkpoint.sizes import model_size
 from curry_train.compose import from_command_line
 from curry_train.config import Config, ConfigError, validate
 from curry_train.history import measured_save_seconds, measured_step_seconds, save_costs
@@ -48,7 +48,9 @@ from curry_train.launcher import (
     torchrun_arguments,
     world_size,
 )
+from curry_train.layout import RunFiles
 from curry_train.metrics import read_metrics
+from curry_train.units import human_bytes
 
 USAGE = """usage: curry-train rehearse [torchrun options] [--steps=N] [--kill-at=K] [--keep] [overrides ...]
 
@@ -98,8 +100,8 @@ class Schedule:
 def schedule(cfg: Config, steps: int | None, kill_at: int | None) -> Schedule:
     """N and K (given, or from the exact-resume cadence), and the settings the rehearsal changes: `train.steps`,
     wandb off, and the cadence of a full-state role only where no full checkpoint would come before step K."""
-    found = exact_resume_cadence(cfg.checkpoint.policy())
-    every = found[0] if found else None
+    full_cadence = exact_resume_cadence(cfg.checkpoint.policy())  # (every, role) of a full-state role, or None
+    every = full_cadence[0] if full_cadence else None
     auto_kill = min(every + max(1, every // 2), MAX_KILL_AT) if every else MAX_KILL_AT
     if steps is None:
         steps = min(auto_kill + min(every or MAX_AFTER_KILL, MAX_AFTER_KILL), cfg.train.steps)
@@ -114,11 +116,11 @@ def schedule(cfg: Config, steps: int | None, kill_at: int | None) -> Schedule:
     if cfg.logger.wandb.mode != "disabled":
         changes.append(f"logger.wandb.mode={cfg.logger.wandb.mode} -> disabled")
     if every is None or every >= kill_at:
-        key = f"checkpoint.{found[1] if found else 'recovery'}_every"
+        key = f"checkpoint.{full_cadence[1] if full_cadence else 'recovery'}_every"
         overrides.append(f"{key}={kill_at - 1}")
         why = "no role saves full state" if every is None else "no full checkpoint would come before the kill"
         changes.append(f"{key}={every or 0} -> {kill_at - 1} ({why})")
-        if found is None and cfg.checkpoint.retention.recovery_keep == 0:
+        if full_cadence is None and cfg.checkpoint.retention.recovery_keep == 0:
             overrides.append("checkpoint.retention.recovery_keep=1")
     return Schedule(steps, kill_at, overrides, changes)
 
@@ -161,8 +163,6 @@ def prepare(argv: list[str]) -> Rehearsal:
 
 def completed_steps(metrics_path: Path) -> int:
     """The newest step in a run's metrics.jsonl (0 before the first)."""
-    if not metrics_path.exists():
-        return 0
     return max(read_metrics(metrics_path), default=0)
 
 
@@ -188,10 +188,10 @@ class Progress:
         if self.tty:
             print(f"\r{self.label}: step {step}/{self.total}", end="", file=sys.stderr, flush=True)
         else:
-            say(f"  {self.label}: step {step}/{self.total}")
+            print_stderr(f"  {self.label}: step {step}/{self.total}")
 
     def done(self, text: str) -> None:
-        say(f"\r{self.label}: {text}" + " " * 10 if self.tty else f"{self.label}: {text}")
+        print_stderr(f"\r{self.label}: {text}" + " " * 10 if self.tty else f"{self.label}: {text}")
 
 
 class Launches:
@@ -208,7 +208,7 @@ class Launches:
         dead)."""
         folder = self.scratch / f"{name}.status"
         folder.mkdir()
-        metrics = self.scratch / run_id / "metrics.jsonl"
+        metrics = RunFiles(self.scratch / run_id).metrics
         overrides = [*overrides, f"run.root={self.scratch}", f"run.id={run_id}"]
         with open(self.scratch / f"{name}.log", "wb") as log:
             self.job = start(self.options, overrides, folder, stdout=log, stderr=subprocess.STDOUT)
@@ -305,9 +305,9 @@ def measurements(r: Rehearsal, straight: Path, resume: dict[str, Any], resume_se
     """What the rehearsal measured that the real run will pay, and the plan of the real run with those figures."""
     cfg = r.cfg
     async_save = cfg.checkpoint.async_save
-    journal = read_journal(straight / "journal.jsonl")
+    journal = read_journal(RunFiles(straight).journal)
     ranks = next(int(e["world_size"]) for e in journal if e["event"] == "run_start")
-    saves = [s for s in committed_full_saves(straight / "journal.jsonl") if not s.get("linked_from")]
+    saves = [s for s in committed_full_saves(RunFiles(straight).journal) if not s.get("linked_from")]
     cost = measured_save_seconds(straight, async_save, recent=None)  # every save of the rehearsal, all listed
     step = measured_step_seconds(straight, recent=None)
     lines = [f"what the real run will pay, as measured here on {ranks} rank{'s' if ranks > 1 else ''}:"]
@@ -382,7 +382,7 @@ def remove_scratch(scratch: Scratch) -> None:
             scratch.path.parent.rmdir()
 
 
-def say(line: str) -> None:
+def print_stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
@@ -401,15 +401,17 @@ def rehearse(r: Rehearsal, made: Scratch) -> int:
         report = _rehearse(r, scratch, launches)
     except KeyboardInterrupt:
         launches.kill()
-        say(f"\ncurry-train rehearse: interrupted: the job is killed; {scratch} " + ("kept" if keep else "removed"))
+        print_stderr(
+            f"\ncurry-train rehearse: interrupted: the job is killed; {scratch} " + ("kept" if keep else "removed")
+        )
         return EXIT_INTERRUPTED
     except Refused as err:
-        say(f"curry-train rehearse: {err}")
+        print_stderr(f"curry-train rehearse: {err}")
         return failures.EXIT_REFUSED
     except LaunchFailed as err:
         launches.kill()
         keep = True  # its logs and failures.log say why
-        say(f"\ncurry-train rehearse: {err}; the launches' output and runs are kept in {scratch}")
+        print_stderr(f"\ncurry-train rehearse: {err}; the launches' output and runs are kept in {scratch}")
         return err.status
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -432,7 +434,7 @@ def _rehearse(r: Rehearsal, scratch: Path, launches: Launches) -> tuple[bool, li
         raise Refused(line)  # the config, the data or run.root: before any launch
     base = [*r.overrides, *s.overrides]
     straight, killed = scratch / "straight", scratch / "killed"
-    say(
+    print_stderr(
         f"curry-train rehearse: {s.steps} steps straight, then the same killed after step {s.kill_at} and resumed, "
         f"in {scratch}\n  rehearsal settings: {'; '.join(s.changes)}"
     )
@@ -442,24 +444,24 @@ def _rehearse(r: Rehearsal, scratch: Path, launches: Launches) -> tuple[bool, li
     progress.done(f"{s.steps} steps in {time.monotonic() - started:.0f} s")
 
     def due() -> bool:
-        return completed_steps(killed / "metrics.jsonl") >= s.kill_at and bool(
-            committed_full_saves(killed / "journal.jsonl")
+        return completed_steps(RunFiles(killed).metrics) >= s.kill_at and bool(
+            committed_full_saves(RunFiles(killed).journal)
         )
 
     progress = Progress("2/3 killed run", s.steps)
     if not launches.run("killed", "killed", base, progress, stop=due):
         raise LaunchFailed(f"the killed launch ended on its own before step {s.kill_at} with a checkpoint committed")
-    killed_after = completed_steps(killed / "metrics.jsonl")
+    killed_after = completed_steps(RunFiles(killed).metrics)
     progress.done(f"killed outright (SIGKILL to every process of the job) after step {killed_after}")
 
     launched = time.time()
     progress = Progress("3/3 resumed", s.steps)
     launches.run("resumed", "killed", [*base, "+resume=latest"], progress)
-    resume = resumed_point(read_journal(killed / "journal.jsonl"))
+    resume = resumed_point(read_journal(RunFiles(killed).journal))
     progress.done(f"with +resume=latest from step {resume['step']} ({resume['path']}) to step {s.steps}")
 
-    resumed_metrics = read_metrics(killed / "metrics.jsonl")
-    comparison = compare_losses(read_metrics(straight / "metrics.jsonl"), resumed_metrics, s.steps)
+    resumed_metrics = read_metrics(RunFiles(killed).metrics)
+    comparison = compare_losses(read_metrics(RunFiles(straight).metrics), resumed_metrics, s.steps)
     first_after = resumed_metrics.get(int(resume["step"]) + 1, {})
     resume_seconds = float(first_after.get("time", math.nan)) - launched
     lines = [

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from curry_train.checkpoint.sizes import human_bytes
-from curry_train.checkpoint.store import ABANDONED_PREFIX, RunDir
+from curry_train.checkpoint.store import RunDir
 from curry_train.config import flatten
-from curry_train.history import RunHistory, headline, history_lines, in_words, plural
+from curry_train.history import RunHistory
+from curry_train.history_text import headline, history_lines, in_words, plural
+from curry_train.units import human_bytes
 
 # Metrics compared by `diff` besides the train loss, when both runs have them at common steps.
 COMPARED_METRICS = ("loss", "dev_loss", "lr", "grad_norm")
@@ -32,24 +32,14 @@ def _progress(run: RunHistory) -> str:
     return f"{done if done is not None else 0} of {total if total is not None else '?'} steps done ({state})"
 
 
-def _set_aside_bytes(path: Path) -> tuple[int, int]:
-    """Count and bytes of checkpoints a rollback set aside (`.abandoned-`), which the listing leaves out."""
-    count = size = 0
-    for role_dir in (p for p in path.iterdir() if p.is_dir()):
-        for aside in role_dir.glob(f"{ABANDONED_PREFIX}*"):
-            count += 1
-            size += sum(f.stat().st_size for f in aside.rglob("*") if f.is_file())
-    return count, size
-
-
 def storage_line(run: RunHistory) -> str:
     """Bytes in use against what the run's plan commits (its last `policy` event)."""
     store = RunDir(run.path)
     used = store.disk_usage()
     text = f"storage: {human_bytes(used)} in {len(store.list())} committed checkpoints (hard links counted once)"
-    aside_count, aside_bytes = _set_aside_bytes(run.path)
-    if aside_count:
-        text += f", plus {human_bytes(aside_bytes)} in {aside_count} set aside by rollbacks"
+    aside = store.abandoned()  # the listing leaves them out; `ls` and `gc` count them the same way
+    if aside:
+        text += f", plus {human_bytes(sum(a.nbytes for a in aside))} in {len(aside)} set aside by rollbacks"
     policy = next((e for e in reversed(run.events) if e["event"] == "policy"), None)
     committed = policy.get("committed_bytes") if policy else None
     if isinstance(committed, (int, float)) and committed > 0:

@@ -58,7 +58,7 @@ def load_initial(
     optimizer: torch.optim.Optimizer,
     env: distributed.Dist,
     journal: Journal,
-    say: Callable[[str], None],
+    print_line: Callable[[str], None],
 ) -> None:
     """Fill the freshly built, sharded model (and optimizer) from the source, the excluded parameters from the
     initialiser, and journal `init`. `plan` is None when the pre-flight expected a resume that found nothing to
@@ -91,7 +91,7 @@ def load_initial(
         digest=digest,
         seconds=round(time.perf_counter() - started, 3),
     )
-    say(
+    print_line(
         f"curry-train: initialised from {source.given} ({source.kind}"
         + (f", step {source.step}" if source.step is not None else "")
         + f"): {len(plan.loaded)} tensors"

@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curry_train.history import event_fact, history_lines, read_run, shorten
+from curry_train.history import read_run
+from curry_train.history_text import event_fact, history_lines, shorten
 from curry_train.report import render_diff
 
 TIME = "2026-01-01T00:00:00+00:00"

@@ -22,11 +22,12 @@ from curry_train.checkpoint.cadence import (
     young_interval,
 )
 from curry_train.checkpoint.policy import Policy, worst_case_resume
-from curry_train.checkpoint.sizes import ModelSize, checkpoint_size, human_bytes
+from curry_train.checkpoint.sizes import ModelSize, checkpoint_size
 from curry_train.checkpoint.store import RunDir
 from curry_train.cli import main
 from curry_train.history import measured_save_seconds, measured_step_seconds
 from curry_train.journal import Journal
+from curry_train.units import human_bytes
 from tests.conftest import FAST, only_run_dir, run_train
 
 P_7B = 6_738_415_616

@@ -96,7 +96,7 @@ def test_ctrl_c_kills_the_job_and_removes_the_rehearsal(tmp_path: Path) -> None:
         (["--steps=2"], "--steps=2: too few; at least 3"),
         (["--nnodes=2", "--rdzv-endpoint=h:1"], "--nnodes=2: the rehearsal runs on one node"),
         (["+resume=latest"], "+resume: the rehearsal makes and resumes runs of its own"),
-        (["checkpoint.rollback_every=-1"], "invalid config: checkpoint.rollback_every: must be >= 0"),
+        (["checkpoint.rollback_every=-1"], "invalid config: checkpoint.rollback_every: must be an integer >= 0"),
     ],
 )
 def test_a_bad_command_line_is_refused_in_one_line_before_anything_starts(

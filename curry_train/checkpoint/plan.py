@@ -33,12 +33,12 @@ from curry_train.checkpoint.sizes import (
     checkpoint_bytes,
     checkpoint_size,
     committed_bytes,
-    human_bytes,
     in_flight_bytes,
     role_estimates,
 )
 from curry_train.config import Config
 from curry_train.history import measured_save_seconds, timing_of
+from curry_train.units import human_bytes
 from curry_train.watchdog import hang_timeout
 
 ROLLBACK_PARAMS_THRESHOLD = 10e9  # above this size of a full checkpoint, recommend parameters-only rollbacks

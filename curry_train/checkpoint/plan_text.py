@@ -8,7 +8,8 @@ from typing import Any
 from curry_train.checkpoint.cadence import ResumeTarget
 from curry_train.checkpoint.plan import ROLLBACK_PARAMS_THRESHOLD, Plan, storage_fits
 from curry_train.checkpoint.policy import Role
-from curry_train.checkpoint.sizes import SET_ASIDE, CheckpointSize, RoleEstimate, human_bytes
+from curry_train.checkpoint.sizes import SET_ASIDE, CheckpointSize, RoleEstimate
+from curry_train.units import human_bytes
 
 # --------------------------------------------------------------------------------------------------- output
 

@@ -184,11 +184,3 @@ def committed_bytes(estimates: list[RoleEstimate], in_flight: bool = True) -> in
     only after the new one commits, so for a moment a role holds keep + 1.
     """
     return sum(e.committed for e in estimates) + (in_flight_bytes(estimates) if in_flight else 0)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"
