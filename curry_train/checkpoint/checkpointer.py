@@ -409,7 +409,7 @@ class Checkpointer:
                 self._journal_save(
                     ckpt,
                     linked.total_bytes,
-                    Contents(linked.extra["contents"]),
+                    linked.contents or Contents.PARAMS,  # a save's manifest always names it
                     seconds=0.0,
                     linked_from=source.relpath,
                 )

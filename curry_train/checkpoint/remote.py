@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from curry_train.checkpoint.manifest import MANIFEST, FileEntry, Manifest, check_file
-from curry_train.checkpoint.policy import Checkpoint, Role, parse_checkpoint_name
+from curry_train.checkpoint.policy import Checkpoint, Contents, Role, parse_checkpoint_name
 
 LATEST = "latest"
 
@@ -185,7 +185,7 @@ class RemoteStore:
         return self._newest_full(committed)
 
     def _newest_full(self, committed: list[Checkpoint]) -> Checkpoint | None:
-        full = [c for c in committed if c.role is not Role.BEST_K and self.manifest(c).extra.get("contents") == "full"]
+        full = [c for c in committed if c.role is not Role.BEST_K and self.manifest(c).contents is Contents.FULL]
         return max(full, key=lambda c: (c.step, c.role is Role.RECOVERY), default=None)
 
     def fetch(self, ckpt: Checkpoint, names: list[str], local_dir: Path, files: dict[str, FileEntry]) -> list[str]:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from curry_train import distributed
 from curry_train.checkpoint.manifest import Manifest
-from curry_train.checkpoint.policy import Checkpoint
+from curry_train.checkpoint.policy import Checkpoint, Contents
 from curry_train.checkpoint.remote import RemoteError, RemoteStore
 from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.store import RunDir
@@ -111,5 +111,5 @@ def fetch_newer(remote: RemoteStore, store: RunDir, env: distributed.Dist, journ
 
 def commit_fetched(store: RunDir, ckpt: Checkpoint, staging: Any, manifest: Manifest) -> None:
     store.commit(ckpt, staging, extra=manifest.extra, known=manifest.files)
-    if manifest.extra.get("contents") == "full":
+    if manifest.contents is Contents.FULL:
         store.set_latest(ckpt)

@@ -77,7 +77,7 @@ def _journal_unrecorded_saves(store: RunDir, journal: Journal | Deferred) -> Non
                 role=ckpt.role,
                 path=ckpt.relpath,
                 bytes=manifest.total_bytes,
-                contents=manifest.extra.get("contents"),
+                contents=manifest.contents,
                 reason="committed before a crash cut its journal line short (recorded at the next start)",
             )
 
@@ -133,9 +133,9 @@ def clean_run_dir(store: RunDir, journal: Journal | Deferred) -> list[str]:
 
 def point_of(path: Path, **fields: Any) -> ResumePoint:
     manifest = Manifest.read(path)
-    return ResumePoint(
-        path, manifest.step, Contents(manifest.extra["contents"]), int(manifest.extra["world_size"]), **fields
-    )
+    if manifest.contents is None or manifest.world_size is None:
+        raise ValueError(f"{path / MANIFEST} names no contents or world size: it was not written by a save")
+    return ResumePoint(path, manifest.step, manifest.contents, manifest.world_size, **fields)
 
 
 def _own_checkpoint(store: RunDir, path: Path) -> Checkpoint | None:
@@ -242,7 +242,7 @@ def _latest_point(store: RunDir, request: str) -> ResumePoint | None:
             "from; start without +resume, or use +resume=auto to start fresh when there is none"
         )
     older = [c for c in store.list() if c.role is not Role.BEST_K and c.step <= latest.step and c != latest]
-    full = [c for c in older if store.manifest(c).extra.get("contents") == Contents.FULL.value]
+    full = [c for c in older if store.manifest(c).contents is Contents.FULL]
     full.sort(key=lambda c: (c.step, c.role is Role.RECOVERY), reverse=True)
     return point_of(store.path_of(latest), fallbacks=[store.path_of(c) for c in full])
 

@@ -166,8 +166,8 @@ def manual_cause(point: ResumePoint, store: RunDir, batch_size: int) -> Cause:
     base = max(trajectory, key=lambda c: c.step, default=None)
     base_step, base_cursor = 0, 0
     if base is not None:
-        extra = store.manifest(base).extra
-        base_step, base_cursor = base.step, int(extra.get("cursor", base.step * batch_size))
+        recorded = store.manifest(base).cursor
+        base_step, base_cursor = base.step, base.step * batch_size if recorded is None else recorded
     cursor = base_cursor + (reached - base_step) * batch_size
     fields = {"request": point.rollback_to, "reason": f"+rollback_to={point.rollback_to}"}
     return Cause(reached, cursor, fields, f"rollback requested (the run had reached step {reached})")

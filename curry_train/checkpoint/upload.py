@@ -23,7 +23,7 @@ from pathlib import Path
 
 from curry_train.checkpoint.durable import link_or_copy
 from curry_train.checkpoint.manifest import Manifest
-from curry_train.checkpoint.policy import Checkpoint, Policy, Role, retention
+from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, retention
 from curry_train.checkpoint.remote import RemoteStore, describe_error
 from curry_train.config import CheckpointConfig
 from curry_train.journal import Journal, append_from_any_rank
@@ -164,7 +164,7 @@ class Uploader:
                 if time.perf_counter() - job.committed_at > self.retry_s:
                     raise TimeoutError(f"{len(missing)} file(s) of other ranks never arrived, e.g. {missing[0]}")
             self.remote.put_manifest(manifest, ckpt.relpath)
-        full = [c for c, m in zip(job.checkpoints, job.manifests, strict=True) if m.extra.get("contents") == "full"]
+        full = [c for c, m in zip(job.checkpoints, job.manifests, strict=True) if m.contents is Contents.FULL]
         latest = self.remote.latest()
         if full and (latest is None or full[0].step >= latest.step):
             self.remote.set_latest(full[0])
