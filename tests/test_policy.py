@@ -14,8 +14,9 @@ from curry_train.checkpoint.policy import (
     SaveReason,
     abandoned_by_rollback,
     best_k_decision,
+    by_policy,
     decide_save,
-    exact_resume_candidates,
+    exact_resume_points,
     is_better,
     parse_checkpoint_name,
     rank_best_k,
@@ -303,14 +304,22 @@ def test_retention_returns_no_duplicates() -> None:
 # --- resume and rollback -----------------------------------------------------------------------------------
 
 
-def test_exact_resume_candidates_full_rollback_newest_first_recovery_wins_ties() -> None:
+def test_exact_resume_points_full_rollback_newest_first_recovery_wins_ties() -> None:
     committed = [rb(900), rc(1000), rb(1000), bk(950, 1.0), rc(500)]
-    assert exact_resume_candidates(committed, Policy()) == [rc(1000), rb(1000), rb(900), rc(500)]
+    assert exact_resume_points(committed, by_policy(Policy())) == [rc(1000), rb(1000), rb(900), rc(500)]
 
 
-def test_exact_resume_candidates_exclude_params_only_rollbacks() -> None:
+def test_exact_resume_points_exclude_params_only_rollbacks() -> None:
     committed = [rb(900), rc(500), bk(950, 1.0)]
-    assert exact_resume_candidates(committed, Policy(rollback_contents="params")) == [rc(500)]
+    assert exact_resume_points(committed, by_policy(Policy(rollback_contents="params"))) == [rc(500)]
+
+
+def test_exact_resume_points_ask_only_of_rollback_and_recovery() -> None:
+    # A run directory answers from each manifest: best-K ones (parameters only) are never read.
+    asked = []
+    full = {rc(500), rb(1000)}
+    points = exact_resume_points([rb(900), bk(950, 1.0), rc(500), rb(1000)], lambda c: asked.append(c) or c in full)
+    assert points == [rb(1000), rc(500)] and bk(950, 1.0) not in asked
 
 
 def test_rollback_target_is_newest_at_or_before_the_bound() -> None:

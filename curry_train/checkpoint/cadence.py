@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from curry_train.checkpoint.policy import Checkpoint, Policy, Role, exact_resume_candidates, rollback_target
+from curry_train.checkpoint.policy import Checkpoint, Policy, Role, by_policy, exact_resume_points, rollback_target
 
 if TYPE_CHECKING:  # config imports Hydra; this module stays importable by `status` without it
     from curry_train.config import Config
@@ -46,7 +46,7 @@ def checkpoints_before(policy: Policy, step: int) -> list[Checkpoint]:
 
 def crash_target(policy: Policy, step: int, async_save: bool = False) -> ResumeTarget:
     """Worst case for a crash at ``step``: the save due at ``step`` never commits, so the newest one before it."""
-    candidates = exact_resume_candidates(checkpoints_before(policy, step), policy)
+    candidates = exact_resume_points(checkpoints_before(policy, step), by_policy(policy))
     if not candidates:
         return ResumeTarget(step, 0, None)
     newest = candidates[0]

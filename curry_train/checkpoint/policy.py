@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -297,13 +298,18 @@ def retention(
     return deletions
 
 
-def exact_resume_candidates(committed: list[Checkpoint], policy: Policy) -> list[Checkpoint]:
-    """Checkpoints a run can resume from exactly, newest first; recovery first among equal steps."""
-    roles = {Role.RECOVERY}
-    if policy.full_rollback:
-        roles.add(Role.ROLLBACK)
-    candidates = [c for c in dict.fromkeys(committed) if c.role in roles]
+def exact_resume_points(committed: Iterable[Checkpoint], holds_full: Callable[[Checkpoint], bool]) -> list[Checkpoint]:
+    """The checkpoints a run can resume from exactly, newest first, recovery first among equal steps: the rollback
+    and recovery checkpoints that hold full state. `holds_full` says which: what their manifests record (a run
+    directory) or what the policy saves (planning, `by_policy`); it is asked of rollback and recovery only, so a
+    run directory's best-K manifests are never read."""
+    candidates = [c for c in dict.fromkeys(committed) if c.role is not Role.BEST_K and holds_full(c)]
     return sorted(candidates, key=lambda c: (-c.step, c.role is not Role.RECOVERY))
+
+
+def by_policy(policy: Policy) -> Callable[[Checkpoint], bool]:
+    """`holds_full` for checkpoints the policy would write: recovery, and rollback when it holds full state."""
+    return lambda checkpoint: contents_of(policy, (checkpoint.role,)) is Contents.FULL
 
 
 def rollback_target(committed: list[Checkpoint], at_or_before: int) -> Checkpoint | None:

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from curry_train.checkpoint.manifest import MANIFEST, FileEntry, Manifest, check_file
-from curry_train.checkpoint.policy import Checkpoint, Contents, Role, parse_checkpoint_name
+from curry_train.checkpoint.policy import Checkpoint, Contents, Role, exact_resume_points, parse_checkpoint_name
 
 LATEST = "latest"
 
@@ -185,8 +185,8 @@ class RemoteStore:
         return self._newest_full(committed)
 
     def _newest_full(self, committed: list[Checkpoint]) -> Checkpoint | None:
-        full = [c for c in committed if c.role is not Role.BEST_K and self.manifest(c).contents is Contents.FULL]
-        return max(full, key=lambda c: (c.step, c.role is Role.RECOVERY), default=None)
+        points = exact_resume_points(committed, lambda c: self.manifest(c).contents is Contents.FULL)
+        return points[0] if points else None
 
     def fetch(self, ckpt: Checkpoint, names: list[str], local_dir: Path, files: dict[str, FileEntry]) -> list[str]:
         """Download `names` of a committed checkpoint into `local_dir` and check each against the manifest's size

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from curry_train.checkpoint import io
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.manifest import MANIFEST, Manifest, check_file
-from curry_train.checkpoint.policy import Checkpoint, Role
+from curry_train.checkpoint.policy import Checkpoint, Role, exact_resume_points
 from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress, digest_algorithm, legacy_layout
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Launch, flatten
@@ -242,8 +242,7 @@ def _latest_point(store: RunDir, request: str) -> ResumePoint | None:
             "from; start without +resume, or use +resume=auto to start fresh when there is none"
         )
     older = [c for c in store.list() if c.role is not Role.BEST_K and c.step <= latest.step and c != latest]
-    full = [c for c in older if store.manifest(c).contents is Contents.FULL]
-    full.sort(key=lambda c: (c.step, c.role is Role.RECOVERY), reverse=True)
+    full = exact_resume_points(older, lambda c: store.manifest(c).contents is Contents.FULL)
     return point_of(store.path_of(latest), fallbacks=[store.path_of(c) for c in full])
 
 

@@ -37,7 +37,7 @@ from curry_train.checkpoint.manifest import (
     checksum_tree,
     data_files,
 )
-from curry_train.checkpoint.policy import Checkpoint, Contents, Role, parse_checkpoint_name
+from curry_train.checkpoint.policy import Checkpoint, Contents, Role, exact_resume_points, parse_checkpoint_name
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -408,10 +408,8 @@ class RunDir:
 
     def newest_full(self) -> Checkpoint | None:
         """The newest committed rollback or recovery checkpoint holding full state (recovery first on a tie)."""
-        full = [
-            c for c in self.list() if c.role is not Role.BEST_K and self.manifest(c).contents is Contents.FULL
-        ]
-        return max(full, key=lambda c: (c.step, c.role is Role.RECOVERY), default=None)
+        points = exact_resume_points(self.list(), lambda c: self.manifest(c).contents is Contents.FULL)
+        return points[0] if points else None
 
     @staticmethod
     def _restore_replaced(role_dir: Path) -> None:
