@@ -5,6 +5,7 @@ import math
 import pytest
 
 from curry_train.checkpoint.policy import (
+    BestK,
     Checkpoint,
     Contents,
     Direction,
@@ -251,6 +252,34 @@ def test_best_k_after_k_shrank_evicts_everything_pushed_out() -> None:
     existing = [bk(100, 1.0), bk(200, 2.0), bk(300, 3.0)]
     decision = best_k_decision(Policy(best_k=1), existing, 400, 0.5)
     assert decision.admit and decision.evict == [bk(100, 1.0), bk(200, 2.0), bk(300, 3.0)]
+
+
+def test_best_k_class_admits_evicts_and_keeps_the_ranking() -> None:
+    best = BestK(Policy(best_k=2), [bk(100, 2.0), bk(200, 3.0)])
+    admission = best.admit(300, 1.0)
+    assert admission is not None and admission.checkpoint == bk(300, 1.0) and admission.evict == [bk(200, 3.0)]
+    assert best.admit(400, 2.5) is None  # ranks against the updated top 2 (1.0, 2.0), not the listing it began with
+    assert sorted(c.step for c in best.checkpoints) == [100, 300]
+
+
+def test_best_k_class_rounds_to_six_significant_digits_and_ties_keep_the_earlier() -> None:
+    best = BestK(Policy(best_k=1), [])
+    first = best.admit(100, 2.3410249)
+    assert first is not None and first.checkpoint.metric == 2.34102
+    assert first.checkpoint.name == "dev-loss-2.34102-step-00000100.dcp"
+    assert best.admit(200, 2.341021) is None  # equal to six digits: a tie, and the earlier checkpoint stays
+    assert best.admit(300, 2.34101) is not None  # better at six digits: admitted
+
+
+def test_best_k_class_ignores_a_resumed_run_evaluating_the_same_step_again() -> None:
+    best = BestK(Policy(best_k=3), [bk(100, 1.0)])
+    assert best.admit(100, 1.0000001) is None  # the same step and (rounded) value: already on disk
+    again = best.admit(100, 0.5)  # the same step, another value: a new trajectory after a rollback
+    assert again is not None and again.checkpoint == bk(100, 0.5)
+
+
+def test_best_k_class_disabled_admits_nothing() -> None:
+    assert BestK(Policy(best_k=0), []).admit(100, 0.1) is None
 
 
 # --- retention ---------------------------------------------------------------------------------------------

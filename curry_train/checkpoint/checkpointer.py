@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.pending import Durable, ParamsCopy, PendingSave, StepClock
-from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, best_k_decision, retention
+from curry_train.checkpoint.policy import BestK, Checkpoint, Contents, Policy, Role, retention
 from curry_train.checkpoint.staging import Snapshot, Stager, to_state_dict
 from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
@@ -65,7 +65,7 @@ class Checkpointer:
         self.my_files: list[str] = []  # every rank: the files it wrote of the last durable save
         self.my_copy_files: list[str] = []  # and of its best-K parameters copy, if it had one
         self.clock = StepClock()
-        self.best: list[Checkpoint] = self._shared_listing(Role.BEST_K)
+        self.best = BestK(policy, self._shared_listing(Role.BEST_K))
 
     def _shared_listing(self, role: Role) -> list[Checkpoint]:
         """Rank 0's view of the committed checkpoints of `role`, given to every rank."""
@@ -95,28 +95,18 @@ class Checkpointer:
         a parameters-only save becomes hard links; a full save lends the state it wrote (its staged copy, or the
         live state of a synchronous save, still the step's): no second staging. A full save in flight writes the
         best-K after itself (`ParamsCopy`: no wait)."""
-        if self.policy.best_k == 0:
+        admission = self.best.admit(step, value)
+        if admission is None:
             return False
-        # Six significant digits keep the name readable (dev-loss-2.34102-step-...) at any scale of the metric;
-        # values equal to that precision tie, and a tie keeps the earlier checkpoint.
-        value = float(f"{value:.6g}")
-        if any(c.step == step and c.metric == value for c in self.best):
-            # A resumed run evaluating the same step again. (The same step with another value is a new trajectory
-            # after a rollback: it competes like any other.)
-            return False
-        decision = best_k_decision(self.policy, self.best, step, value)
-        if not decision.admit:
-            return False
-        ckpt = Checkpoint(Role.BEST_K, step, metric=value, metric_name=self.policy.best_k_metric)
-        self.best = [c for c in self.best if c not in decision.evict] + [ckpt]
+        ckpt = admission.checkpoint
         if self.is_main:
             self.journal.append(
                 "best_k",
                 step,
                 metric=self.policy.best_k_metric,
-                value=value,
-                reason=decision.reason,
-                evict=[c.relpath for c in decision.evict],
+                value=ckpt.metric,
+                reason=admission.reason,
+                evict=[c.relpath for c in admission.evict],
             )
         writing = self.writing
         if writing is not None and writing.step == step:

@@ -256,6 +256,47 @@ def best_k_decision(policy: Policy, existing: list[Checkpoint], step: int, value
     return BestKDecision(True, ranked[k - 1 :], f"{label} ranks #{position + 1} of best_k={k}")
 
 
+def best_k_value(value: float) -> float:
+    """A dev result as best-K ranks and names it: six significant digits keep the name readable
+    (dev-loss-2.34102-step-...) at any scale of the metric; values equal to that precision tie."""
+    return float(f"{value:.6g}")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A dev result that enters the top K: the checkpoint to save, those it pushes out, and why."""
+
+    checkpoint: Checkpoint
+    evict: list[Checkpoint]
+    reason: str
+
+
+class BestK:
+    """A run's best-K ranking as dev results come in. Every rank holds one, starting from the same listing and fed
+    the same values, so ranks agree on each admission without talking."""
+
+    def __init__(self, policy: Policy, committed: list[Checkpoint]) -> None:
+        self.policy = policy
+        self.checkpoints = list(committed)
+
+    def admit(self, step: int, value: float) -> Admission | None:
+        """The checkpoint a dev result at `step` becomes when it ranks in the top best_k (then counted in the
+        ranking), else None. A tie keeps the earlier checkpoint (`best_k_decision`)."""
+        if self.policy.best_k == 0:
+            return None
+        value = best_k_value(value)
+        if any(c.step == step and c.metric == value for c in self.checkpoints):
+            # A resumed run evaluating the same step again. (The same step with another value is a new trajectory
+            # after a rollback: it competes like any other.)
+            return None
+        decision = best_k_decision(self.policy, self.checkpoints, step, value)
+        if not decision.admit:
+            return None
+        checkpoint = Checkpoint(Role.BEST_K, step, metric=value, metric_name=self.policy.best_k_metric)
+        self.checkpoints = [c for c in self.checkpoints if c not in decision.evict] + [checkpoint]
+        return Admission(checkpoint, decision.evict, decision.reason)
+
+
 @dataclass(frozen=True)
 class Deletion:
     checkpoint: Checkpoint
