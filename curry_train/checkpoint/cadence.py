@@ -33,15 +33,15 @@ class ResumeTarget:
 
 def checkpoints_before(policy: Policy, step: int) -> list[Checkpoint]:
     """Rollback and recovery checkpoints on disk just before the saves due at ``step``: each role's newest keep."""
-    found = []
+    on_disk = []
     for role, every, keep in (
         (Role.ROLLBACK, policy.rollback_every, policy.rollback_keep),
         (Role.RECOVERY, policy.recovery_every, policy.recovery_keep),
     ):
         if every > 0:
             newest = (step - 1) // every * every
-            found += [Checkpoint(role, s) for s in range(newest, 0, -every)[:keep]]
-    return found
+            on_disk += [Checkpoint(role, s) for s in range(newest, 0, -every)[:keep]]
+    return on_disk
 
 
 def crash_target(policy: Policy, step: int, async_save: bool = False) -> ResumeTarget:

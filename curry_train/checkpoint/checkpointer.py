@@ -6,6 +6,7 @@ Every rank calls `save` (DCP is collective); only rank 0 touches the run directo
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -27,6 +28,15 @@ from curry_train.checkpoint.store import RunDir
 from curry_train.checkpoint.upload import Uploader
 from curry_train.failures import PeerFailure
 from curry_train.journal import Journal
+
+
+class CommitState(enum.IntEnum):
+    """How rank 0's commit of a save is going, as every rank hears it: the ranks all-reduce it with MAX, and the
+    others say RUNNING, so the order of the values matters."""
+
+    RUNNING = 0
+    COMMITTED = 1
+    FAILED = 2
 
 
 class Checkpointer:
@@ -69,9 +79,9 @@ class Checkpointer:
 
     def _shared_listing(self, role: Role) -> list[Checkpoint]:
         """Rank 0's view of the committed checkpoints of `role`, given to every rank."""
-        box = [self.store.list(role) if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return list(box[0] or [])
+        listing = [self.store.list(role) if self.is_main else None]  # a one-item list: what broadcast fills in
+        dist.broadcast_object_list(listing, src=0, group=self.group)
+        return list(listing[0] or [])
 
     # ------------------------------------------------------------------------------------------------ saving
 
@@ -98,33 +108,37 @@ class Checkpointer:
         admission = self.best.admit(step, value)
         if admission is None:
             return False
-        ckpt = admission.checkpoint
+        checkpoint = admission.checkpoint
         if self.is_main:
             self.journal.append(
                 "best_k",
                 step,
                 metric=self.policy.best_k_metric,
-                value=ckpt.metric,
+                value=checkpoint.metric,
                 reason=admission.reason,
                 evict=[c.relpath for c in admission.evict],
             )
         writing = self.writing
         if writing is not None and writing.step == step:
             if writing.contents is Contents.PARAMS:
-                writing.checkpoints.append(ckpt)  # linked when the save commits
+                writing.checkpoints.append(checkpoint)  # linked when the save commits
             else:
-                self._start_params_copy(writing, ckpt)
+                self._start_params_copy(writing, checkpoint)
             return True
         durable = self.durable
         if durable is not None and durable.step == step and durable.contents is Contents.PARAMS:
-            self._link_committed(durable.checkpoint, ckpt)
+            self._link_committed(durable.checkpoint, checkpoint)
             return True
         self.wait()
         if durable is not None and durable.step == step:
-            self._submit(PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=durable.extra), durable.params)
+            self._submit(
+                PendingSave([checkpoint], Contents.PARAMS, time.perf_counter(), extra=durable.extra), durable.params
+            )
         else:
             state = state_factory()
-            self._start(PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=_data_position(state)), state)
+            self._start(
+                PendingSave([checkpoint], Contents.PARAMS, time.perf_counter(), extra=_data_position(state)), state
+            )
         if not self.async_save:
             self.wait()
         return True
@@ -162,17 +176,17 @@ class Checkpointer:
         self.writing = pending
         self.clock.dirty = True
 
-    def _plan(self, ckpt: Checkpoint, state_dict: dict[str, Any]) -> io.SaveJob:
-        """Plan the save of `state_dict` as `ckpt` on every rank, into a fresh staging directory."""
+    def _plan(self, checkpoint: Checkpoint, state_dict: dict[str, Any]) -> io.SaveJob:
+        """Plan the save of `state_dict` as `checkpoint` on every rank, into a fresh staging directory."""
         # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name) before
         # the planning collective lets the other ranks write into it.
-        box = [str(self.store.staging_dir(ckpt)) if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        full_disk = self.fail_save_at == (ckpt.step, self.rank)
-        return io.SaveJob.start(state_dict, Path(box[0]), self.group, self.writer.filesystem(full_disk))
+        staging = [str(self.store.staging_dir(checkpoint)) if self.is_main else None]
+        dist.broadcast_object_list(staging, src=0, group=self.group)
+        full_disk = self.fail_save_at == (checkpoint.step, self.rank)
+        return io.SaveJob.start(state_dict, Path(staging[0]), self.group, self.writer.filesystem(full_disk))
 
-    def _start_params_copy(self, pending: PendingSave, ckpt: Checkpoint) -> None:
-        """`ckpt` as the parameters-only part of the full save in flight, written by the writer after that save.
+    def _start_params_copy(self, pending: PendingSave, checkpoint: Checkpoint) -> None:
+        """`checkpoint` as the parameters-only part of the full save in flight, written by the writer after that save.
 
         The writer writes one job at a time, in order: the full save's job completes the snapshot into the staging
         buffers before it serialises, so the copy reads finished buffers; and the next save stages into them only
@@ -180,12 +194,12 @@ class Checkpointer:
         next update, and `wait()` comes before that too.)"""
         assert pending.job is not None
         try:
-            job = self._plan(ckpt, _params_only(pending.job.staged))
+            job = self._plan(checkpoint, _params_only(pending.job.staged))
         except Exception as err:
-            self._journal_error(ckpt, f"save failed: {err!r}; earlier checkpoints are intact")
+            self._journal_error(checkpoint, f"save failed: {err!r}; earlier checkpoints are intact")
             raise
         self.writer.submit(job)
-        pending.params_copy = ParamsCopy(ckpt, job)
+        pending.params_copy = ParamsCopy(checkpoint, job)
 
     def before_update(self) -> None:
         """Before `optimizer.step()` (or anything else that changes parameters or optimizer state): the save in
@@ -214,7 +228,7 @@ class Checkpointer:
         still_writing = pending is not None and not all(_future(job).done() for _, job in pending.parts())
         flags = torch.tensor([int(still_writing), self._commit_state()], dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        self._settle_commit(int(flags[1]))
+        self._settle_commit(CommitState(int(flags[1])))
         if pending is not None and not flags[0]:
             self._collect(pending)
             self._begin_commit(pending, inline=False)
@@ -233,29 +247,27 @@ class Checkpointer:
                 self.committing.committer.join()
             flags = torch.tensor([self._commit_state()], dtype=torch.int32)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            self._settle_commit(int(flags[0]))
+            self._settle_commit(CommitState(int(flags[0])))
 
-    _RUNNING, _COMMITTED, _FAILED = 0, 1, 2
-
-    def _commit_state(self) -> int:
+    def _commit_state(self) -> CommitState:
         """Rank 0's commit of the pending save: running, committed or failed (other ranks say running)."""
         committing = self.committing
         if not self.is_main or committing is None or committing.committer is None or committing.committer.is_alive():
-            return self._RUNNING
-        return self._FAILED if committing.commit_error is not None else self._COMMITTED
+            return CommitState.RUNNING
+        return CommitState.FAILED if committing.commit_error is not None else CommitState.COMMITTED
 
-    def _settle_commit(self, state: int) -> None:
+    def _settle_commit(self, state: CommitState) -> None:
         """What every rank does once it has heard how rank 0's commit went: go on, or stop (all of them)."""
-        if state == self._RUNNING or self.commit_pending is None:
+        if state is CommitState.RUNNING or self.commit_pending is None:
             return
         failed, self.commit_pending = self.commit_pending, None
         committing, self.committing = self.committing, None
         settled, self.settling = self.settling, None
-        if state == self._COMMITTED and settled is not None:
+        if state is CommitState.COMMITTED and settled is not None:
             self._upload(settled.checkpoints, self.my_files)
             if settled.params_copy is not None:
                 self._upload([settled.params_copy.checkpoint], self.my_copy_files)
-        if state == self._FAILED:
+        if state is CommitState.FAILED:
             if self.is_main and committing is not None and committing.commit_error is not None:
                 raise committing.commit_error
             raise PeerFailure(f"rank 0 could not commit {failed.relpath} (its message says why)")
@@ -273,19 +285,19 @@ class Checkpointer:
         ]
         reports: list[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(reports, mine, group=self.group)
-        for i, (ckpt, _) in enumerate(parts):
+        for i, (checkpoint, _) in enumerate(parts):
             failed = [r[i] for r in reports if isinstance(r[i], str)]
             if not failed:
                 continue
-            self._journal_error(ckpt, f"save failed: {'; '.join(failed)}; earlier checkpoints are intact")
+            self._journal_error(checkpoint, f"save failed: {'; '.join(failed)}; earlier checkpoints are intact")
             err = errors[i]
             if err is not None:  # this rank's own failure: it tells the user
                 raise OSError(
                     getattr(err, "errno", None),
-                    f"could not write {ckpt.relpath} ({err}); the checkpoints committed before it and `latest` are "
-                    "intact",
+                    f"could not write {checkpoint.relpath} ({err}); the checkpoints committed before it and "
+                    "`latest` are intact",
                 ) from err
-            raise PeerFailure(f"{failed[0].split(':')[0]} could not write {ckpt.relpath}")
+            raise PeerFailure(f"{failed[0].split(':')[0]} could not write {checkpoint.relpath}")
         pending.written = [r[0] for r in reports]
         if pending.params_copy is not None:
             pending.params_copy.written = [r[1] for r in reports]
@@ -323,7 +335,12 @@ class Checkpointer:
             pending.committer.join()
 
     def _commit_written(
-        self, ckpt: Checkpoint, job: io.SaveJob, written: list[io.Written], contents: Contents, extra: dict[str, Any]
+        self,
+        checkpoint: Checkpoint,
+        job: io.SaveJob,
+        written: list[io.Written],
+        contents: Contents,
+        extra: dict[str, Any],
     ) -> int:
         """Rank 0: `.metadata`, the checks of what the ranks reported, and the store's commit; the bytes committed."""
         job.finish_metadata([w.results for w in written])
@@ -334,7 +351,7 @@ class Checkpointer:
         # Every data file was fsynced by its rank's writer before that rank reported it, and `.metadata` by
         # FileSystemWriter.finish (sync_files=True): the commit fsyncs only directories and the manifest.
         durable = frozenset(known) | {".metadata"}
-        return self.store.commit(ckpt, job.staging, extra=extra, known=known, durable=durable).total_bytes
+        return self.store.commit(checkpoint, job.staging, extra=extra, known=known, durable=durable).total_bytes
 
     def _commit(self, pending: PendingSave) -> None:
         first = pending.checkpoints[0]
@@ -355,9 +372,9 @@ class Checkpointer:
             direct_io=all(w.direct for w in pending.written),
             mode="async" if self.async_save else "sync",
         )
-        for ckpt in pending.checkpoints[1:]:
-            linked = self.store.link(first, ckpt)
-            self._journal_save(ckpt, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
+        for checkpoint in pending.checkpoints[1:]:
+            linked = self.store.link(first, checkpoint)
+            self._journal_save(checkpoint, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
         if pending.contents is Contents.FULL:
             self.store.set_latest(first)
         copy = pending.params_copy
@@ -388,29 +405,29 @@ class Checkpointer:
             return blocking, None
         return blocking, blocking + max(0.0, sum(t - pending.baseline for t in pending.overlapped))
 
-    def _link_committed(self, source: Checkpoint, ckpt: Checkpoint) -> None:
-        """`ckpt` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
+    def _link_committed(self, source: Checkpoint, checkpoint: Checkpoint) -> None:
+        """`checkpoint` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
         of a failure."""
         outcome: Exception | None = None
         self.wait()  # the source's commit, heard by every rank
         if self.is_main:
             try:
-                linked = self.store.link(source, ckpt)
+                linked = self.store.link(source, checkpoint)
                 self._journal_save(
-                    ckpt,
+                    checkpoint,
                     linked.total_bytes,
                     linked.contents or Contents.PARAMS,  # a save's manifest always names it
                     seconds=0.0,
                     linked_from=source.relpath,
                 )
-                self._apply_retention(ckpt.step)
+                self._apply_retention(checkpoint.step)
             except Exception as err:
                 outcome = err
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        if box[0] is not None:
-            raise box[0]
-        self._upload([ckpt], self.my_files)
+        failure = [outcome]
+        dist.broadcast_object_list(failure, src=0, group=self.group)
+        if failure[0] is not None:
+            raise failure[0]
+        self._upload([checkpoint], self.my_files)
 
     # ------------------------------------------------------------------------------------------------ remote
 
@@ -439,13 +456,19 @@ class Checkpointer:
             self._upload(checkpoints, names)
         self.uploader.join()
 
-    def _journal_error(self, ckpt: Checkpoint, reason: str) -> None:
+    def _journal_error(self, checkpoint: Checkpoint, reason: str) -> None:
         if self.is_main:
-            self.journal.append("error", ckpt.step, role=ckpt.role, path=ckpt.relpath, reason=reason)
+            self.journal.append("error", checkpoint.step, role=checkpoint.role, path=checkpoint.relpath, reason=reason)
 
-    def _journal_save(self, ckpt: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
+    def _journal_save(self, checkpoint: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
         self.journal.append(
-            "save", ckpt.step, role=ckpt.role, path=ckpt.relpath, bytes=nbytes, contents=contents, **fields
+            "save",
+            checkpoint.step,
+            role=checkpoint.role,
+            path=checkpoint.relpath,
+            bytes=nbytes,
+            contents=contents,
+            **fields,
         )
 
     def _apply_retention(self, step: int) -> None:

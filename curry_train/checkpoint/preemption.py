@@ -110,7 +110,7 @@ def last_full_save_seconds(run_dir: Path | None) -> float | None:
 
 
 def ensure_full_save(
-    ckpt: Checkpointer,
+    checkpointer: Checkpointer,
     policy: Policy,
     step: int,
     state: Callable[[Contents], dict],
@@ -120,21 +120,21 @@ def ensure_full_save(
     is enough)."""
     decision = decide_save(policy, step, reason)
     if decision is not None:
-        ckpt.save(step, list(decision.roles), decision.contents, state(decision.contents))
+        checkpointer.save(step, list(decision.roles), decision.contents, state(decision.contents))
 
 
 def save_on_preemption(
-    ckpt: Checkpointer,
+    checkpointer: Checkpointer,
     policy: Policy,
     step: int,
     state: Callable[[Contents], dict],
     preemption: Preemption,
-    say: Callable[[str], None],
+    tell_user: Callable[[str], None],
 ) -> None:
     """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
     preemption.saving = True
-    ensure_full_save(ckpt, policy, step, state)
-    ckpt.wait()
+    ensure_full_save(checkpointer, policy, step, state)
+    checkpointer.wait()
     name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
-    ckpt.journal.append("preempt", step, signal=name)
-    say(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")
+    checkpointer.journal.append("preempt", step, signal=name)
+    tell_user(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")

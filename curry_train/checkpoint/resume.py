@@ -67,15 +67,15 @@ def _journal_unrecorded_saves(store: RunDir, journal: Journal | Deferred) -> Non
     for event in read_journal(path):
         if event["event"] == "save":
             newest_save[str(event["path"])] = str(event["time"])
-    for ckpt in store.list():
-        manifest = store.manifest(ckpt)
-        journaled = newest_save.get(ckpt.relpath)
+    for checkpoint in store.list():
+        manifest = store.manifest(checkpoint)
+        journaled = newest_save.get(checkpoint.relpath)
         if journaled is None or journaled < manifest.created:
             journal.append(
                 "save",
-                ckpt.step,
-                role=ckpt.role,
-                path=ckpt.relpath,
+                checkpoint.step,
+                role=checkpoint.role,
+                path=checkpoint.relpath,
                 bytes=manifest.total_bytes,
                 contents=manifest.contents,
                 reason="committed before a crash cut its journal line short (recorded at the next start)",
@@ -269,7 +269,7 @@ def choose_verified(
     ckpt_group: dist.ProcessGroup,
     store: RunDir,
     journal: Journal | Deferred,
-    say: Callable[[str], None],
+    tell_user: Callable[[str], None],
 ) -> ResumePoint:
     """The first of `point` and its fallbacks whose files match their manifest. A damaged checkpoint named by
     +resume=PATH (no fallbacks) is an error; +resume=latest falls back, with a warning and a journal line."""
@@ -284,7 +284,7 @@ def choose_verified(
         if not point.fallbacks or point.rollback_to is not None:
             raise ResumeError(f"checkpoint {where}; run `curry-train verify {store.path}` to see every problem")
         following = relpath_in(store, candidates[number + 1]) if number + 1 < len(candidates) else None
-        say(f"curry-train: WARNING: checkpoint {where}; " + (f"falling back to {following}" if following else ""))
+        tell_user(f"curry-train: WARNING: checkpoint {where}; " + (f"falling back to {following}" if following else ""))
         journal.append(
             "resume_fallback",
             int(Manifest.read(path).step) if (path / MANIFEST).is_file() else 0,
@@ -326,24 +326,24 @@ def check_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def load(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: int) -> None:
+def load(point: ResumePoint, checkpointer: Checkpointer, trainee: Trainee, world_size: int) -> None:
     """Load the checkpoint at `point` (all ranks); after a full checkpoint on the same world size, check that
     parameters, RNG and the next batch are bitwise what was saved."""
     same_world = point.world_size == world_size
-    wanted = into.state(point.contents)
+    wanted = trainee.state(point.contents)
     if not same_world:
         # Per-rank states belong to the old layout of ranks; the data position is the global sample cursor.
         for key in PER_RANK_KEYS:
             wanted.pop(key, None)
     if "dataloader" not in io.saved_keys(point.path):
         wanted = legacy_layout(wanted)  # written before `dataloader`: the data position is in `progress`
-    into.saved_fidelity.clear()
-    io.load(wanted, point.path, ckpt.group)
+    trainee.saved_fidelity.clear()
+    io.load(wanted, point.path, checkpointer.group)
     if point.contents is Contents.PARAMS:
-        into.optimizer.state.clear()  # Adam's moments start fresh (a rollback may have had them)
-    into.progress.world_size = world_size
+        trainee.optimizer.state.clear()  # Adam's moments start fresh (a rollback may have had them)
+    trainee.progress.world_size = world_size
     if point.contents is Contents.FULL and same_world:
-        check_fidelity(into.saved_fidelity, into.fidelity_now(digest_algorithm(into.saved_fidelity)))
+        check_fidelity(trainee.saved_fidelity, trainee.fidelity_now(digest_algorithm(trainee.saved_fidelity)))
 
 
 def relpath_in(store: RunDir, path: Path) -> str:
@@ -353,12 +353,14 @@ def relpath_in(store: RunDir, path: Path) -> str:
         return str(path)
 
 
-def resume(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: int, say: Callable[[str], None]) -> None:
+def resume(
+    point: ResumePoint, checkpointer: Checkpointer, trainee: Trainee, world_size: int, tell_user: Callable[[str], None]
+) -> None:
     """Continue from `point` at launch: load it and journal the resume."""
-    load(point, ckpt, into, world_size)
+    load(point, checkpointer, trainee, world_size)
     same_world = point.world_size == world_size
-    relpath = relpath_in(ckpt.store, point.path)
-    ckpt.journal.append(
+    relpath = relpath_in(checkpointer.store, point.path)
+    checkpointer.journal.append(
         "resume",
         point.step,
         path=relpath,
@@ -369,8 +371,8 @@ def resume(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: in
         **({"source": "remote", "remote": point.fetched_from} if point.fetched_from else {}),
     )
     if not same_world:
-        ckpt.journal.append("world_size_change", point.step, old=point.world_size, new=world_size)
-    say(
+        checkpointer.journal.append("world_size_change", point.step, old=point.world_size, new=world_size)
+    tell_user(
         f"curry-train: resumed from step {point.step} of {relpath}"
         + (f" (fetched from {point.fetched_from})" if point.fetched_from else "")
         + ("" if same_world else f" (world size {point.world_size} -> {world_size})")

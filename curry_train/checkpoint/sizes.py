@@ -129,7 +129,7 @@ def evaluations(steps: int | None, eval_every: int) -> int | None:
     return 0 if eval_every <= 0 else math.ceil(steps / eval_every)
 
 
-SET_ASIDE = "set_aside"
+ABANDONED = "set_aside"  # what rollbacks set aside, under the name the plan shows (as the journal does)
 
 
 def role_estimates(
@@ -162,7 +162,7 @@ def role_estimates(
         ),
         # A rollback sets the abandoned trajectory's checkpoints aside; the newest abandoned_keep of them stay.
         RoleEstimate(
-            SET_ASIDE,
+            ABANDONED,
             int(policy.rollback_every > 0 or policy.recovery_every > 0),
             "full" if policy.recovery_every > 0 or rollback_full else "params",
             policy.abandoned_keep,

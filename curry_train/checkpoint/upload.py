@@ -146,24 +146,26 @@ class Uploader:
 
     def _upload(self, job: UploadJob) -> None:
         first = job.checkpoints[0]
-        for ckpt in job.checkpoints:
+        for checkpoint in job.checkpoints:
             for number, name in enumerate(job.names):
-                self.remote.put_file(job.local / name, f"{ckpt.relpath}/{name}")
-                if number == 0 and self.stall_at is not None and ckpt.step >= self.stall_at:
-                    print(f"curry-train: debug: upload of {ckpt.relpath} stalls (rank {self.rank})", file=sys.stderr)
+                self.remote.put_file(job.local / name, f"{checkpoint.relpath}/{name}")
+                if number == 0 and self.stall_at is not None and checkpoint.step >= self.stall_at:
+                    print(
+                        f"curry-train: debug: upload of {checkpoint.relpath} stalls (rank {self.rank})", file=sys.stderr
+                    )
                     sys.stderr.flush()
                     threading.Event().wait()
         if self.rank != 0:
             return
         delay = 0.05
-        for manifest, ckpt in zip(job.manifests, job.checkpoints, strict=True):
+        for manifest, checkpoint in zip(job.manifests, job.checkpoints, strict=True):
             # The other ranks' files come on their own schedule; the manifest waits for all of them.
-            while missing := self.remote.missing(ckpt.relpath, manifest.files):
+            while missing := self.remote.missing(checkpoint.relpath, manifest.files):
                 time.sleep(delay)
                 delay = min(delay * 1.5, 2.0)
                 if time.perf_counter() - job.committed_at > self.retry_s:
                     raise TimeoutError(f"{len(missing)} file(s) of other ranks never arrived, e.g. {missing[0]}")
-            self.remote.put_manifest(manifest, ckpt.relpath)
+            self.remote.put_manifest(manifest, checkpoint.relpath)
         full = [c for c, m in zip(job.checkpoints, job.manifests, strict=True) if m.contents is Contents.FULL]
         latest = self.remote.latest()
         if full and (latest is None or full[0].step >= latest.step):
