@@ -345,7 +345,7 @@ class Checkpointer:
         """Rank 0: `.metadata`, the checks of what the ranks reported, and the store's commit; the bytes committed."""
         job.finish_metadata([w.results for w in written])
         known = {name: entry for w in written for name, entry in w.files.items()}
-        _check_reported(job.staging, known)
+        job.check_reported(known)
         # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
         extra = {"contents": contents.value, "world_size": dist.get_world_size(self.group), **extra}
         # Every data file was fsynced by its rank's writer before that rank reported it, and `.metadata` by
@@ -357,7 +357,7 @@ class Checkpointer:
         first = pending.checkpoints[0]
         assert pending.job is not None
         nbytes = self._commit_written(first, pending.job, pending.written, pending.contents, pending.extra)
-        blocking, cost = self._costs(pending)
+        blocking, cost = pending.costs(time.perf_counter())
         self._journal_save(
             first,
             nbytes,
@@ -391,20 +391,6 @@ class Checkpointer:
             )
         self._apply_retention(first.step)
 
-    @staticmethod
-    def _costs(pending: PendingSave) -> tuple[float, float | None]:
-        """The training thread's blocked time, and what the save cost training: that blocked time plus the extra
-        time, over the baseline step, of the steps it overlapped (each measured from the end of the start, or of
-        the previous step, to the end of the step, so the blocked time is not counted twice). None without a
-        baseline yet."""
-        waited = 0.0 if pending.waiting_since is None else time.perf_counter() - pending.waiting_since
-        blocking = pending.blocking_seconds + waited
-        if not pending.overlapped:  # started and finished within one step: all of it blocked training
-            return blocking, blocking
-        if pending.baseline is None:
-            return blocking, None
-        return blocking, blocking + max(0.0, sum(t - pending.baseline for t in pending.overlapped))
-
     def _link_committed(self, source: Checkpoint, checkpoint: Checkpoint) -> None:
         """`checkpoint` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
         of a failure."""
@@ -432,29 +418,15 @@ class Checkpointer:
     # ------------------------------------------------------------------------------------------------ remote
 
     def _upload(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
-        """Every rank, once all have heard that `checkpoints` committed: hand this rank's files of them to the
-        uploader. Whether their role's upload is still in flight anywhere is agreed here (one tiny all-reduce a
-        commit), so every rank uploads the same saves and rank 0's manifest never waits for files that never come."""
-        if self.uploader is None or not self.uploader.wanted(checkpoints):
-            return
-        busy = torch.tensor(self.uploader.busy(), dtype=torch.int32)
-        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=self.group)
-        wanted = [c for c in self.uploader.wanted(checkpoints) if self.store.is_committed(c)]
-        if not wanted:
-            return
-        manifests = [self.store.manifest(c) for c in wanted] if self.is_main else []
-        self.uploader.submit(wanted, self.store.path_of(wanted[0]), names, manifests, busy.tolist())
+        """Every rank, once all have heard that `checkpoints` committed: this rank's files of them to the uploader."""
+        if self.uploader is not None:
+            self.uploader.submit_committed(checkpoints, names, self.store, self.group)
 
     def finish_uploads(self) -> None:
-        """At the run's end (every rank): wait for the uploads in flight, then upload the newest commit of each role
-        that a busy lane skipped, so that a finished run's newest checkpoints are remote."""
-        if self.uploader is None:
-            return
-        self.wait()
-        self.uploader.join()
-        for checkpoints, names in list(self.uploader.skipped.values()):
-            self._upload(checkpoints, names)
-        self.uploader.join()
+        """At the run's end (every rank): the last save committed, then the uploads finished (`Uploader.finish`)."""
+        if self.uploader is not None:
+            self.wait()
+            self.uploader.finish(self.store, self.group)
 
     def _journal_error(self, checkpoint: Checkpoint, reason: str) -> None:
         if self.is_main:
@@ -518,22 +490,3 @@ def _data_position(state: dict[str, Stateful]) -> dict[str, Any]:
     if not isinstance(data, DataLoaderState):
         return {}
     return {"cursor": data.progress.cursor, "skipped": [list(r) for r in data.progress.skipped]}
-
-
-def _check_reported(staging: Path, reported: dict[str, Any]) -> None:
-    """Rank 0 commits what the ranks report they wrote, checked against what it sees and what DCP's `.metadata`
-    references: on nodes that do not share `run.root`, rank 0 would otherwise commit a checkpoint without the other
-    nodes' shards, and retention would then delete the good ones."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    seen = {p.name for p in staging.iterdir()}
-    unseen = sorted(set(reported) - seen)
-    if unseen:
-        raise RuntimeError(
-            f"rank 0 does not see {unseen[0]} ({len(unseen)} file(s) in all) that another rank wrote into {staging}: "
-            "run.root must be a filesystem every node shares"
-        )
-    referenced = {info.relative_path for info in FileSystemReader(str(staging)).read_metadata().storage_data.values()}
-    unreported = sorted(referenced - set(reported))
-    if unreported:
-        raise RuntimeError(f"{staging / '.metadata'} references {unreported[0]}, which no rank reported writing")

@@ -4,7 +4,7 @@ Each rank uploads the files it wrote itself (no funnel through rank 0), from har
 checkpoint committed (so local retention may delete the checkpoint meanwhile). Rank 0 then waits until the store
 holds every file of the manifest with its size, uploads the manifest (the remote commit), moves the remote
 `latest` and applies the remote retention. No thread issues a collective: whether a role's upload is still in
-flight is agreed on the training thread, at the commit every rank hears (`Checkpointer`), and the ranks meet again
+flight is agreed on the training thread, at the commit every rank hears (`submit_committed`), and the ranks meet again
 only through the objects in the store.
 
 A failed operation is retried with backoff for `checkpoint.remote_retry_s`; training never waits for it, except
@@ -21,10 +21,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from curry_train.checkpoint.durable import link_or_copy
 from curry_train.checkpoint.manifest import Manifest
 from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, retention
 from curry_train.checkpoint.remote import RemoteStore, describe_error
+from curry_train.checkpoint.store import RunDir
 from curry_train.config import CheckpointConfig
 from curry_train.journal import Journal, append_from_any_rank
 
@@ -78,6 +82,30 @@ class Uploader:
 
     def wanted(self, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
         return [c for c in checkpoints if c.role in self.roles]
+
+    def submit_committed(
+        self, checkpoints: list[Checkpoint], names: list[str], store: RunDir, group: dist.ProcessGroup
+    ) -> None:
+        """Every rank, once all have heard that `checkpoints` committed: hand this rank's files of them (`names`)
+        to their lane. Whether a lane is still busy anywhere is agreed here (one tiny all-reduce a commit), so every
+        rank uploads the same saves and rank 0's manifest never waits for files that never come."""
+        if not self.wanted(checkpoints):
+            return
+        busy = torch.tensor(self.busy(), dtype=torch.int32)
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=group)
+        wanted = [c for c in self.wanted(checkpoints) if store.is_committed(c)]
+        if not wanted:
+            return
+        manifests = [store.manifest(c) for c in wanted] if self.rank == 0 else []
+        self.submit(wanted, store.path_of(wanted[0]), names, manifests, busy.tolist())
+
+    def finish(self, store: RunDir, group: dist.ProcessGroup) -> None:
+        """At the run's end (every rank, its saves committed): wait for the uploads in flight, then upload the
+        newest commit of each role that a busy lane skipped, so that a finished run's newest checkpoints are remote."""
+        self.join()
+        for checkpoints, names in list(self.skipped.values()):
+            self.submit_committed(checkpoints, names, store, group)
+        self.join()
 
     def submit(
         self,
