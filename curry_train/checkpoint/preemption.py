@@ -13,6 +13,7 @@ from curry_train import failures
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.journal import append_from_any_rank, read_journal
+from curry_train.layout import RunFiles
 
 
 class StopNow(KeyboardInterrupt):
@@ -98,7 +99,7 @@ class Preemption:
 
 def last_full_save_seconds(run_dir: Path | None) -> float | None:
     """The seconds of the last full save journaled in `run_dir`, written and committed (None when there is none)."""
-    path = None if run_dir is None else run_dir / "journal.jsonl"
+    path = None if run_dir is None else RunFiles(run_dir).journal
     if path is None or not path.is_file():
         return None
     saves = [

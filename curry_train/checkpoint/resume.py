@@ -60,7 +60,7 @@ class Trainee:
 def _journal_unrecorded_saves(store: RunDir, journal: Journal | Deferred) -> None:
     """A crash between a commit (the rename) and its journal line leaves a committed checkpoint the journal does
     not know: journal it now, so the journal stays the complete record of what is on disk."""
-    path = store.path / "journal.jsonl"
+    path = store.files.journal
     if not path.exists():
         return
     newest_save: dict[str, str] = {}
@@ -146,7 +146,7 @@ def _own_checkpoint(store: RunDir, path: Path) -> Checkpoint | None:
 
 def _rolled_back_before(store: RunDir, relpath: str) -> dict | None:
     """The journal's record of a rollback this run already made to `relpath` by request, if any."""
-    journal = store.path / "journal.jsonl"
+    journal = store.files.journal
     if not journal.exists():
         return None
     return next(
@@ -159,10 +159,10 @@ def find_resume_point(launch: Launch, store: RunDir, config: dict[str, Any] | No
     """Where this launch continues from (rank 0 reads the disk, after leftovers were cleaned)."""
     request = launch.rollback_to or launch.resume
     if request is None:
-        metrics = store.path / "metrics.jsonl"
+        metrics = store.files.metrics
         if store.list() or (metrics.exists() and metrics.stat().st_size > 0):
             # Not a ResumeError: nobody asked to resume. A refusal that names the two ways on.
-            journal = store.path / "journal.jsonl"
+            journal = store.files.journal
             finished = journal.exists() and any(e["event"] == "run_end" for e in read_journal(journal))
             raise Refused(
                 f"run directory {store.path} already holds a {'finished ' if finished else ''}run "
@@ -206,15 +206,15 @@ def describe_run(store: RunDir, config: dict[str, Any] | None) -> str:
     import yaml
 
     words = []
-    metrics = store.path / "metrics.jsonl"
+    metrics = store.files.metrics
     if metrics.exists():
         words.append(f"{max(read_metrics(metrics), default=0)} steps done")
-    journal = store.path / "journal.jsonl"
+    journal = store.files.journal
     if journal.exists():
         starts = [e for e in read_journal(journal) if e["event"] == "run_start"]
         if starts:
             words.append(f"last launched {str(starts[-1]['time'])[:16].replace('T', ' ')}")
-    saved = store.path / "config.yaml"
+    saved = store.files.config
     if config is not None and saved.exists():
         before, now = flatten(yaml.safe_load(saved.read_text()) or {}), flatten(config)
         changed = [

@@ -156,7 +156,7 @@ def spike_target(
 
 def manual_cause(point: ResumePoint, store: RunDir, batch_size: int) -> Cause:
     """A `+rollback_to`: the abandoned trajectory reached the last step in metrics.jsonl (rank 0 reads)."""
-    metrics = store.path / "metrics.jsonl"
+    metrics = store.files.metrics
     reached = point.step
     if metrics.exists():
         reached = max(point.step, _last_logged_step(metrics))

@@ -38,6 +38,7 @@ from curry_train.checkpoint.manifest import (
     data_files,
 )
 from curry_train.checkpoint.policy import Checkpoint, Contents, Role, exact_resume_points, parse_checkpoint_name
+from curry_train.layout import RunFiles
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -53,7 +54,6 @@ ABANDONED_PREFIX = ".abandoned-"
 # Written durably before a rollback sets anything aside and removed once `latest` names the target: a start that
 # finds it finishes the rollback before choosing where to resume, so a crash mid-rollback never resumes the
 # abandoned trajectory.
-ROLLBACK_INTENT = "rollback-intent.json"
 
 
 def _now_iso() -> str:
@@ -89,9 +89,6 @@ def _fsync_tree(root: Path, durable: frozenset[str] = frozenset()) -> None:
 # --------------------------------------------------------------------------------------------- one writer
 
 
-LOCK = ".lock"
-
-
 class RunLock:
     """An advisory lock on the run directory, held by rank 0 for the life of a launch: one writer per run.
 
@@ -101,7 +98,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK
+        self.path = RunFiles(Path(run_dir)).lock
         self._fd: int | None = None
 
     def acquire(self) -> str | None:
@@ -136,6 +133,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.files = RunFiles(self.path)  # the run directory's own files around the checkpoints
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -351,7 +349,7 @@ class RunDir:
         if not self.is_committed(target):
             raise ValueError(f"refusing to roll back to an uncommitted checkpoint: {target.relpath}")
         intent = {"target": target.relpath, "abandoned": [c.relpath for c in abandoned]}
-        write_json_durably(self.path / ROLLBACK_INTENT, intent)
+        write_json_durably(self.files.rollback_intent, intent)
         fsync_dir(self.path)
         return self._carry_out_rollback(target, abandoned)
 
@@ -362,13 +360,13 @@ class RunDir:
             if self.is_committed(checkpoint):
                 moved.append(self._move_aside(self.path_of(checkpoint), ABANDONED_PREFIX, token=token))
         self.set_latest(target)
-        (self.path / ROLLBACK_INTENT).unlink()
+        self.files.rollback_intent.unlink()
         fsync_dir(self.path)
         return moved
 
     def finish_interrupted_rollback(self) -> tuple[Checkpoint, list[Path]] | None:
         """A rollback a crash cut short: finish it (call at start, before choosing where to resume)."""
-        path = self.path / ROLLBACK_INTENT
+        path = self.files.rollback_intent
         if not path.exists():
             return None
         intent = json.loads(path.read_text())

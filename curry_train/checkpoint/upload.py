@@ -31,8 +31,7 @@ from curry_train.checkpoint.remote import RemoteStore, describe_error
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import CheckpointConfig
 from curry_train.journal import Journal, append_from_any_rank
-
-UPLOADS = ".uploads"  # <run>/.uploads/<rank>/<checkpoint name>/: this rank's hard links of what it uploads
+from curry_train.layout import RunFiles
 
 
 @dataclass
@@ -132,7 +131,7 @@ class Uploader:
             )
             return
         self.skipped.pop(lane, None)
-        local = self.run_dir / UPLOADS / str(self.rank) / checkpoints[0].name
+        local = RunFiles(self.run_dir).uploads / str(self.rank) / checkpoints[0].name  # this rank's hard links
         if local.exists():
             shutil.rmtree(local)
         for name in names:
@@ -237,7 +236,7 @@ def remote_policy(policy: Policy, rollback_keep: int | None, recovery_keep: int 
 
 def remove_local_leftovers(run_dir: Path) -> None:
     """Hard links of uploads a kill cut short (rank 0, at start)."""
-    shutil.rmtree(run_dir / UPLOADS, ignore_errors=True)
+    shutil.rmtree(RunFiles(run_dir).uploads, ignore_errors=True)
 
 
 def build(c: CheckpointConfig, run_dir: Path, rank: int, journal: Journal, stall_at: int | None) -> Uploader | None:
