@@ -25,7 +25,6 @@ from curry_train.checkpoint.policy import (
     roles_due,
     rollback_target,
     skipped_range,
-    worst_case_resume,
 )
 
 
@@ -376,30 +375,6 @@ def test_skipped_range_covers_the_abandoned_steps_and_the_extra_batches() -> Non
     assert skipped_range(120, 120, 0, 8) == (120, 120)  # nothing abandoned: nothing skipped
     with pytest.raises(ValueError, match="out of order"):
         skipped_range(208, 120, 0, 8)
-
-
-@pytest.mark.parametrize(
-    ("policy", "crash_step", "expected"),
-    [
-        (Policy(rollback_every=100, recovery_every=1000), 0, 0),
-        (Policy(rollback_every=100, recovery_every=1000), 1, 0),
-        (Policy(rollback_every=100, recovery_every=1000), 100, 0),  # the save at 100 had not committed
-        (Policy(rollback_every=100, recovery_every=1000), 101, 100),
-        (Policy(rollback_every=100, recovery_every=1000), 1000, 900),
-        (Policy(rollback_every=100, recovery_every=1000), 1050, 1000),
-        (Policy(rollback_every=100, recovery_every=1000, rollback_contents="params"), 1999, 1000),
-        (Policy(rollback_every=100, recovery_every=1000, rollback_contents="params"), 999, 0),
-        (Policy(rollback_every=0, recovery_every=0), 5000, 0),
-        (Policy(rollback_every=300, recovery_every=500), 1000, 900),
-    ],
-)
-def test_worst_case_resume(policy: Policy, crash_step: int, expected: int) -> None:
-    assert worst_case_resume(policy, crash_step) == expected
-
-
-def test_worst_case_resume_rejects_negative_step() -> None:
-    with pytest.raises(ValueError, match="crash_step"):
-        worst_case_resume(Policy(), -1)
 
 
 def test_policy_and_journal_import_no_torch() -> None:

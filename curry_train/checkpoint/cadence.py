@@ -45,7 +45,11 @@ def checkpoints_before(policy: Policy, step: int) -> list[Checkpoint]:
 
 
 def crash_target(policy: Policy, step: int, async_save: bool = False) -> ResumeTarget:
-    """Worst case for a crash at ``step``: the save due at ``step`` never commits, so the newest one before it."""
+    """Worst case for a crash at ``step``: the save due at ``step`` never commits, so the newest one before it.
+    The newest exact-resume save always survives retention (a role that saves keeps at least one); none yet (or a
+    policy that writes none): step 0, the run starts again from scratch."""
+    if step < 0:
+        raise ValueError(f"crash step={step}: must be >= 0")
     candidates = exact_resume_points(checkpoints_before(policy, step), by_policy(policy))
     if not candidates:
         return ResumeTarget(step, 0, None)

@@ -377,21 +377,3 @@ def skipped_range(target_cursor: int, spike_cursor: int, extra_steps: int, batch
     if not 0 <= target_cursor <= spike_cursor:
         raise ValueError(f"sample cursors out of order: target {target_cursor}, spike {spike_cursor}")
     return target_cursor, spike_cursor + extra_steps * batch_size
-
-
-def worst_case_resume(policy: Policy, crash_step: int) -> int:
-    """The step a run resumes from after crashing with ``crash_step`` steps completed, in the worst case.
-
-    Worst case: the crash lands just before the save at ``crash_step`` commits, so only exact-resume saves
-    (recovery, and rollback when it holds FULL state) at steps strictly below ``crash_step`` count. The newest
-    such save always survives retention, since a role that saves keeps at least one. Returns 0 when none
-    exists yet, or the policy writes none: the run starts again from scratch.
-    """
-    if crash_step < 0:
-        raise ValueError(f"crash_step={crash_step}: must be >= 0")
-    cadences = [policy.recovery_every]
-    if policy.full_rollback:
-        cadences.append(policy.rollback_every)
-    if crash_step == 0:
-        return 0
-    return max(((crash_step - 1) // every * every for every in cadences if every > 0), default=0)
