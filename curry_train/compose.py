@@ -14,7 +14,7 @@ import re
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from curry_train import config
-from curry_train.config import INIT_FROM, LAUNCH_KEYS, Config, ConfigError, Launch, config_dir, require
+from curry_train.config import INIT_FROM, LAUNCH_KEYS, Config, ConfigError, Faults, Launch, config_dir, require
 
 # Settings that do not change what is trained: changing them (a cadence, the storage check, wandb, the number of
 # loader workers, how often to evaluate) must not move a run to a new directory, or `+resume=latest` after such a
@@ -149,11 +149,9 @@ def _launch_of(options: dict) -> Launch:
     )
     perturb = debug.get("perturb_resume", False)
     require(isinstance(perturb, bool), "debug.perturb_resume", f"must be true or false, got {perturb!r}")
-    launch = Launch(
-        resume=None if options.get("resume") is None else str(options["resume"]),
-        rollback_to=None if options.get("rollback_to") is None else str(options["rollback_to"]),
+    faults = Faults(
         inject_spike_at=None if debug.get("inject_spike_at") is None else int(debug["inject_spike_at"]),
-        inject_lr_scale=float(debug.get("inject_lr_scale", Launch.inject_lr_scale)),
+        inject_lr_scale=float(debug.get("inject_lr_scale", Faults.inject_lr_scale)),
         fail_save_at=None if debug.get("fail_save_at") is None else int(debug["fail_save_at"]),
         fail_save_rank=int(debug.get("fail_save_rank", 0)),
         stall_at=None if debug.get("stall_at") is None else int(debug["stall_at"]),
@@ -162,8 +160,13 @@ def _launch_of(options: dict) -> Launch:
         perturb_resume=perturb,
         upload_stall_at=None if debug.get("upload_stall_at") is None else int(debug["upload_stall_at"]),
     )
+    launch = Launch(
+        resume=None if options.get("resume") is None else str(options["resume"]),
+        rollback_to=None if options.get("rollback_to") is None else str(options["rollback_to"]),
+        debug=faults,
+    )
     require(
-        launch.save_delay_s >= 0, "debug.save_delay_s", f"must be a number of seconds >= 0, got {launch.save_delay_s}"
+        faults.save_delay_s >= 0, "debug.save_delay_s", f"must be a number of seconds >= 0, got {faults.save_delay_s}"
     )
     require(
         launch.resume is None or launch.rollback_to is None,
@@ -171,15 +174,15 @@ def _launch_of(options: dict) -> Launch:
         "give +rollback_to=PATH or +resume=..., not both (a rollback continues the run from PATH)",
     )
     require(
-        launch.inject_spike_at is None or launch.inject_spike_at > 0,
+        faults.inject_spike_at is None or faults.inject_spike_at > 0,
         "debug.inject_spike_at",
-        f"must be a step >= 1, got {launch.inject_spike_at}",
+        f"must be a step >= 1, got {faults.inject_spike_at}",
     )
     # The watchdog is armed by the first completed step: a stall before it would be start-up, which it ignores.
     require(
-        launch.stall_at is None or launch.stall_at >= 2,
+        faults.stall_at is None or faults.stall_at >= 2,
         "debug.stall_at",
-        f"must be a step >= 2 (the watchdog arms after the first step), got {launch.stall_at}",
+        f"must be a step >= 2 (the watchdog arms after the first step), got {faults.stall_at}",
     )
     return launch
 
@@ -195,7 +198,7 @@ def given_keys(overrides: list[str] | tuple[str, ...]) -> frozenset[str]:
 def injection_note(cfg: Config, launch: Launch) -> str | None:
     """A warning when `+debug.inject_spike_at` causes a spike nothing will detect: the loss of the step after the
     injected one shows it, and the detector judges a step only past `spike.warmup_steps` with a full window."""
-    at = launch.inject_spike_at
+    at = launch.debug.inject_spike_at
     if at is None:
         return None
     s = cfg.spike

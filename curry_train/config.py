@@ -462,9 +462,10 @@ LAUNCH_KEYS = ("resume", "rollback_to", "debug")
 
 
 @dataclass(frozen=True)
-class Launch:
-    resume: str | None = None  # +resume=latest|auto|PATH
-    rollback_to: str | None = None  # +rollback_to=PATH: roll this run back to one of its checkpoints, once
+class Faults:
+    """`+debug.*`: faults injected on purpose, to see what the harness does about them (tests, `curry-train
+    rehearse`). Each acts once in the run's life where a relaunch would otherwise repeat it."""
+
     inject_spike_at: int | None = None  # +debug.inject_spike_at=STEP: multiply that step's lr to cause a spike
     inject_lr_scale: float = 1000.0  # +debug.inject_lr_scale=X
     fail_save_at: int | None = None  # +debug.fail_save_at=STEP: the disk fills up while that step's save writes
@@ -474,5 +475,19 @@ class Launch:
     save_delay_s: float = 0.0  # +debug.save_delay_s=S: every save blocks training S seconds longer (a slow disk)
     upload_stall_at: int | None = None  # +debug.upload_stall_at=STEP: uploads from that step on stall after a file
     perturb_resume: bool = False  # +debug.perturb_resume=true: a deliberately inexact resume (`curry-train rehearse`)
+
+    @property
+    def full_disk(self) -> tuple[int, int] | None:
+        """(step, rank) of the save that runs out of space, if any."""
+        return None if self.fail_save_at is None else (self.fail_save_at, self.fail_save_rank)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What this launch asks of the run (the `+` options): not part of the run, its id or its config.yaml."""
+
+    resume: str | None = None  # +resume=latest|auto|PATH
+    rollback_to: str | None = None  # +rollback_to=PATH: roll this run back to one of its checkpoints, once
+    debug: Faults = Faults()
     given: frozenset[str] = frozenset()  # the keys the command line set (`model.vocab_size`, ...), not the presets
     notes: tuple[str, ...] = ()  # what this launch will do that the user may not expect, said at start by rank 0

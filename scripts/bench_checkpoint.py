@@ -49,7 +49,7 @@ from curry_train import distributed, loop
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Role
-from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
+from curry_train.checkpoint.state import Contents, Progress, TrainState
 from curry_train.checkpoint.store import RunDir
 from curry_train.compose import compose, resolve
 from curry_train.config import Config, Launch
@@ -176,18 +176,16 @@ class IoBench:
         for step in range(2):  # Adam's moments exist from the first step on
             loop.optimizer_step(step, self.model, self.optimizer, batches, cfg, env.device)
         self.progress = Progress(step=2, cursor=2 * cfg.train.batch_size, world_size=env.world_size)
-        self.scheduler: dict[str, int | float] = {"step": 2, "lr": 0.0}
-        saved: dict[str, Any] = {}
-        next_indices = lambda: slicing.indices_at(self.progress.cursor, 0)  # noqa: E731
+        self.train_state = TrainState(
+            self.model, self.optimizer, self.progress, env.rank, env.device, lambda c: slicing.indices_at(c, 0)
+        )
+        self.train_state.schedule.update(step=2)
 
         def state(contents: Contents, fidelity: bool = True) -> dict:
-            extra = {"fidelity": (next_indices, saved.update)} if fidelity else {}
-            m, o, p, s, r, d = self.model, self.optimizer, self.progress, self.scheduler, env.rank, env.device
-            return app_state(contents, m, o, p, s, r, d, **extra)
+            full = self.train_state.state(contents)
+            return full if fidelity else {k: v for k, v in full.items() if k != "fidelity"}
 
         self.state = state
-        now = lambda algorithm: fidelity_record(self.model, env.device, next_indices(), algorithm)  # noqa: E731
-        self.trainee = resuming.Trainee(state, self.optimizer, self.progress, saved, now)
         run = scratch / "io-run"
         if env.is_main:
             run.mkdir(parents=True, exist_ok=True)
@@ -234,13 +232,13 @@ class IoBench:
 
         def resume() -> None:
             resuming.choose_verified(point, self.env.checkpoint_group, self.ckpt.store, self.ckpt.journal, print)
-            resuming.load(point, self.ckpt, self.trainee, self.env.world_size)
+            resuming.load(point, self.ckpt, self.train_state, self.env.world_size)
 
         return timed(resume)
 
     def resume_load(self, warm: bool = False) -> float:
         point = self._latest_point(warm)
-        return timed(lambda: resuming.load(point, self.ckpt, self.trainee, self.env.world_size))
+        return timed(lambda: resuming.load(point, self.ckpt, self.train_state, self.env.world_size))
 
     def _latest_point(self, warm: bool) -> resuming.ResumePoint:
         """The newest save, its pages dropped from the cache (a resume after a restart reads from disk), or all in

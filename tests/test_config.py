@@ -224,7 +224,7 @@ def test_launch_options_are_added_with_plus_and_stay_out_of_the_config_and_run_i
     plain, _ = resolve(compose_config([]))
     options = ["+rollback_to=runs/x/rollback/step-00000010.dcp", "+debug.inject_spike_at=7"]
     cfg, launch = resolve(compose_config(options))
-    assert launch.rollback_to == "runs/x/rollback/step-00000010.dcp" and launch.inject_spike_at == 7
+    assert launch.rollback_to == "runs/x/rollback/step-00000010.dcp" and launch.debug.inject_spike_at == 7
     assert cfg.run.id == plain.run.id and not hasattr(cfg, "debug")
 
 

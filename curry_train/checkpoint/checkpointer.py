@@ -345,7 +345,7 @@ class Checkpointer:
         """Rank 0: `.metadata`, the checks of what the ranks reported, and the store's commit; the bytes committed."""
         job.finish_metadata([w.results for w in written])
         known = {name: entry for w in written for name, entry in w.files.items()}
-        job.check_reported(known)
+        io.check_reported(job.staging, known)
         # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
         extra = {"contents": contents.value, "world_size": dist.get_world_size(self.group), **extra}
         # Every data file was fsynced by its rank's writer before that rank reported it, and `.metadata` by

@@ -12,14 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.manifest import MANIFEST, Manifest, check_file
 from curry_train.checkpoint.policy import Checkpoint, Role, exact_resume_points
-from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress, digest_algorithm, legacy_layout
+from curry_train.checkpoint.state import (
+    PER_RANK_KEYS,
+    Contents,
+    TrainState,
+    digest_algorithm,
+    legacy_layout,
+)
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Launch, flatten
 from curry_train.failures import Refused
@@ -41,17 +46,6 @@ class ResumePoint:
     note: str | None = None  # what the launch should tell the user about how this point was chosen
     fallbacks: list[Path] = field(default_factory=list)  # +resume=latest|auto: older full checkpoints, newest first
     fetched_from: str | None = None  # the remote checkpoint this one was downloaded from at this start
-
-
-@dataclass
-class Trainee:
-    """What a resume or a rollback loads into."""
-
-    state: Callable[[Contents], dict]  # the DCP state of a checkpoint with these contents
-    optimizer: torch.optim.Optimizer
-    progress: Progress
-    saved_fidelity: dict[str, Any]  # filled by loading a full checkpoint
-    fidelity_now: Callable[[str], dict[str, Any]]  # this rank's record now, parameters digested with that algorithm
 
 
 # ------------------------------------------------------------------------------------------ where to resume
@@ -326,24 +320,26 @@ def check_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def load(point: ResumePoint, checkpointer: Checkpointer, trainee: Trainee, world_size: int) -> None:
+def load(point: ResumePoint, checkpointer: Checkpointer, train_state: TrainState, world_size: int) -> None:
     """Load the checkpoint at `point` (all ranks); after a full checkpoint on the same world size, check that
     parameters, RNG and the next batch are bitwise what was saved."""
     same_world = point.world_size == world_size
-    wanted = trainee.state(point.contents)
+    wanted = train_state.state(point.contents)
     if not same_world:
         # Per-rank states belong to the old layout of ranks; the data position is the global sample cursor.
         for key in PER_RANK_KEYS:
             wanted.pop(key, None)
     if "dataloader" not in io.saved_keys(point.path):
         wanted = legacy_layout(wanted)  # written before `dataloader`: the data position is in `progress`
-    trainee.saved_fidelity.clear()
+    train_state.saved_fidelity.clear()
     io.load(wanted, point.path, checkpointer.group)
     if point.contents is Contents.PARAMS:
-        trainee.optimizer.state.clear()  # Adam's moments start fresh (a rollback may have had them)
-    trainee.progress.world_size = world_size
+        train_state.optimizer.state.clear()  # Adam's moments start fresh (a rollback may have had them)
+    train_state.progress.world_size = world_size
     if point.contents is Contents.FULL and same_world:
-        check_fidelity(trainee.saved_fidelity, trainee.fidelity_now(digest_algorithm(trainee.saved_fidelity)))
+        check_fidelity(
+            train_state.saved_fidelity, train_state.fidelity_now(digest_algorithm(train_state.saved_fidelity))
+        )
 
 
 def relpath_in(store: RunDir, path: Path) -> str:
@@ -354,10 +350,14 @@ def relpath_in(store: RunDir, path: Path) -> str:
 
 
 def resume(
-    point: ResumePoint, checkpointer: Checkpointer, trainee: Trainee, world_size: int, tell_user: Callable[[str], None]
+    point: ResumePoint,
+    checkpointer: Checkpointer,
+    train_state: TrainState,
+    world_size: int,
+    tell_user: Callable[[str], None],
 ) -> None:
     """Continue from `point` at launch: load it and journal the resume."""
-    load(point, checkpointer, trainee, world_size)
+    load(point, checkpointer, train_state, world_size)
     same_world = point.world_size == world_size
     relpath = relpath_in(checkpointer.store, point.path)
     checkpointer.journal.append(

@@ -21,8 +21,8 @@ from curry_train.checkpoint.policy import (
     rollback_target,
     skipped_range,
 )
-from curry_train.checkpoint.resume import ResumePoint, Trainee, load, point_of
-from curry_train.checkpoint.state import Contents, Progress
+from curry_train.checkpoint.resume import ResumePoint, load, point_of
+from curry_train.checkpoint.state import Contents, Progress, TrainState
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import SpikeConfig
 from curry_train.distributed import on_rank0
@@ -48,7 +48,7 @@ def roll_back(
     point: ResumePoint,
     cause: Cause,
     checkpointer: Checkpointer,
-    trainee: Trainee,
+    train_state: TrainState,
     spike: SpikeConfig,
     batch_size: int,
     world_size: int,
@@ -61,9 +61,9 @@ def roll_back(
     and the target step is saved again with the new data position, so a crash from here resumes the new trajectory.
     """
     checkpointer.wait()
-    history, injected = list(trainee.progress.rollbacks), list(trainee.progress.injected)
-    load(point, checkpointer, trainee, world_size)
-    progress = trainee.progress
+    history, injected = list(train_state.progress.rollbacks), list(train_state.progress.injected)
+    load(point, checkpointer, train_state, world_size)
+    progress = train_state.progress
     start, end = skipped_range(progress.cursor, cause.cursor, spike.skip_extra_steps, batch_size)
     if end > start:
         progress.skipped = [*progress.skipped, [start, end]]
@@ -102,7 +102,7 @@ def roll_back(
     # trajectory exactly, never the spiked one. It replaces the old bytes through the store's atomic re-save.
     decision = decide_save(checkpointer.policy, point.step, SaveReason.RESAVE, roles)
     if decision is not None:
-        checkpointer.save(point.step, list(decision.roles), decision.contents, trainee.state(decision.contents))
+        checkpointer.save(point.step, list(decision.roles), decision.contents, train_state.state(decision.contents))
         checkpointer.wait()
     tell_user(
         f"curry-train: {cause.summary}: rolled back to step {point.step} ({point.rollback_to}), skipping samples "

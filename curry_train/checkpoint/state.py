@@ -319,3 +319,29 @@ def legacy_layout(state: dict[str, Stateful]) -> dict[str, Stateful]:
     if isinstance(data, DataLoaderState):
         state["progress"] = ProgressState(data.progress, legacy=True)
     return state
+
+
+@dataclass
+class TrainState:
+    """This rank's training state, as checkpoints save and load it: the model, the optimizer, the harness's
+    counters and the schedule's position. `state(contents)` is the DCP state dict of a checkpoint with `contents`;
+    a resume or a rollback loads into it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    rank: int
+    device: torch.device
+    next_indices: Callable[[int], list[int]]  # this rank's sample ids of the batch at a global sample cursor
+    schedule: dict[str, int | float] = field(default_factory=lambda: {"step": 0, "lr": 0.0})  # saved as `scheduler`
+    saved_fidelity: dict[str, Any] = field(default_factory=dict)  # filled by loading a full checkpoint
+
+    def state(self, contents: Contents) -> dict[str, Stateful]:
+        fidelity = (lambda: self.next_indices(self.progress.cursor), self.saved_fidelity.update)
+        return app_state(
+            contents, self.model, self.optimizer, self.progress, self.schedule, self.rank, self.device, fidelity
+        )
+
+    def fidelity_now(self, algorithm: str) -> dict[str, Any]:
+        """This rank's fidelity record now, its parameters digested with `algorithm` (a saved record's)."""
+        return fidelity_record(self.model, self.device, self.next_indices(self.progress.cursor), algorithm)
