@@ -65,7 +65,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for ckpt in store.list():
         manifest = store.manifest(ckpt)
         mark = "  <- latest" if ckpt == latest else ""
-        contents = manifest.extra.get("contents", "?")
+        contents = manifest.contents or "?"
         print(f"{ckpt.relpath:<52} step {ckpt.step:>8}  {contents:<6}  {human_bytes(manifest.total_bytes):>9}{mark}")
     print(f"disk usage (hard links counted once): {human_bytes(store.disk_usage())}")
     abandoned = store.abandoned()

@@ -192,7 +192,7 @@ def _checkpoint(path: Path, given: str) -> Source:
     run_config = run_config_of(path)
     model = (yaml.safe_load(run_config.read_text(encoding="utf-8")) or {}).get("model") if run_config.is_file() else {}
     arch = {k: model[k] for k in ARCH_KEYS if isinstance(model, dict) and k in model}
-    full = manifest.extra.get("contents") == Contents.FULL.value
+    full = manifest.contents is Contents.FULL
     return Source(given, "checkpoint", path, tensors, arch, step=manifest.step, optimizer=full)
 
 

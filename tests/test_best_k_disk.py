@@ -16,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from curry_train.checkpoint.policy import Checkpoint, Role
+from curry_train.checkpoint.policy import Checkpoint, Contents, Role
 from curry_train.checkpoint.store import RunDir
 from curry_train.cli import main
 from curry_train.export import export
@@ -82,7 +82,7 @@ def test_best_k_holds_parameters_only_and_the_planned_size_after_its_step_rotate
     for ckpt in best:
         path = store.path_of(ckpt)
         assert top_keys(path) == {"model", "progress", "dataloader"}, f"{ckpt.relpath} holds more than parameters"
-        assert store.manifest(ckpt).extra["contents"] == "params" and store.manifest(ckpt).linked_from is None
+        assert store.manifest(ckpt).contents is Contents.PARAMS and store.manifest(ckpt).linked_from is None
         assert all((path / name).stat().st_nlink == 1 for name in store.manifest(ckpt).files)
         size = disk_bytes(path)
         assert math.isclose(size, planned["best_k"], rel_tol=0.01), (ckpt.relpath, size, planned)
@@ -107,8 +107,8 @@ def test_every_checkpoint_holds_the_data_position_under_dataloader(run_dir: Path
         path = store.path_of(ckpt)
         assert "dataloader" in top_keys(path), ckpt.relpath
         # The manifest repeats it for tools that do not read DCP.
-        assert store.manifest(ckpt).extra["cursor"] == ckpt.step * BATCH
-        assert store.manifest(ckpt).extra["skipped"] == []
+        assert store.manifest(ckpt).cursor == ckpt.step * BATCH
+        assert store.manifest(ckpt).skipped == []
 
 
 def rewrite_as_before_dataloader(store: RunDir, ckpt: Checkpoint, skipped: list[list[int]], tmp_path: Path) -> None:

@@ -97,7 +97,7 @@ def test_checkpoints_load_with_pytorchs_own_tools(two_rank_run: Path, tmp_path: 
     assert json.loads(recovery["dataloader"]["skipped"]) == []
     assert "cursor" not in recovery["progress"] and "skipped" not in json.loads(recovery["progress"]["history"])
     assert recovery["progress"]["step"] == 12
-    assert store.manifest(store.list(Role.RECOVERY)[-1]).extra["cursor"] == 12 * 8
+    assert store.manifest(store.list(Role.RECOVERY)[-1]).cursor == 12 * 8
     assert "layers.0.attention.wq.weight" in recovery["model"]
     rollback = dcp_keys(store.path_of(store.list(Role.ROLLBACK)[0]), tmp_path)
     assert {"model", "optim", "rng"} <= set(rollback)

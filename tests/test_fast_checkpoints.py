@@ -117,7 +117,7 @@ def test_best_k_at_a_step_with_a_full_save_in_flight_writes_its_staged_parameter
     best = store.list(Role.BEST_K)[0]
     path = store.path_of(best)
     manifest = store.manifest(best)
-    assert manifest.extra["contents"] == "params" and manifest.linked_from is None
+    assert manifest.contents is Contents.PARAMS and manifest.linked_from is None
     assert all((path / name).stat().st_nlink == 1 for name in manifest.files), "best-K shares the full save's files"
     assert store.verify(best) == []
     metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
@@ -184,7 +184,7 @@ def test_best_k_at_a_committed_full_step_writes_its_staged_parameters_and_buffer
     store = RunDir(run)
     best = store.list(Role.BEST_K)
     assert [c.step for c in best] == [1] and store.manifest(best[0]).linked_from is None
-    assert store.manifest(best[0]).extra["contents"] == "params" and store.verify(best[0]) == []
+    assert store.manifest(best[0]).contents is Contents.PARAMS and store.verify(best[0]) == []
     assert [c.step for c in store.list(Role.ROLLBACK)] == [1, 2]
 
 

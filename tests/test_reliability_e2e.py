@@ -330,14 +330,14 @@ def test_a_commit_refuses_files_rank_0_cannot_see_or_no_rank_reported(tmp_path: 
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from curry_train.checkpoint.checkpointer import _check_reported
+    from curry_train.checkpoint.io import check_reported
 
     staging = tmp_path / ".tmp-step-00000001.dcp"
     dcp.save({"w": torch.arange(8.0)}, checkpoint_id=str(staging), no_dist=True)
     shards = {p.name: None for p in staging.glob("*.distcp")}
     assert shards
-    _check_reported(staging, shards)  # consistent: nothing raised
+    check_reported(staging, shards)  # consistent: nothing raised
     with pytest.raises(RuntimeError, match="rank 0 does not see __1_0.distcp"):
-        _check_reported(staging, {**shards, "__1_0.distcp": None})
+        check_reported(staging, {**shards, "__1_0.distcp": None})
     with pytest.raises(RuntimeError, match="which no rank reported writing"):
-        _check_reported(staging, {})
+        check_reported(staging, {})

@@ -26,15 +26,17 @@ from curry_train.journal import Journal
 class AutoCadence:
     """The automatic interval of a launch; does nothing (and costs no collective) when no cadence is `auto`."""
 
-    def __init__(self, cfg: Config, run_dir: Path, journal: Journal, env: distributed.Dist, ckpt: Checkpointer) -> None:
+    def __init__(
+        self, cfg: Config, run_dir: Path, journal: Journal, env: distributed.Dist, checkpointer: Checkpointer
+    ) -> None:
         self.cfg = cfg
         self.roles = cfg.checkpoint.auto_roles()
         self.run_dir = run_dir
         self.journal = journal
         self.env = env
-        self.ckpt = ckpt
+        self.checkpointer = checkpointer
         self.optimum: float | None = None  # the unclamped optimum of the decision in force
-        self.seen_commits = ckpt.commits
+        self.seen_commits = checkpointer.commits
 
     def decide(self, step: int, reason: str, force: bool = True) -> Policy:
         """Decide now (every rank, at the same step) and return the policy in force.
@@ -46,15 +48,15 @@ class AutoCadence:
             decision = distributed.on_rank0(self.env.is_main, group, self._decide_on_rank0, step, reason, force)
             if decision is not None:
                 self.optimum = decision.optimum_steps
-                self.ckpt.policy = with_interval(self.ckpt.policy, self.roles, decision.every)
-        return self.ckpt.policy
+                self.checkpointer.policy = with_interval(self.checkpointer.policy, self.roles, decision.every)
+        return self.checkpointer.policy
 
     def follow(self, step: int) -> Policy:
         """After a step's saves: decide again when a save has committed since the last look. Every rank hears of a
         commit at the same step (the checkpointer's commit flags are all-reduced), so they call `decide` together."""
-        if not self.roles or self.ckpt.commits == self.seen_commits:
-            return self.ckpt.policy
-        self.seen_commits = self.ckpt.commits
+        if not self.roles or self.checkpointer.commits == self.seen_commits:
+            return self.checkpointer.policy
+        self.seen_commits = self.checkpointer.commits
         return self.decide(step, "a new save moved the optimum", force=False)
 
     def _decide_on_rank0(self, step: int, reason: str, force: bool) -> AutoInterval | None:

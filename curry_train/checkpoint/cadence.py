@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from curry_train.checkpoint.policy import Checkpoint, Policy, Role, exact_resume_candidates, rollback_target
+from curry_train.checkpoint.policy import Checkpoint, Policy, Role, by_policy, exact_resume_points, rollback_target
 
 if TYPE_CHECKING:  # config imports Hydra; this module stays importable by `status` without it
     from curry_train.config import Config
@@ -33,20 +33,24 @@ class ResumeTarget:
 
 def checkpoints_before(policy: Policy, step: int) -> list[Checkpoint]:
     """Rollback and recovery checkpoints on disk just before the saves due at ``step``: each role's newest keep."""
-    found = []
+    on_disk = []
     for role, every, keep in (
         (Role.ROLLBACK, policy.rollback_every, policy.rollback_keep),
         (Role.RECOVERY, policy.recovery_every, policy.recovery_keep),
     ):
         if every > 0:
             newest = (step - 1) // every * every
-            found += [Checkpoint(role, s) for s in range(newest, 0, -every)[:keep]]
-    return found
+            on_disk += [Checkpoint(role, s) for s in range(newest, 0, -every)[:keep]]
+    return on_disk
 
 
 def crash_target(policy: Policy, step: int, async_save: bool = False) -> ResumeTarget:
-    """Worst case for a crash at ``step``: the save due at ``step`` never commits, so the newest one before it."""
-    candidates = exact_resume_candidates(checkpoints_before(policy, step), policy)
+    """Worst case for a crash at ``step``: the save due at ``step`` never commits, so the newest one before it.
+    The newest exact-resume save always survives retention (a role that saves keeps at least one); none yet (or a
+    policy that writes none): step 0, the run starts again from scratch."""
+    if step < 0:
+        raise ValueError(f"crash step={step}: must be >= 0")
+    candidates = exact_resume_points(checkpoints_before(policy, step), by_policy(policy))
     if not candidates:
         return ResumeTarget(step, 0, None)
     newest = candidates[0]

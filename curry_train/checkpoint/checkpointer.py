@@ -6,6 +6,7 @@ Every rank calls `save` (DCP is collective); only rank 0 touches the run directo
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections.abc import Callable
@@ -20,13 +21,22 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.pending import Durable, ParamsCopy, PendingSave, StepClock
-from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, best_k_decision, retention
+from curry_train.checkpoint.policy import BestK, Checkpoint, Contents, Policy, Role, retention
 from curry_train.checkpoint.staging import Snapshot, Stager, to_state_dict
 from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
 from curry_train.checkpoint.upload import Uploader
 from curry_train.failures import PeerFailure
 from curry_train.journal import Journal
+
+
+class CommitState(enum.IntEnum):
+    """How rank 0's commit of a save is going, as every rank hears it: the ranks all-reduce it with MAX, and the
+    others say RUNNING, so the order of the values matters."""
+
+    RUNNING = 0
+    COMMITTED = 1
+    FAILED = 2
 
 
 class Checkpointer:
@@ -65,13 +75,13 @@ class Checkpointer:
         self.my_files: list[str] = []  # every rank: the files it wrote of the last durable save
         self.my_copy_files: list[str] = []  # and of its best-K parameters copy, if it had one
         self.clock = StepClock()
-        self.best: list[Checkpoint] = self._shared_listing(Role.BEST_K)
+        self.best = BestK(policy, self._shared_listing(Role.BEST_K))
 
     def _shared_listing(self, role: Role) -> list[Checkpoint]:
         """Rank 0's view of the committed checkpoints of `role`, given to every rank."""
-        box = [self.store.list(role) if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return list(box[0] or [])
+        listing = [self.store.list(role) if self.is_main else None]  # a one-item list: what broadcast fills in
+        dist.broadcast_object_list(listing, src=0, group=self.group)
+        return list(listing[0] or [])
 
     # ------------------------------------------------------------------------------------------------ saving
 
@@ -95,46 +105,40 @@ class Checkpointer:
         a parameters-only save becomes hard links; a full save lends the state it wrote (its staged copy, or the
         live state of a synchronous save, still the step's): no second staging. A full save in flight writes the
         best-K after itself (`ParamsCopy`: no wait)."""
-        if self.policy.best_k == 0:
+        admission = self.best.admit(step, value)
+        if admission is None:
             return False
-        # Six significant digits keep the name readable (dev-loss-2.34102-step-...) at any scale of the metric;
-        # values equal to that precision tie, and a tie keeps the earlier checkpoint.
-        value = float(f"{value:.6g}")
-        if any(c.step == step and c.metric == value for c in self.best):
-            # A resumed run evaluating the same step again. (The same step with another value is a new trajectory
-            # after a rollback: it competes like any other.)
-            return False
-        decision = best_k_decision(self.policy, self.best, step, value)
-        if not decision.admit:
-            return False
-        ckpt = Checkpoint(Role.BEST_K, step, metric=value, metric_name=self.policy.best_k_metric)
-        self.best = [c for c in self.best if c not in decision.evict] + [ckpt]
+        checkpoint = admission.checkpoint
         if self.is_main:
             self.journal.append(
                 "best_k",
                 step,
                 metric=self.policy.best_k_metric,
-                value=value,
-                reason=decision.reason,
-                evict=[c.relpath for c in decision.evict],
+                value=checkpoint.metric,
+                reason=admission.reason,
+                evict=[c.relpath for c in admission.evict],
             )
         writing = self.writing
         if writing is not None and writing.step == step:
             if writing.contents is Contents.PARAMS:
-                writing.checkpoints.append(ckpt)  # linked when the save commits
+                writing.checkpoints.append(checkpoint)  # linked when the save commits
             else:
-                self._start_params_copy(writing, ckpt)
+                self._start_params_copy(writing, checkpoint)
             return True
         durable = self.durable
         if durable is not None and durable.step == step and durable.contents is Contents.PARAMS:
-            self._link_committed(durable.checkpoint, ckpt)
+            self._link_committed(durable.checkpoint, checkpoint)
             return True
         self.wait()
         if durable is not None and durable.step == step:
-            self._submit(PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=durable.extra), durable.params)
+            self._submit(
+                PendingSave([checkpoint], Contents.PARAMS, time.perf_counter(), extra=durable.extra), durable.params
+            )
         else:
             state = state_factory()
-            self._start(PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=_data_position(state)), state)
+            self._start(
+                PendingSave([checkpoint], Contents.PARAMS, time.perf_counter(), extra=_data_position(state)), state
+            )
         if not self.async_save:
             self.wait()
         return True
@@ -172,17 +176,17 @@ class Checkpointer:
         self.writing = pending
         self.clock.dirty = True
 
-    def _plan(self, ckpt: Checkpoint, state_dict: dict[str, Any]) -> io.SaveJob:
-        """Plan the save of `state_dict` as `ckpt` on every rank, into a fresh staging directory."""
+    def _plan(self, checkpoint: Checkpoint, state_dict: dict[str, Any]) -> io.SaveJob:
+        """Plan the save of `state_dict` as `checkpoint` on every rank, into a fresh staging directory."""
         # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name) before
         # the planning collective lets the other ranks write into it.
-        box = [str(self.store.staging_dir(ckpt)) if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        full_disk = self.fail_save_at == (ckpt.step, self.rank)
-        return io.SaveJob.start(state_dict, Path(box[0]), self.group, self.writer.filesystem(full_disk))
+        staging = [str(self.store.staging_dir(checkpoint)) if self.is_main else None]
+        dist.broadcast_object_list(staging, src=0, group=self.group)
+        full_disk = self.fail_save_at == (checkpoint.step, self.rank)
+        return io.SaveJob.start(state_dict, Path(staging[0]), self.group, self.writer.filesystem(full_disk))
 
-    def _start_params_copy(self, pending: PendingSave, ckpt: Checkpoint) -> None:
-        """`ckpt` as the parameters-only part of the full save in flight, written by the writer after that save.
+    def _start_params_copy(self, pending: PendingSave, checkpoint: Checkpoint) -> None:
+        """`checkpoint` as the parameters-only part of the full save in flight, written by the writer after that save.
 
         The writer writes one job at a time, in order: the full save's job completes the snapshot into the staging
         buffers before it serialises, so the copy reads finished buffers; and the next save stages into them only
@@ -190,12 +194,12 @@ class Checkpointer:
         next update, and `wait()` comes before that too.)"""
         assert pending.job is not None
         try:
-            job = self._plan(ckpt, _params_only(pending.job.staged))
+            job = self._plan(checkpoint, _params_only(pending.job.staged))
         except Exception as err:
-            self._journal_error(ckpt, f"save failed: {err!r}; earlier checkpoints are intact")
+            self._journal_error(checkpoint, f"save failed: {err!r}; earlier checkpoints are intact")
             raise
         self.writer.submit(job)
-        pending.params_copy = ParamsCopy(ckpt, job)
+        pending.params_copy = ParamsCopy(checkpoint, job)
 
     def before_update(self) -> None:
         """Before `optimizer.step()` (or anything else that changes parameters or optimizer state): the save in
@@ -224,7 +228,7 @@ class Checkpointer:
         still_writing = pending is not None and not all(_future(job).done() for _, job in pending.parts())
         flags = torch.tensor([int(still_writing), self._commit_state()], dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        self._settle_commit(int(flags[1]))
+        self._settle_commit(CommitState(int(flags[1])))
         if pending is not None and not flags[0]:
             self._collect(pending)
             self._begin_commit(pending, inline=False)
@@ -243,29 +247,27 @@ class Checkpointer:
                 self.committing.committer.join()
             flags = torch.tensor([self._commit_state()], dtype=torch.int32)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            self._settle_commit(int(flags[0]))
+            self._settle_commit(CommitState(int(flags[0])))
 
-    _RUNNING, _COMMITTED, _FAILED = 0, 1, 2
-
-    def _commit_state(self) -> int:
+    def _commit_state(self) -> CommitState:
         """Rank 0's commit of the pending save: running, committed or failed (other ranks say running)."""
         committing = self.committing
         if not self.is_main or committing is None or committing.committer is None or committing.committer.is_alive():
-            return self._RUNNING
-        return self._FAILED if committing.commit_error is not None else self._COMMITTED
+            return CommitState.RUNNING
+        return CommitState.FAILED if committing.commit_error is not None else CommitState.COMMITTED
 
-    def _settle_commit(self, state: int) -> None:
+    def _settle_commit(self, state: CommitState) -> None:
         """What every rank does once it has heard how rank 0's commit went: go on, or stop (all of them)."""
-        if state == self._RUNNING or self.commit_pending is None:
+        if state is CommitState.RUNNING or self.commit_pending is None:
             return
         failed, self.commit_pending = self.commit_pending, None
         committing, self.committing = self.committing, None
         settled, self.settling = self.settling, None
-        if state == self._COMMITTED and settled is not None:
+        if state is CommitState.COMMITTED and settled is not None:
             self._upload(settled.checkpoints, self.my_files)
             if settled.params_copy is not None:
                 self._upload([settled.params_copy.checkpoint], self.my_copy_files)
-        if state == self._FAILED:
+        if state is CommitState.FAILED:
             if self.is_main and committing is not None and committing.commit_error is not None:
                 raise committing.commit_error
             raise PeerFailure(f"rank 0 could not commit {failed.relpath} (its message says why)")
@@ -283,19 +285,19 @@ class Checkpointer:
         ]
         reports: list[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(reports, mine, group=self.group)
-        for i, (ckpt, _) in enumerate(parts):
+        for i, (checkpoint, _) in enumerate(parts):
             failed = [r[i] for r in reports if isinstance(r[i], str)]
             if not failed:
                 continue
-            self._journal_error(ckpt, f"save failed: {'; '.join(failed)}; earlier checkpoints are intact")
+            self._journal_error(checkpoint, f"save failed: {'; '.join(failed)}; earlier checkpoints are intact")
             err = errors[i]
             if err is not None:  # this rank's own failure: it tells the user
                 raise OSError(
                     getattr(err, "errno", None),
-                    f"could not write {ckpt.relpath} ({err}); the checkpoints committed before it and `latest` are "
-                    "intact",
+                    f"could not write {checkpoint.relpath} ({err}); the checkpoints committed before it and "
+                    "`latest` are intact",
                 ) from err
-            raise PeerFailure(f"{failed[0].split(':')[0]} could not write {ckpt.relpath}")
+            raise PeerFailure(f"{failed[0].split(':')[0]} could not write {checkpoint.relpath}")
         pending.written = [r[0] for r in reports]
         if pending.params_copy is not None:
             pending.params_copy.written = [r[1] for r in reports]
@@ -333,24 +335,29 @@ class Checkpointer:
             pending.committer.join()
 
     def _commit_written(
-        self, ckpt: Checkpoint, job: io.SaveJob, written: list[io.Written], contents: Contents, extra: dict[str, Any]
+        self,
+        checkpoint: Checkpoint,
+        job: io.SaveJob,
+        written: list[io.Written],
+        contents: Contents,
+        extra: dict[str, Any],
     ) -> int:
         """Rank 0: `.metadata`, the checks of what the ranks reported, and the store's commit; the bytes committed."""
         job.finish_metadata([w.results for w in written])
         known = {name: entry for w in written for name, entry in w.files.items()}
-        _check_reported(job.staging, known)
+        io.check_reported(job.staging, known)
         # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
         extra = {"contents": contents.value, "world_size": dist.get_world_size(self.group), **extra}
         # Every data file was fsynced by its rank's writer before that rank reported it, and `.metadata` by
         # FileSystemWriter.finish (sync_files=True): the commit fsyncs only directories and the manifest.
         durable = frozenset(known) | {".metadata"}
-        return self.store.commit(ckpt, job.staging, extra=extra, known=known, durable=durable).total_bytes
+        return self.store.commit(checkpoint, job.staging, extra=extra, known=known, durable=durable).total_bytes
 
     def _commit(self, pending: PendingSave) -> None:
         first = pending.checkpoints[0]
         assert pending.job is not None
         nbytes = self._commit_written(first, pending.job, pending.written, pending.contents, pending.extra)
-        blocking, cost = self._costs(pending)
+        blocking, cost = pending.costs(time.perf_counter())
         self._journal_save(
             first,
             nbytes,
@@ -365,9 +372,9 @@ class Checkpointer:
             direct_io=all(w.direct for w in pending.written),
             mode="async" if self.async_save else "sync",
         )
-        for ckpt in pending.checkpoints[1:]:
-            linked = self.store.link(first, ckpt)
-            self._journal_save(ckpt, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
+        for checkpoint in pending.checkpoints[1:]:
+            linked = self.store.link(first, checkpoint)
+            self._journal_save(checkpoint, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
         if pending.contents is Contents.FULL:
             self.store.set_latest(first)
         copy = pending.params_copy
@@ -384,78 +391,56 @@ class Checkpointer:
             )
         self._apply_retention(first.step)
 
-    @staticmethod
-    def _costs(pending: PendingSave) -> tuple[float, float | None]:
-        """The training thread's blocked time, and what the save cost training: that blocked time plus the extra
-        time, over the baseline step, of the steps it overlapped (each measured from the end of the start, or of
-        the previous step, to the end of the step, so the blocked time is not counted twice). None without a
-        baseline yet."""
-        waited = 0.0 if pending.waiting_since is None else time.perf_counter() - pending.waiting_since
-        blocking = pending.blocking_seconds + waited
-        if not pending.overlapped:  # started and finished within one step: all of it blocked training
-            return blocking, blocking
-        if pending.baseline is None:
-            return blocking, None
-        return blocking, blocking + max(0.0, sum(t - pending.baseline for t in pending.overlapped))
-
-    def _link_committed(self, source: Checkpoint, ckpt: Checkpoint) -> None:
-        """`ckpt` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
+    def _link_committed(self, source: Checkpoint, checkpoint: Checkpoint) -> None:
+        """`checkpoint` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
         of a failure."""
         outcome: Exception | None = None
         self.wait()  # the source's commit, heard by every rank
         if self.is_main:
             try:
-                linked = self.store.link(source, ckpt)
+                linked = self.store.link(source, checkpoint)
                 self._journal_save(
-                    ckpt,
+                    checkpoint,
                     linked.total_bytes,
-                    Contents(linked.extra["contents"]),
+                    linked.contents or Contents.PARAMS,  # a save's manifest always names it
                     seconds=0.0,
                     linked_from=source.relpath,
                 )
-                self._apply_retention(ckpt.step)
+                self._apply_retention(checkpoint.step)
             except Exception as err:
                 outcome = err
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        if box[0] is not None:
-            raise box[0]
-        self._upload([ckpt], self.my_files)
+        failure = [outcome]
+        dist.broadcast_object_list(failure, src=0, group=self.group)
+        if failure[0] is not None:
+            raise failure[0]
+        self._upload([checkpoint], self.my_files)
 
     # ------------------------------------------------------------------------------------------------ remote
 
     def _upload(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
-        """Every rank, once all have heard that `checkpoints` committed: hand this rank's files of them to the
-        uploader. Whether their role's upload is still in flight anywhere is agreed here (one tiny all-reduce a
-        commit), so every rank uploads the same saves and rank 0's manifest never waits for files that never come."""
-        if self.uploader is None or not self.uploader.wanted(checkpoints):
-            return
-        busy = torch.tensor(self.uploader.busy(), dtype=torch.int32)
-        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=self.group)
-        wanted = [c for c in self.uploader.wanted(checkpoints) if self.store.is_committed(c)]
-        if not wanted:
-            return
-        manifests = [self.store.manifest(c) for c in wanted] if self.is_main else []
-        self.uploader.submit(wanted, self.store.path_of(wanted[0]), names, manifests, busy.tolist())
+        """Every rank, once all have heard that `checkpoints` committed: this rank's files of them to the uploader."""
+        if self.uploader is not None:
+            self.uploader.submit_committed(checkpoints, names, self.store, self.group)
 
     def finish_uploads(self) -> None:
-        """At the run's end (every rank): wait for the uploads in flight, then upload the newest commit of each role
-        that a busy lane skipped, so that a finished run's newest checkpoints are remote."""
-        if self.uploader is None:
-            return
-        self.wait()
-        self.uploader.join()
-        for checkpoints, names in list(self.uploader.skipped.values()):
-            self._upload(checkpoints, names)
-        self.uploader.join()
+        """At the run's end (every rank): the last save committed, then the uploads finished (`Uploader.finish`)."""
+        if self.uploader is not None:
+            self.wait()
+            self.uploader.finish(self.store, self.group)
 
-    def _journal_error(self, ckpt: Checkpoint, reason: str) -> None:
+    def _journal_error(self, checkpoint: Checkpoint, reason: str) -> None:
         if self.is_main:
-            self.journal.append("error", ckpt.step, role=ckpt.role, path=ckpt.relpath, reason=reason)
+            self.journal.append("error", checkpoint.step, role=checkpoint.role, path=checkpoint.relpath, reason=reason)
 
-    def _journal_save(self, ckpt: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
+    def _journal_save(self, checkpoint: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
         self.journal.append(
-            "save", ckpt.step, role=ckpt.role, path=ckpt.relpath, bytes=nbytes, contents=contents, **fields
+            "save",
+            checkpoint.step,
+            role=checkpoint.role,
+            path=checkpoint.relpath,
+            bytes=nbytes,
+            contents=contents,
+            **fields,
         )
 
     def _apply_retention(self, step: int) -> None:
@@ -505,22 +490,3 @@ def _data_position(state: dict[str, Stateful]) -> dict[str, Any]:
     if not isinstance(data, DataLoaderState):
         return {}
     return {"cursor": data.progress.cursor, "skipped": [list(r) for r in data.progress.skipped]}
-
-
-def _check_reported(staging: Path, reported: dict[str, Any]) -> None:
-    """Rank 0 commits what the ranks report they wrote, checked against what it sees and what DCP's `.metadata`
-    references: on nodes that do not share `run.root`, rank 0 would otherwise commit a checkpoint without the other
-    nodes' shards, and retention would then delete the good ones."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    seen = {p.name for p in staging.iterdir()}
-    unseen = sorted(set(reported) - seen)
-    if unseen:
-        raise RuntimeError(
-            f"rank 0 does not see {unseen[0]} ({len(unseen)} file(s) in all) that another rank wrote into {staging}: "
-            "run.root must be a filesystem every node shares"
-        )
-    referenced = {info.relative_path for info in FileSystemReader(str(staging)).read_metadata().storage_data.values()}
-    unreported = sorted(referenced - set(reported))
-    if unreported:
-        raise RuntimeError(f"{staging / '.metadata'} references {unreported[0]}, which no rank reported writing")

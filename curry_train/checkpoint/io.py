@@ -135,6 +135,23 @@ class SaveJob:
         self.writer.finish(self.metadata, results)
 
 
+def check_reported(staging: Path, reported: dict[str, Any]) -> None:
+    """Rank 0 commits what the ranks report they wrote, checked against what it sees and what DCP's `.metadata`
+    references: on nodes that do not share `run.root`, rank 0 would otherwise commit a checkpoint without the other
+    nodes' shards, and retention would then delete the good ones."""
+    seen = {p.name for p in staging.iterdir()}
+    unseen = sorted(set(reported) - seen)
+    if unseen:
+        raise RuntimeError(
+            f"rank 0 does not see {unseen[0]} ({len(unseen)} file(s) in all) that another rank wrote into {staging}: "
+            "run.root must be a filesystem every node shares"
+        )
+    referenced = {info.relative_path for info in FileSystemReader(str(staging)).read_metadata().storage_data.values()}
+    unreported = sorted(referenced - set(reported))
+    if unreported:
+        raise RuntimeError(f"{staging / '.metadata'} references {unreported[0]}, which no rank reported writing")
+
+
 class Writer:
     """The run's one writer thread and its write buffer: at most one save is written at a time, in order.
 

@@ -58,6 +58,19 @@ class PendingSave:
             parts.append((self.params_copy.checkpoint, self.params_copy.job))
         return parts
 
+    def costs(self, now: float) -> tuple[float, float | None]:
+        """The training thread's blocked time, and what the save cost training: that blocked time plus the extra
+        time, over the baseline step, of the steps it overlapped (each measured from the end of the start, or of
+        the previous step, to the end of the step, so the blocked time is not counted twice). None without a
+        baseline yet."""
+        waited = 0.0 if self.waiting_since is None else now - self.waiting_since
+        blocking = self.blocking_seconds + waited
+        if not self.overlapped:  # started and finished within one step: all of it blocked training
+            return blocking, blocking
+        if self.baseline is None:
+            return blocking, None
+        return blocking, blocking + max(0.0, sum(t - self.baseline for t in self.overlapped))
+
 
 @dataclass(frozen=True)
 class Durable:

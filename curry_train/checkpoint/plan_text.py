@@ -8,7 +8,7 @@ from typing import Any
 from curry_train.checkpoint.cadence import ResumeTarget
 from curry_train.checkpoint.plan import ROLLBACK_PARAMS_THRESHOLD, Plan, storage_fits
 from curry_train.checkpoint.policy import Role
-from curry_train.checkpoint.sizes import SET_ASIDE, CheckpointSize, RoleEstimate
+from curry_train.checkpoint.sizes import ABANDONED, CheckpointSize, RoleEstimate
 from curry_train.units import human_bytes
 
 # --------------------------------------------------------------------------------------------------- output
@@ -17,7 +17,7 @@ from curry_train.units import human_bytes
 def _cadence_label(e: RoleEstimate) -> str:
     if e.every == 0:
         return "off"
-    if e.role == SET_ASIDE:
+    if e.role == ABANDONED:
         return "after a rollback"
     return "on dev improvement" if e.role == Role.BEST_K.value else f"every {e.every} steps"
 

@@ -13,6 +13,7 @@ from curry_train import failures
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.journal import append_from_any_rank, read_journal
+from curry_train.layout import RunFiles
 
 
 class StopNow(KeyboardInterrupt):
@@ -98,7 +99,7 @@ class Preemption:
 
 def last_full_save_seconds(run_dir: Path | None) -> float | None:
     """The seconds of the last full save journaled in `run_dir`, written and committed (None when there is none)."""
-    path = None if run_dir is None else run_dir / "journal.jsonl"
+    path = None if run_dir is None else RunFiles(run_dir).journal
     if path is None or not path.is_file():
         return None
     saves = [
@@ -110,7 +111,7 @@ def last_full_save_seconds(run_dir: Path | None) -> float | None:
 
 
 def ensure_full_save(
-    ckpt: Checkpointer,
+    checkpointer: Checkpointer,
     policy: Policy,
     step: int,
     state: Callable[[Contents], dict],
@@ -120,21 +121,21 @@ def ensure_full_save(
     is enough)."""
     decision = decide_save(policy, step, reason)
     if decision is not None:
-        ckpt.save(step, list(decision.roles), decision.contents, state(decision.contents))
+        checkpointer.save(step, list(decision.roles), decision.contents, state(decision.contents))
 
 
 def save_on_preemption(
-    ckpt: Checkpointer,
+    checkpointer: Checkpointer,
     policy: Policy,
     step: int,
     state: Callable[[Contents], dict],
     preemption: Preemption,
-    say: Callable[[str], None],
+    tell_user: Callable[[str], None],
 ) -> None:
     """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
     preemption.saving = True
-    ensure_full_save(ckpt, policy, step, state)
-    ckpt.wait()
+    ensure_full_save(checkpointer, policy, step, state)
+    checkpointer.wait()
     name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
-    ckpt.journal.append("preempt", step, signal=name)
-    say(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")
+    checkpointer.journal.append("preempt", step, signal=name)
+    tell_user(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")

@@ -21,7 +21,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from curry_train.checkpoint.manifest import MANIFEST, FileEntry, Manifest, check_file
-from curry_train.checkpoint.policy import Checkpoint, Role, parse_checkpoint_name
+from curry_train.checkpoint.policy import Checkpoint, Contents, Role, exact_resume_points, parse_checkpoint_name
 
 LATEST = "latest"
 
@@ -106,10 +106,10 @@ class RemoteStore:
         prefix = self.key(relpath)
         self.fs.invalidate_cache(prefix)
         try:
-            found = self.fs.find(prefix, detail=True)
+            objects = self.fs.find(prefix, detail=True)
         except FileNotFoundError:
             return {}
-        return {PurePosixPath(p).relative_to(prefix).as_posix(): int(info["size"]) for p, info in found.items()}
+        return {PurePosixPath(p).relative_to(prefix).as_posix(): int(info["size"]) for p, info in objects.items()}
 
     def missing(self, relpath: str, files: dict[str, FileEntry]) -> list[str]:
         """The files of a checkpoint not (yet) on the store with their size."""
@@ -121,8 +121,8 @@ class RemoteStore:
         body = json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
         self.fs.pipe_file(self.key(f"{relpath}/{MANIFEST}"), body)
 
-    def set_latest(self, ckpt: Checkpoint) -> None:
-        self.fs.pipe_file(self.key(LATEST), ckpt.relpath.encode())
+    def set_latest(self, checkpoint: Checkpoint) -> None:
+        self.fs.pipe_file(self.key(LATEST), checkpoint.relpath.encode())
 
     def delete(self, relpath: str) -> None:
         """Manifest first (the checkpoint stops existing), then its files."""
@@ -139,11 +139,11 @@ class RemoteStore:
         prefix = self.key(role.dirname)
         self.fs.invalidate_cache(prefix)
         try:
-            found = self.fs.find(prefix)
+            paths = self.fs.find(prefix)
         except FileNotFoundError:
             return {}
         names: dict[str, set[str]] = {}
-        for path in found:
+        for path in paths:
             parts = PurePosixPath(path).relative_to(prefix).parts
             if len(parts) >= 2 and parse_checkpoint_name(role, parts[0]) is not None:
                 names.setdefault(parts[0], set()).add(parts[-1] if len(parts) == 2 else "")
@@ -152,13 +152,13 @@ class RemoteStore:
     def list(self, role: Role | None = None) -> list[Checkpoint]:
         """Committed checkpoints (manifest present), sorted by (role, step)."""
         roles = [role] if role is not None else list(Role)
-        found = [
-            ckpt
+        committed = [
+            checkpoint
             for r in roles
             for name, objects in self._names(r).items()
-            if MANIFEST in objects and (ckpt := parse_checkpoint_name(r, name)) is not None
+            if MANIFEST in objects and (checkpoint := parse_checkpoint_name(r, name)) is not None
         ]
-        return sorted(found, key=lambda c: (c.role.value, c.step, c.name))
+        return sorted(committed, key=lambda c: (c.role.value, c.step, c.name))
 
     def uncommitted(self) -> list[str]:
         """Relpaths of checkpoint-named prefixes without a manifest: an upload or a deletion cut short."""
@@ -166,8 +166,8 @@ class RemoteStore:
             f"{r.dirname}/{name}" for r in Role for name, objects in self._names(r).items() if MANIFEST not in objects
         )
 
-    def manifest(self, ckpt: Checkpoint) -> Manifest:
-        return Manifest.from_dict(json.loads(self.fs.cat_file(self.key(f"{ckpt.relpath}/{MANIFEST}"))))
+    def manifest(self, checkpoint: Checkpoint) -> Manifest:
+        return Manifest.from_dict(json.loads(self.fs.cat_file(self.key(f"{checkpoint.relpath}/{MANIFEST}"))))
 
     def latest(self) -> Checkpoint | None:
         """The checkpoint the `latest` object names, if it is committed; else the newest committed one with full
@@ -185,10 +185,12 @@ class RemoteStore:
         return self._newest_full(committed)
 
     def _newest_full(self, committed: list[Checkpoint]) -> Checkpoint | None:
-        full = [c for c in committed if c.role is not Role.BEST_K and self.manifest(c).extra.get("contents") == "full"]
-        return max(full, key=lambda c: (c.step, c.role is Role.RECOVERY), default=None)
+        points = exact_resume_points(committed, lambda c: self.manifest(c).contents is Contents.FULL)
+        return points[0] if points else None
 
-    def fetch(self, ckpt: Checkpoint, names: list[str], local_dir: Path, files: dict[str, FileEntry]) -> list[str]:
+    def fetch(
+        self, checkpoint: Checkpoint, names: list[str], local_dir: Path, files: dict[str, FileEntry]
+    ) -> list[str]:
         """Download `names` of a committed checkpoint into `local_dir` and check each against the manifest's size
         and checksum; returns the problems (empty: all good)."""
         problems = []
@@ -196,7 +198,7 @@ class RemoteStore:
             target = local_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             try:
-                self.fs.get_file(self.key(f"{ckpt.relpath}/{rel}"), str(target))
+                self.fs.get_file(self.key(f"{checkpoint.relpath}/{rel}"), str(target))
             except Exception as err:
                 problems.append(f"{rel}: cannot download ({describe_error(self.url, err)})")
                 continue

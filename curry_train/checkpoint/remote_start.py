@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from curry_train import distributed
 from curry_train.checkpoint.manifest import Manifest
-from curry_train.checkpoint.policy import Checkpoint
+from curry_train.checkpoint.policy import Checkpoint, Contents
 from curry_train.checkpoint.remote import RemoteError, RemoteStore
 from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.store import RunDir
@@ -83,33 +83,33 @@ def fetch_newer(remote: RemoteStore, store: RunDir, env: distributed.Dist, journ
     """Download the remote's newest checkpoint when it is newer than the local one: each rank a share of its files
     (in parallel), each file checked against the manifest, then rank 0 commits it locally as if it had saved it."""
     group = env.checkpoint_group
-    found = on_rank0(env.is_main, group, newer_remote, remote, store)
-    if found is None:
+    newer = on_rank0(env.is_main, group, newer_remote, remote, store)
+    if newer is None:
         return None
-    ckpt, manifest = found
+    checkpoint, manifest = newer
     started = time.perf_counter()
-    staging = on_rank0(env.is_main, group, store.staging_dir, ckpt)
+    staging = on_rank0(env.is_main, group, store.staging_dir, checkpoint)
     names = sorted(manifest.files)[env.rank :: env.world_size]
-    mine = remote.fetch(ckpt, names, staging, manifest.files)
+    mine = remote.fetch(checkpoint, names, staging, manifest.files)
     everyone: list[Any] = [None] * env.world_size
     dist.all_gather_object(everyone, mine, group=group)
     problems = [p for part in everyone for p in part]
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ResumeError(f"checkpoint.remote: {remote.url}/{ckpt.relpath}: {problems[0]}{more}")
-    on_rank0(env.is_main, group, commit_fetched, store, ckpt, staging, manifest)
+        raise ResumeError(f"checkpoint.remote: {remote.url}/{checkpoint.relpath}: {problems[0]}{more}")
+    on_rank0(env.is_main, group, commit_fetched, store, checkpoint, staging, manifest)
     journal.append(
         "remote_fetch",
-        ckpt.step,
-        path=ckpt.relpath,
+        checkpoint.step,
+        path=checkpoint.relpath,
         bytes=manifest.total_bytes,
         seconds=round(time.perf_counter() - started, 4),
         reason="the remote's newest committed checkpoint is newer than the run directory's",
     )
-    return f"{remote.url}/{ckpt.relpath}"
+    return f"{remote.url}/{checkpoint.relpath}"
 
 
-def commit_fetched(store: RunDir, ckpt: Checkpoint, staging: Any, manifest: Manifest) -> None:
-    store.commit(ckpt, staging, extra=manifest.extra, known=manifest.files)
-    if manifest.extra.get("contents") == "full":
-        store.set_latest(ckpt)
+def commit_fetched(store: RunDir, checkpoint: Checkpoint, staging: Any, manifest: Manifest) -> None:
+    store.commit(checkpoint, staging, extra=manifest.extra, known=manifest.files)
+    if manifest.contents is Contents.FULL:
+        store.set_latest(checkpoint)

@@ -65,14 +65,8 @@ def model_size(cfg: ModelConfig) -> ModelSize:
     return ModelSize(sum(math.prod(shape) for shape in shapes.values()), len(shapes))
 
 
-def _as_size(size: ModelSize | int) -> ModelSize:
-    # A bare parameter count (the older call style) has no tensor count: its item overhead is left out.
-    return size if isinstance(size, ModelSize) else ModelSize(size, 0)
-
-
-def checkpoint_size(size: ModelSize | int, full: bool, world_size: int = 1) -> CheckpointSize:
+def checkpoint_size(size: ModelSize, full: bool, world_size: int = 1) -> CheckpointSize:
     """One checkpoint's bytes: full (parameters + AdamW state + RNG, data position, scheduler) or parameters only."""
-    size = _as_size(size)
     tensor_items = size.tensors * world_size
     values = PROGRESS_VALUES
     per_rank = 0
@@ -94,8 +88,8 @@ def checkpoint_size(size: ModelSize | int, full: bool, world_size: int = 1) -> C
     return CheckpointSize(size.params * PARAM_BYTES, optimizer, extra)
 
 
-def checkpoint_bytes(params: ModelSize | int, full: bool, world_size: int = 1) -> int:
-    return checkpoint_size(params, full, world_size).total
+def checkpoint_bytes(size: ModelSize, full: bool, world_size: int = 1) -> int:
+    return checkpoint_size(size, full, world_size).total
 
 
 @dataclass(frozen=True)
@@ -129,11 +123,11 @@ def evaluations(steps: int | None, eval_every: int) -> int | None:
     return 0 if eval_every <= 0 else math.ceil(steps / eval_every)
 
 
-SET_ASIDE = "set_aside"
+ABANDONED = "set_aside"  # what rollbacks set aside, under the name the plan shows (as the journal does)
 
 
 def role_estimates(
-    size: ModelSize | int, policy: Policy, world_size: int = 1, steps: int | None = None, eval_every: int = 0
+    size: ModelSize, policy: Policy, world_size: int = 1, steps: int | None = None, eval_every: int = 0
 ) -> list[RoleEstimate]:
     """Each role's cadence, contents, keep and size; with `steps`, capped at what a run of that length makes."""
     full = checkpoint_bytes(size, True, world_size)
@@ -162,7 +156,7 @@ def role_estimates(
         ),
         # A rollback sets the abandoned trajectory's checkpoints aside; the newest abandoned_keep of them stay.
         RoleEstimate(
-            SET_ASIDE,
+            ABANDONED,
             int(policy.rollback_every > 0 or policy.recovery_every > 0),
             "full" if policy.recovery_every > 0 or rollback_full else "params",
             policy.abandoned_keep,

@@ -4,7 +4,7 @@ Each rank uploads the files it wrote itself (no funnel through rank 0), from har
 checkpoint committed (so local retention may delete the checkpoint meanwhile). Rank 0 then waits until the store
 holds every file of the manifest with its size, uploads the manifest (the remote commit), moves the remote
 `latest` and applies the remote retention. No thread issues a collective: whether a role's upload is still in
-flight is agreed on the training thread, at the commit every rank hears (`Checkpointer`), and the ranks meet again
+flight is agreed on the training thread, at the commit every rank hears (`submit_committed`), and the ranks meet again
 only through the objects in the store.
 
 A failed operation is retried with backoff for `checkpoint.remote_retry_s`; training never waits for it, except
@@ -21,14 +21,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.distributed as dist
+
 from curry_train.checkpoint.durable import link_or_copy
 from curry_train.checkpoint.manifest import Manifest
-from curry_train.checkpoint.policy import Checkpoint, Policy, Role, retention
+from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, retention
 from curry_train.checkpoint.remote import RemoteStore, describe_error
+from curry_train.checkpoint.store import RunDir
 from curry_train.config import CheckpointConfig
 from curry_train.journal import Journal, append_from_any_rank
-
-UPLOADS = ".uploads"  # <run>/.uploads/<rank>/<checkpoint name>/: this rank's hard links of what it uploads
+from curry_train.layout import RunFiles
 
 
 @dataclass
@@ -79,6 +82,30 @@ class Uploader:
     def wanted(self, checkpoints: list[Checkpoint]) -> list[Checkpoint]:
         return [c for c in checkpoints if c.role in self.roles]
 
+    def submit_committed(
+        self, checkpoints: list[Checkpoint], names: list[str], store: RunDir, group: dist.ProcessGroup
+    ) -> None:
+        """Every rank, once all have heard that `checkpoints` committed: hand this rank's files of them (`names`)
+        to their lane. Whether a lane is still busy anywhere is agreed here (one tiny all-reduce a commit), so every
+        rank uploads the same saves and rank 0's manifest never waits for files that never come."""
+        if not self.wanted(checkpoints):
+            return
+        busy = torch.tensor(self.busy(), dtype=torch.int32)
+        dist.all_reduce(busy, op=dist.ReduceOp.MAX, group=group)
+        wanted = [c for c in self.wanted(checkpoints) if store.is_committed(c)]
+        if not wanted:
+            return
+        manifests = [store.manifest(c) for c in wanted] if self.rank == 0 else []
+        self.submit(wanted, store.path_of(wanted[0]), names, manifests, busy.tolist())
+
+    def finish(self, store: RunDir, group: dist.ProcessGroup) -> None:
+        """At the run's end (every rank, its saves committed): wait for the uploads in flight, then upload the
+        newest commit of each role that a busy lane skipped, so that a finished run's newest checkpoints are remote."""
+        self.join()
+        for checkpoints, names in list(self.skipped.values()):
+            self.submit_committed(checkpoints, names, store, group)
+        self.join()
+
     def submit(
         self,
         checkpoints: list[Checkpoint],
@@ -104,7 +131,7 @@ class Uploader:
             )
             return
         self.skipped.pop(lane, None)
-        local = self.run_dir / UPLOADS / str(self.rank) / checkpoints[0].name
+        local = RunFiles(self.run_dir).uploads / str(self.rank) / checkpoints[0].name  # this rank's hard links
         if local.exists():
             shutil.rmtree(local)
         for name in names:
@@ -146,25 +173,27 @@ class Uploader:
 
     def _upload(self, job: UploadJob) -> None:
         first = job.checkpoints[0]
-        for ckpt in job.checkpoints:
+        for checkpoint in job.checkpoints:
             for number, name in enumerate(job.names):
-                self.remote.put_file(job.local / name, f"{ckpt.relpath}/{name}")
-                if number == 0 and self.stall_at is not None and ckpt.step >= self.stall_at:
-                    print(f"curry-train: debug: upload of {ckpt.relpath} stalls (rank {self.rank})", file=sys.stderr)
+                self.remote.put_file(job.local / name, f"{checkpoint.relpath}/{name}")
+                if number == 0 and self.stall_at is not None and checkpoint.step >= self.stall_at:
+                    print(
+                        f"curry-train: debug: upload of {checkpoint.relpath} stalls (rank {self.rank})", file=sys.stderr
+                    )
                     sys.stderr.flush()
                     threading.Event().wait()
         if self.rank != 0:
             return
         delay = 0.05
-        for manifest, ckpt in zip(job.manifests, job.checkpoints, strict=True):
+        for manifest, checkpoint in zip(job.manifests, job.checkpoints, strict=True):
             # The other ranks' files come on their own schedule; the manifest waits for all of them.
-            while missing := self.remote.missing(ckpt.relpath, manifest.files):
+            while missing := self.remote.missing(checkpoint.relpath, manifest.files):
                 time.sleep(delay)
                 delay = min(delay * 1.5, 2.0)
                 if time.perf_counter() - job.committed_at > self.retry_s:
                     raise TimeoutError(f"{len(missing)} file(s) of other ranks never arrived, e.g. {missing[0]}")
-            self.remote.put_manifest(manifest, ckpt.relpath)
-        full = [c for c, m in zip(job.checkpoints, job.manifests, strict=True) if m.extra.get("contents") == "full"]
+            self.remote.put_manifest(manifest, checkpoint.relpath)
+        full = [c for c, m in zip(job.checkpoints, job.manifests, strict=True) if m.contents is Contents.FULL]
         latest = self.remote.latest()
         if full and (latest is None or full[0].step >= latest.step):
             self.remote.set_latest(full[0])
@@ -207,7 +236,7 @@ def remote_policy(policy: Policy, rollback_keep: int | None, recovery_keep: int 
 
 def remove_local_leftovers(run_dir: Path) -> None:
     """Hard links of uploads a kill cut short (rank 0, at start)."""
-    shutil.rmtree(run_dir / UPLOADS, ignore_errors=True)
+    shutil.rmtree(RunFiles(run_dir).uploads, ignore_errors=True)
 
 
 def build(c: CheckpointConfig, run_dir: Path, rank: int, journal: Journal, stall_at: int | None) -> Uploader | None:
