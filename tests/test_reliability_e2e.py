@@ -249,12 +249,7 @@ def test_sigint_saves_and_stops(tmp_path: Path) -> None:
 def test_workers_die_with_their_launcher(tmp_path: Path) -> None:
     """torchrun starts its workers in sessions of their own: a SIGKILL of torchrun alone must not leave them
     training (they ask the kernel for SIGKILL when their parent dies)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kill_and_resume", REPO / "scripts" / "kill_and_resume.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    process_tree = script.process_tree
+    from curry_train.launcher import process_tree
     args = [*FAST, "train.steps=400", "train.eval_every=0", "checkpoint.recovery_every=0", "run.id=orphans"]
     job = popen_train(args, tmp_path, nproc=2)
     try:
