@@ -1,6 +1,7 @@
 """curry-train: plan a run's checkpoint storage, and inspect, compare, plot and export the runs in its run
-directories (runs/<run-id>); and train: `curry-train run [torchrun options] overrides...` (or `python -m
-curry_train.train`, `torchrun ... -m curry_train.train`)."""
+directories (runs/<run-id>); rehearse a run's resume before the long run: `curry-train rehearse [torchrun options]
+overrides...`; and train: `curry-train run [torchrun options] overrides...` (or `python -m curry_train.train`,
+`torchrun ... -m curry_train.train`)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,30 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from curry_train import layout
 from curry_train.checkpoint.plan import build_plan
 from curry_train.checkpoint.plan_text import plan_json, render_plan
-from curry_train.checkpoint.sizes import human_bytes, model_size
+from curry_train.checkpoint.sizes import model_size
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, ConfigError, from_command_line, validate
+from curry_train.compose import from_command_line
+from curry_train.config import Config, ConfigError, validate
 from curry_train.history import RunHistory, read_run
 from curry_train.journal import Journal, format_events, read_journal
+from curry_train.layout import RunFiles
 from curry_train.report import render_diff, render_status
+from curry_train.units import human_bytes
 
 
 def _run_dir(path: str) -> Path:
     p = Path(path)
-    if not (p / "journal.jsonl").exists():
-        raise SystemExit(f"curry-train: {p} is not a run directory (no journal.jsonl)")
+    if not RunFiles(p).journal.exists():
+        raise SystemExit(f"curry-train: {p} is not a run directory (no {layout.JOURNAL})")
     return p
 
 
 def cmd_journal(args: argparse.Namespace) -> int:
     """Print a run's journal, one readable line per event."""
-    records = read_journal(_run_dir(args.run_dir) / "journal.jsonl")
+    records = read_journal(RunFiles(_run_dir(args.run_dir)).journal)
     for record, line in zip(records, format_events(records), strict=True):
         if not args.event or record["event"] in args.event:
             print(line)
@@ -60,7 +65,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for ckpt in store.list():
         manifest = store.manifest(ckpt)
         mark = "  <- latest" if ckpt == latest else ""
-        contents = manifest.extra.get("contents", "?")
+        contents = manifest.contents or "?"
         print(f"{ckpt.relpath:<52} step {ckpt.step:>8}  {contents:<6}  {human_bytes(manifest.total_bytes):>9}{mark}")
     print(f"disk usage (hard links counted once): {human_bytes(store.disk_usage())}")
     abandoned = store.abandoned()
@@ -86,7 +91,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         print(f"{len(items)} set-aside checkpoint(s), {human_bytes(total)}: dry run, nothing removed; add --yes")
         return 0
     latest = store.latest()
-    with Journal(run_dir / "journal.jsonl") as journal:
+    with Journal(RunFiles(run_dir).journal) as journal:
         for item in items:
             journal.append(
                 "delete",
@@ -223,7 +228,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--save-seconds", type=_at_least(float, 0), help="time one save costs training (default: measured)")
     p.add_argument("--step-seconds", type=_at_least(float, 0), help="time one optimizer step takes (default: measured)")
-    p.add_argument("--mtbf-hours", type=_at_least(float, 0), help="mean time between failures (default: 24)")
+    p.add_argument(
+        "--mtbf-hours",
+        type=_at_least(float, 0),
+        help="prior mean time between failures (default: checkpoint.mtbf_hours, 24); the run's interruptions refine it",
+    )
     p.add_argument("--world-size", type=_at_least(int, 0), default=1, help="number of ranks the run will use")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
 
@@ -268,8 +277,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="curry-train", description=__doc__)
     parser.add_argument("--version", action="version", version=f"curry-train {version()}")
     sub = parser.add_subparsers(dest="command", required=True)
-    # Listed for --help only: main() hands `run` to the launcher before this parser sees it.
+    # Listed for --help only: main() hands `run` and `rehearse` to their own modules before this parser sees them.
     sub.add_parser("run", help="train: torchrun underneath, the run's own exit status (curry-train run --help)")
+    sub.add_parser(
+        "rehearse",
+        help="before a long run: a short run killed and resumed against a straight one, on your own config "
+        "(curry-train rehearse --help)",
+    )
     for name, fn in COMMANDS.items():
         p = sub.add_parser(name, help=(fn.__doc__ or "").strip().splitlines()[0])
         if name == "plan":
@@ -303,6 +317,10 @@ def main(argv: list[str] | None = None) -> int:
         from curry_train.launcher import main as run_main
 
         return run_main(args[1:])
+    if args[:1] == ["rehearse"]:
+        from curry_train.rehearse import main as rehearse_main
+
+        return rehearse_main(args[1:])
     parser = build_parser()
     # parse_known_args lets Hydra overrides stand anywhere among the plan's options, as they do for training.
     args, rest = parser.parse_known_args(args)

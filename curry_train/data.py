@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from curry_train.config import DataConfig, DataError
+from curry_train.config import ConfigError, DataConfig, DataError
 from curry_train.token_files import TokenFile, check_model_vocab, open_token_file
 
 # torchdata 0.11 calls a torch API that torch 2.13 deprecates, once per loader; the warning is not ours to fix and
@@ -273,3 +273,14 @@ def dev_batches(tokens: np.ndarray, cfg: DataConfig, slicing: Slicing, seed: int
             items = [dataset[i] for i in slicing.indices(b, micro)]
             batches.append({k: torch.stack([it[k] for it in items]) for k in items[0]})
     return batches
+
+
+def load_checked_corpus(cfg: DataConfig, vocab_size: int) -> Corpus:
+    """The corpus, refused when its token ids do not fit the model's vocabulary."""
+    corpus = load_corpus(cfg)
+    if corpus.vocab_size > vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {vocab_size} is smaller than the data's vocabulary "
+            f"({corpus.vocab_size} token ids in {cfg.name} data)"
+        )
+    return corpus

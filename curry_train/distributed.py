@@ -10,7 +10,7 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -161,7 +161,17 @@ def materialize(model: Transformer, cfg: ModelConfig, device: torch.device, seed
     """Allocate the sharded parameters on `device` and fill each rank's shard of the initial values (not when a
     resume is about to overwrite every one of them: drawing 7B initial values takes minutes)."""
     model.to_empty(device=device)
-    for name, param in model.named_parameters() if initialize else ():
+    if initialize:
+        fill_initial(model, cfg, seed)
+    model.reset_rotary()
+
+
+@torch.no_grad()
+def fill_initial(model: Transformer, cfg: ModelConfig, seed: int, names: Collection[str] | None = None) -> None:
+    """Each rank's shard of the initial values of the parameters `names` (every parameter when None)."""
+    for name, param in model.named_parameters():
+        if names is not None and name not in names:
+            continue
         full = init_value(name, param.shape, cfg, seed)
         if isinstance(param, DTensor):
             local = param.to_local()
@@ -169,15 +179,20 @@ def materialize(model: Transformer, cfg: ModelConfig, device: torch.device, seed
             local.copy_(shard.to(local.dtype))
         else:
             param.copy_(full)
-    model.reset_rotary()
+
+
+def shard_rows(rows: int, world_size: int, rank: int) -> tuple[int, int]:
+    """[start, end) of the dim-0 rows that `rank` holds under FSDP2's sharding (torch.chunk semantics: chunks of
+    ceil(rows / world_size), so the last ranks may hold fewer rows or none)."""
+    size = -(-rows // world_size)
+    start = min(rank * size, rows)
+    return start, min(start + size, rows)
 
 
 def local_shard(full: torch.Tensor, world_size: int, rank: int) -> torch.Tensor:
-    """This rank's piece of `full` under FSDP2's dim-0 sharding (torch.chunk semantics, possibly empty)."""
-    chunks = torch.chunk(full, world_size, dim=0)
-    if rank < len(chunks):
-        return chunks[rank]
-    return full.new_empty((0, *full.shape[1:]))
+    """This rank's piece of `full` under FSDP2's dim-0 sharding (possibly empty)."""
+    start, end = shard_rows(full.shape[0], world_size, rank)
+    return full[start:end]
 
 
 def all_reduce_mean(values: list[float], device: torch.device) -> list[float]:

@@ -5,7 +5,8 @@ without a process group (`no_dist=True`), one tensor at a time, so progress show
 Only the `model` key is read: the optimizer state of a full checkpoint is never loaded.
 
 Formats:
-    safetensors   one `.safetensors` file, curry-train's parameter names (loads with `load_state_dict(strict=True)`)
+    safetensors   one `.safetensors` file, curry-train's parameter names (loads with `load_state_dict(strict=True)`);
+                  its metadata holds the run's `model` config, so `+init_from=FILE` can check what shapes cannot
     hf            a directory `transformers.LlamaForCausalLM.from_pretrained` loads: `config.json` mapped from the
                   run's `model` config, `model.safetensors` under Hugging Face's names (`HF_LLAMA_NAMES`)
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -30,7 +30,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from curry_train.checkpoint.manifest import MANIFEST, Manifest
 from curry_train.checkpoint.policy import Role
 from curry_train.checkpoint.store import RunDir
-from curry_train.model import HF_LLAMA_NAMES
+from curry_train.hf_llama import hf_llama_config, hf_name
+from curry_train.layout import RunFiles
 
 FORMATS = ("safetensors", "hf")
 DTYPES = {
@@ -41,6 +42,7 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
+MODEL_METADATA = "curry_train_model"  # the run's model config, as JSON, in an exported file's metadata
 MODEL_PREFIX = "model."  # the checkpoint's top-level key for parameters (checkpoint/state.py)
 
 
@@ -65,7 +67,7 @@ def _is_checkpoint(path: Path) -> bool:
 
 
 def _best_k_direction(run_dir: Path) -> str:
-    config = _read_config(run_dir / "config.yaml")
+    config = _read_config(RunFiles(run_dir).config)
     return str((config.get("checkpoint") or {}).get("best_k_direction", "minimize"))
 
 
@@ -74,7 +76,7 @@ def choose_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if _is_checkpoint(path):
         return path
-    if not (path / "journal.jsonl").is_file():
+    if not RunFiles(path).journal.is_file():
         raise ExportError(f"{path} is neither a checkpoint (no {MANIFEST} or .metadata) nor a run directory")
     store = RunDir(path)
     best = [c for c in store.list(Role.BEST_K) if c.metric is not None]
@@ -123,53 +125,7 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 def run_config_of(ckpt: Path) -> Path:
     """The config.yaml of the run a checkpoint belongs to (`<run>/<role>/<checkpoint>`)."""
-    return ckpt.resolve().parent.parent / "config.yaml"
-
-
-def hf_llama_config(model: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
-    """curry-train's `model` config as the fields of transformers' LlamaConfig."""
-    missing = [k for k in ("dim", "n_layers", "n_heads", "ffn_dim", "vocab_size") if k not in model]
-    if missing:
-        raise ExportError(f"the run's model config lacks {', '.join(missing)}: cannot write config.json")
-    rope_theta = float(model.get("rope_theta", 10000.0))
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": model["vocab_size"],
-        "hidden_size": model["dim"],
-        "intermediate_size": model["ffn_dim"],
-        "num_hidden_layers": model["n_layers"],
-        "num_attention_heads": model["n_heads"],
-        "num_key_value_heads": model.get("n_kv_heads") or model["n_heads"],
-        "head_dim": model["dim"] // model["n_heads"],
-        "max_position_embeddings": model.get("max_seq_len", 2048),
-        "rms_norm_eps": model.get("norm_eps", 1e-5),
-        # Both spellings: transformers < 5 reads rope_theta, 5 reads rope_parameters.
-        "rope_theta": rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "tie_word_embeddings": False,
-        "initializer_range": model.get("init_std", 0.02),
-        "torch_dtype": str(dtype).removeprefix("torch."),
-        "use_cache": True,
-    }
-
-
-def _hf_patterns() -> list[tuple[re.Pattern[str], str]]:
-    return [
-        (re.compile("^" + re.escape(ours).replace(r"\{i\}", r"(\d+)") + "$"), theirs)
-        for ours, theirs in HF_LLAMA_NAMES.items()
-    ]
-
-
-def hf_name(name: str, patterns: list[tuple[re.Pattern[str], str]] | None = None) -> str:
-    """Our parameter name as Hugging Face Llama's (`layers.3.attention.wq.weight` -> `model.layers.3...q_proj`)."""
-    for pattern, theirs in patterns or _hf_patterns():
-        if match := pattern.match(name):
-            return theirs.format(i=match.group(1)) if match.groups() else theirs
-    raise ExportError(f"parameter {name!r} has no Hugging Face Llama name (known patterns: HF_LLAMA_NAMES)")
+    return RunFiles(ckpt.resolve().parent.parent).config
 
 
 # -------------------------------------------------------------------------------------------------- export
@@ -230,21 +186,28 @@ def export(
     output = Path(output)
     manifest = Manifest.read(ckpt) if (ckpt / MANIFEST).is_file() else None
     metadata = {"source": str(ckpt.name), "step": str(manifest.step if manifest else "?"), "format": "pt"}
+    config_path = Path(config) if config else run_config_of(ckpt)
+    model_cfg = _read_config(config_path).get("model")
+    if isinstance(model_cfg, dict):
+        # What the shapes cannot tell (rotary base, norm epsilon, head count): `+init_from=FILE` checks it.
+        metadata[MODEL_METADATA] = json.dumps(model_cfg, sort_keys=True)
     if fmt == "safetensors":
         tensors = read_all(ckpt, cast)
         output.parent.mkdir(parents=True, exist_ok=True)
         save_file(tensors, str(output), metadata=metadata)
         written = output
     else:
-        config_path = Path(config) if config else run_config_of(ckpt)
-        model_cfg = _read_config(config_path).get("model")
         if not isinstance(model_cfg, dict):
             raise ExportError(f"--format hf needs the run's model config: {config_path} has none; give --config PATH")
-        patterns = _hf_patterns()
-        tensors = read_all(ckpt, cast, rename=lambda name: hf_name(name, patterns))
+        try:
+            names = {name: hf_name(name) for name in parameter_shapes(ckpt)}
+            tensors = read_all(ckpt, cast, rename=names.__getitem__)
+            first = next(iter(tensors.values()))
+            hf_config = hf_llama_config(model_cfg, str(first.dtype).removeprefix("torch."))
+        except ValueError as err:
+            raise ExportError(str(err)) from None
         output.mkdir(parents=True, exist_ok=True)
-        first = next(iter(tensors.values()))
-        (output / "config.json").write_text(json.dumps(hf_llama_config(model_cfg, first.dtype), indent=2) + "\n")
+        (output / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         save_file(tensors, str(output / "model.safetensors"), metadata=metadata)
         written = output / "model.safetensors"
     # safetensors' save_file creates its file 0600 whatever the umask: readable as any file the user writes, so

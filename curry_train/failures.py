@@ -15,17 +15,19 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
+from curry_train.layout import RunFiles
+
 EXIT_DONE = 0
 EXIT_FAILURE = 1
 EXIT_REFUSED = 2
 EXIT_SPIKE = 3
-FAILURES_LOG = "failures.log"
 # Set by `curry-train run` for its workers: a folder on the worker's own node where each rank leaves its exit status
 # (torchrun exits 1 whatever the workers' statuses were, so the true one has to travel this way).
 STATUS_DIR_ENV = "CURRY_TRAIN_STATUS_DIR"
@@ -66,7 +68,7 @@ def record(err: BaseException, rank: int, run_dir: Path, line: str) -> Path | No
     directory does not exist: nothing was created, nothing is left behind)."""
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     text = "".join(traceback.format_exception(err))
-    log = run_dir / FAILURES_LOG
+    log = RunFiles(run_dir).failures
     written = None
     if run_dir.is_dir():
         try:
@@ -113,8 +115,15 @@ def write_status(status: int, line: str, quiet: bool = False) -> None:
         os.replace(tmp, path)
 
 
+# Set once this process is ending because another rank failed: what it was about to announce (the save a stop
+# signal asked for) will not happen, and the failed rank's line is the one the user needs.
+ending = threading.Event()
+
+
 def exit_with(line: str, status: int, quiet: bool = False) -> NoReturn:
     """End this process now with `status`, after one line for the user (unless `quiet`: another rank tells it)."""
+    if quiet:
+        ending.set()
     write_status(status, line, quiet)
     if quiet:
         # Later than the rank that tells the user by a whole second (torchrun's error timestamps are in seconds),

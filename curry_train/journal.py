@@ -12,6 +12,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Self
 
+from curry_train.layout import RunFiles
+from curry_train.units import human_bytes
+
 EVENTS: frozenset[str] = frozenset(
     {
         "run_start",
@@ -28,9 +31,16 @@ EVENTS: frozenset[str] = frozenset(
         "world_size_change",
         "error",
         "run_end",
+        "init",  # a warm start: the source of the initial parameters (+init_from)
         "attempt_end",  # a launch that ended without run_end or preempt: its last completed step
         "hang",  # a rank's watchdog saw no progress for train.hang_timeout_s and ended the job
         "stall_injected",  # +debug.stall_at: a rank stopped making progress on purpose, once in the run's life
+        "cadence",  # checkpoint.*_every=auto: an interval decided, with its inputs and their sources
+        "upload",  # a checkpoint committed on checkpoint.remote (bytes, seconds from the local commit)
+        "upload_error",  # an upload that failed after its retries (the local checkpoint is intact)
+        "upload_skipped",  # a commit not uploaded: its role's previous upload was still in flight
+        "remote_delete",  # a remote checkpoint removed: remote retention, or an upload a kill cut short
+        "remote_fetch",  # a checkpoint downloaded from checkpoint.remote to resume from
     }
 )
 _REQUIRED = ("event", "time", "step")
@@ -55,7 +65,7 @@ def append_from_any_rank(run_dir: Path, event: str, step: int | None = None, **f
     """Append to a run's journal from whichever rank has something to say (a failure, a hang): it is rank 0's
     file, but rank 0 may be the rank that is gone or stuck. `step` None: the step of the journal's last line.
     Best effort: a journal that cannot be read or written must not hide the failure being reported."""
-    path = run_dir / "journal.jsonl"
+    path = RunFiles(run_dir).journal
     if not path.exists():
         return
     with contextlib.suppress(OSError, ValueError):
@@ -197,17 +207,6 @@ def read_journal(path: str | os.PathLike[str]) -> list[dict[str, object]]:
     return records
 
 
-def _human_bytes(count: float) -> str:
-    """Decimal units, as disks and cloud quotas count them."""
-    if count < 1000:
-        return f"{count:g} B"
-    for unit in ("KB", "MB", "GB", "TB"):
-        count /= 1000
-        if round(count, 1) < 1000 or unit == "TB":
-            return f"{count:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
 def _format_value(value: object) -> str:
     if isinstance(value, str) and value and not any(ch.isspace() for ch in value):
         return value
@@ -228,7 +227,7 @@ def format_event(record: dict[str, object]) -> str:
     timing = []
     size, seconds = record.get("bytes"), record.get("seconds")
     if isinstance(size, (int, float)) and not isinstance(size, bool):
-        timing.append(_human_bytes(size))
+        timing.append(human_bytes(size))
         shown.add("bytes")
     if isinstance(seconds, (int, float)) and not isinstance(seconds, bool):
         timing.append(f"{seconds:.2f} s")
@@ -242,7 +241,7 @@ def format_event(record: dict[str, object]) -> str:
 
 
 def _policy_line(record: dict[str, object]) -> dict[str, object]:
-    """The `policy` record (the whole plan, ~850 characters) cut to what a reader scans for."""
+    """The `policy` record (the whole plan, too long to scan on one line) cut to what a reader scans for."""
     roles = record.get("roles")
     short: dict[str, object] = {key: record[key] for key in ("event", "time", "step") if key in record}
     if isinstance(record.get("model"), str):
@@ -254,7 +253,7 @@ def _policy_line(record: dict[str, object]) -> dict[str, object]:
                 short[str(name)] = f"{every}/keep{role.get('keep', '?')}/{role.get('contents', '?')}"
     for key, label in (("committed_bytes", "commits"), ("free_bytes", "free")):
         if isinstance(record.get(key), (int, float)):
-            short[label] = _human_bytes(float(record[key]))  # type: ignore[arg-type]
+            short[label] = human_bytes(float(record[key]))  # type: ignore[arg-type]
     if "fits" in record:
         short["fits"] = record["fits"]
     return short

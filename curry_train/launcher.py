@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from curry_train import failures
+from curry_train.layout import RunFiles
 
 USAGE = """usage: curry-train run [torchrun options] [group=option ...] [key=value ...] [+resume=latest|auto|PATH]
 
@@ -88,8 +89,12 @@ class LaunchError(ValueError):
     """A command line the launcher cannot run: an unknown option or a bad value (exit 2)."""
 
 
-def parse_options(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
-    """torchrun's options (`--name=value`, `--name value`, `--name_with_underscores` alike) and the overrides."""
+def parse_options(argv: list[str], own: dict[str, str | None] | None = None) -> tuple[dict[str, str | None], list[str]]:
+    """torchrun's options (`--name=value`, `--name value`, `--name_with_underscores` alike) and the overrides.
+
+    `own`: a command's own options besides torchrun's (name -> value pattern, None for a flag), returned among
+    them (`curry-train rehearse` takes them out)."""
+    known = {**OPTIONS, **(own or {})}
     options: dict[str, str | None] = {}
     overrides: list[str] = []
     args = iter(argv)
@@ -99,10 +104,11 @@ def parse_options(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
             continue
         name, has_value, value = arg.lstrip("-").partition("=")
         name = name.replace("_", "-")
-        if name not in OPTIONS:
-            known = ", ".join(f"--{n}" for n in OPTIONS)
-            raise LaunchError(f"unknown option {arg.split('=')[0]}; the torchrun options it knows: {known}")
-        pattern = OPTIONS[name]
+        if name not in known:
+            mine = f"its own options: {', '.join(f'--{n}' for n in own)}; " if own else ""
+            torchrun = ", ".join(f"--{n}" for n in OPTIONS)
+            raise LaunchError(f"unknown option {arg.split('=')[0]}; {mine}the torchrun options it knows: {torchrun}")
+        pattern = known[name]
         if pattern is None:
             if has_value:
                 raise LaunchError(f"--{name} takes no value, got {arg}")
@@ -113,7 +119,8 @@ def parse_options(argv: list[str]) -> tuple[dict[str, str | None], list[str]]:
             if value is None:
                 raise LaunchError(f"--{name} needs a value: --{name}=VALUE")
         if not re.fullmatch(pattern, value):
-            raise LaunchError(f"--{name}={value}: not a valid value (expected {pattern.replace('|', ' or ')})")
+            expected = "a whole number" if pattern == _INT else pattern.replace("|", " or ")
+            raise LaunchError(f"--{name}={value}: not a valid value (expected {expected})")
         if name == "signals-to-handle" and not set(value.split(",")) <= set(signal.Signals.__members__):
             raise LaunchError(f"--{name}={value}: not a list of signal names (e.g. SIGTERM,SIGINT,SIGUSR1)")
         options[name] = value
@@ -153,16 +160,19 @@ def world_size(options: dict[str, str | None]) -> int | None:
 
 
 def check_launch(options: dict[str, str | None], overrides: list[str]) -> Path:
-    """The checks the workers would make first, made once here: config, data and (single node) the run directory.
-    Returns the run directory; raises ConfigError, Refused or ResumeError."""
-    from curry_train.config import from_command_line, validate
+    """The checks the workers would make first, made once here: config, data, the `+init_from` source and (single
+    node) the run directory. Returns the run directory; raises ConfigError, Refused or ResumeError."""
+    from curry_train.compose import from_command_line
+    from curry_train.config import validate
     from curry_train.data import check_data
+    from curry_train.init_source import check_source
 
     cfg, launch = from_command_line(overrides)
     size = world_size(options)
     if size is not None:
         validate(cfg, size)
     check_data(cfg.data, cfg.model.vocab_size)
+    check_source(cfg, launch)
     run_dir = Path(cfg.run.root) / str(cfg.run.id)
     if single_node(options):
         check_run_dir(run_dir, launch, asdict(cfg))
@@ -178,7 +188,7 @@ def check_run_dir(run_dir: Path, launch: Any, config: dict[str, Any]) -> None:
     existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"run.root: cannot write the run directory {run_dir} ({existing} is not writable)")
-    if run_dir.is_dir() and (run_dir / ".lock").exists():
+    if run_dir.is_dir() and RunFiles(run_dir).lock.exists():
         lock = RunLock(run_dir)
         try:
             holder = lock.acquire()
@@ -214,18 +224,41 @@ def refusal(options: dict[str, str | None], overrides: list[str]) -> tuple[str |
 # ------------------------------------------------------------------------------------------------ the run
 
 
-def worker_pids(parent: int) -> list[int]:
-    """The processes whose parent is `parent` (torchrun's workers)."""
-    pids = []
+def children() -> dict[int, list[int]]:
+    """parent pid -> the pids of its children, for every process now (Linux /proc)."""
+    children_of: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError, IndexError, ValueError):
+        with contextlib.suppress(OSError, IndexError, ValueError):  # the process ended while we looked
             # The command name, in parentheses, may hold spaces: the fields after its closing one are fixed.
             fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == parent:
-                pids.append(int(entry.name))
-    return pids
+            children_of.setdefault(int(fields[1]), []).append(int(entry.name))
+    return children_of
+
+
+def worker_pids(parent: int) -> list[int]:
+    """The processes whose parent is `parent` (torchrun's workers)."""
+    return children().get(parent, [])
+
+
+def process_tree(root: int) -> list[int]:
+    """`root` and all its descendants. torchrun starts each worker in a session of its own, so killing torchrun's
+    process group would leave the workers training."""
+    below = children()
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(below.get(pid, []))
+    return tree
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL `root` and every process below it: a job killed outright, as a node failure would."""
+    for pid in process_tree(root):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 class Forwarder:
@@ -256,17 +289,26 @@ class Forwarder:
             signal.signal(sig, handler)
 
 
+def forwarded_signals(options: dict[str, str | None]) -> list[str]:
+    return (options.get("signals-to-handle") or ",".join(FORWARDED)).split(",")
+
+
+def start(options: dict[str, str | None], overrides: list[str], folder: Path, **popen: Any) -> subprocess.Popen:
+    """Start torchrun (this module as a child) with the workers; they record their statuses in `folder`. `popen`:
+    more arguments for subprocess.Popen (where the output goes)."""
+    env = {**os.environ, failures.STATUS_DIR_ENV: str(folder), _FORWARDED_ENV: ",".join(forwarded_signals(options))}
+    if options.get("shutdown-timeout"):
+        # Read by every torchrun version, not only those with the option.
+        env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(options["shutdown-timeout"])
+    command = [sys.executable, "-m", "curry_train.launcher", *torchrun_arguments(options)]
+    return subprocess.Popen([*command, "-m", "curry_train.train", *overrides], env=env, **popen)
+
+
 def launch(options: dict[str, str | None], overrides: list[str], run_dir: Path | None) -> int:
     """Run torchrun with the workers; returns the run's exit status."""
-    forwarded = (options.get("signals-to-handle") or ",".join(FORWARDED)).split(",")
     with tempfile.TemporaryDirectory(prefix="curry-train-run-") as folder:
-        env = {**os.environ, failures.STATUS_DIR_ENV: folder, _FORWARDED_ENV: ",".join(forwarded)}
-        if options.get("shutdown-timeout"):
-            # Read by every torchrun version, not only those with the option.
-            env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] = str(options["shutdown-timeout"])
-        command = [sys.executable, "-m", "curry_train.launcher", *torchrun_arguments(options)]
-        agent = subprocess.Popen([*command, "-m", "curry_train.train", *overrides], env=env)
-        forwarder = Forwarder(agent, forwarded)
+        agent = start(options, overrides, Path(folder))
+        forwarder = Forwarder(agent, forwarded_signals(options))
         try:
             code = agent.wait()
         finally:
@@ -330,7 +372,7 @@ def keep_torchrun_log(log: Path, run_dir: Path, status: int) -> None:
     if not run_dir.is_dir() or not log.exists() or log.stat().st_size == 0:
         return
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
-    with contextlib.suppress(OSError), open(run_dir / failures.FAILURES_LOG, "a", encoding="utf-8") as f:
+    with contextlib.suppress(OSError), open(RunFiles(run_dir).failures, "a", encoding="utf-8") as f:
         f.write(f"--- {stamp} torchrun on {socket.gethostname()} (curry-train run, exit status {status})\n")
         f.write(log.read_text(errors="replace") + "\n")
 

@@ -3,34 +3,30 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from curry_train import distributed, spike, watchdog
+from curry_train import distributed, faults, spike, warm_start, watchdog
 from curry_train.checkpoint import resume as resuming
-from curry_train.checkpoint import rollback
+from curry_train.checkpoint import rollback, upload
+from curry_train.checkpoint.auto_cadence import AutoCadence
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan_text import plan_json, render_plan
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
-from curry_train.checkpoint.resume import ResumeError, Trainee
+from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
-from curry_train.checkpoint.state import Progress, app_state, fidelity_record
+from curry_train.checkpoint.state import Progress, TrainState
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, ConfigError, Launch, validate
-from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_corpus
+from curry_train.config import Config, Launch, validate
+from curry_train.data import Corpus, Slicing, build_train_loader, dev_batches, load_checked_corpus
 from curry_train.distributed import on_rank0
-from curry_train.journal import Journal
-from curry_train.optim import build_optimizer, lr_at, set_lr
-from curry_train.run import open_run
+from curry_train.optim import build_optimizer
+from curry_train.run import Run, open_run
+from curry_train.step import evaluate, optimizer_step
 
-__all__ = ["ResumeError", "SpikeError", "TrainResult", "optimizer_step", "train"]
+__all__ = ["ResumeError", "SpikeError", "TrainResult", "train"]
 
 
 @dataclass
@@ -41,88 +37,28 @@ class TrainResult:
     last_loss: float | None
 
 
-def train_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterator[dict],
-    grad_accum: int,
-    grad_clip: float,
-    device: torch.device,
-    before_update: Callable[[], None] | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One optimizer step over `grad_accum` micro-batches; returns this rank's mean loss and the grad norm.
+@dataclass
+class Session:
+    """One launch's training, built in dependency order by `start`: what the loop reads and changes."""
 
-    `before_update` runs just before the optimizer changes the parameters (a save in flight takes its copy of them
-    during the forward and backward)."""
-    total = torch.zeros((), device=device)
-    for micro in range(grad_accum):
-        batch = next(batches)
-        inputs, targets = batch["input"].to(device), batch["target"].to(device)
-        if grad_accum > 1:
-            # Reduce-scatter gradients once, on the last micro-batch, not on every one.
-            model.set_requires_gradient_sync(micro == grad_accum - 1)
-        logits = model(inputs)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
-        (loss / grad_accum).backward()
-        total += loss.detach()
-    grad_norm = None
-    if grad_clip > 0:
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    if before_update is not None:
-        before_update()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return total / grad_accum, grad_norm
+    cfg: Config
+    env: distributed.Dist
+    launch: Launch
+    run: Run
+    dog: watchdog.Watchdog
+    corpus: Corpus
+    slicing: Slicing
+    state: TrainState
+    checkpointer: Checkpointer
 
+    def batches_from(self, cursor: int) -> Iterator[dict]:
+        """The loader at the global sample cursor: the whole data position, so a resume on any world size or worker
+        count, and a rollback that skips samples, all start here."""
+        t = self.cfg.train
+        return iter(build_train_loader(self.corpus.train, self.cfg.data, self.slicing, t.seed, start_sample=cursor))
 
-def optimizer_step(
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    batches: Iterator[dict],
-    cfg: Config,
-    device: torch.device,
-    stop_requested: bool = False,
-    lr_scale: float = 1.0,
-    before_update: Callable[[], None] | None = None,
-) -> tuple[dict[str, float], bool]:
-    """Optimizer step `step` (0-based) at the schedule's lr times `lr_scale` (a re-warmup after a rollback).
-
-    Returns the metrics every rank agrees on, and whether any rank was asked to stop: the request rides on the
-    loss's all-reduce, so all ranks stop after the same step at no extra collective.
-    """
-    lr = lr_at(step, cfg.optimizer.lr, cfg.train.steps, cfg.scheduler) * lr_scale
-    set_lr(optimizer, lr)
-    loss, grad_norm = train_step(
-        model, optimizer, batches, cfg.train.grad_accum, cfg.train.grad_clip, device, before_update
-    )
-    loss_value, stop = distributed.all_reduce_mean([loss.item(), float(stop_requested)], device)
-    values = {"loss": loss_value, "lr": lr}
-    if grad_norm is not None:  # already global: clipping all-reduced it
-        values["grad_norm"] = (grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm).item()
-    return values, stop > 0
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: list[dict], device: torch.device) -> float:
-    """Mean dev loss over `batches` (micro-batches of one size, from `dev_batches`) and over all ranks."""
-    model.eval()
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for batch in batches:
-        logits = model(batch["input"].to(device))
-        total += F.cross_entropy(logits.view(-1, logits.size(-1)), batch["target"].to(device).view(-1)).double()
-    model.train()
-    return distributed.all_reduce_mean([total.item() / len(batches)], device)[0]
-
-
-def load_checked_corpus(cfg: Config) -> Corpus:
-    corpus = load_corpus(cfg.data)
-    if corpus.vocab_size > cfg.model.vocab_size:
-        raise ConfigError(
-            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the data's vocabulary "
-            f"({corpus.vocab_size} token ids in {cfg.data.name} data)"
-        )
-    return corpus
+    def say(self, line: str) -> None:
+        self.run.log.print(line)
 
 
 def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | None = None) -> TrainResult:
@@ -132,104 +68,127 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
         distributed.set_collective_timeout(seconds, [env.checkpoint_group])
 
     with watchdog.Watchdog(env.rank, run_dir, cfg.train.hang_timeout_s, on_timeout=follow) as dog:
-        return _train(cfg, run_dir, env, launch or Launch(), dog)
+        session = start(cfg, run_dir, env, launch or Launch(), dog)
+        if isinstance(session, TrainResult):  # the run had already finished
+            return session
+        batches = load(session)
+        first_loss, last_loss = run_steps(session, batches)
+        return finish(session, first_loss, last_loss)
 
 
-def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, dog: watchdog.Watchdog) -> TrainResult:
+def start(
+    cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, dog: watchdog.Watchdog
+) -> Session | TrainResult:
+    """Check, take the run directory, build the model, optimizer and checkpointer (or say the run is finished)."""
     validate(cfg, env.world_size)
-    if launch.stall_at is not None and not 0 <= launch.stall_rank < env.world_size:
-        raise ConfigError(f"debug.stall_rank: {launch.stall_rank} is not a rank of this world of {env.world_size}")
-    policy = cfg.checkpoint.policy()
-    t = cfg.train
+    faults.check(launch.debug, env.world_size)
+    init_plan = warm_start.prepare(cfg, launch, env)  # a source that cannot be used is refused before open_run
     run = open_run(cfg, run_dir, env, launch)
-    log, journal, point = run.log, run.journal, run.point
+    point, t = run.point, cfg.train
     if point is not None:
         if point.note:
-            log.print(f"curry-train: {point.note}")
+            run.log.print(f"curry-train: {point.note}")
         verb = "rolling back" if point.rollback_to else "resuming"
-        log.print(f"curry-train: {verb} from step {point.step} of {point.path}")
+        run.log.print(f"curry-train: {verb} from step {point.step} of {point.path}")
         if point.step >= t.steps and point.rollback_to is None:
-            log.print(f"curry-train: run {run_dir} already finished ({point.step} of {t.steps} steps); nothing to do")
+            said = f"already finished ({point.step} of {t.steps} steps); nothing to do"
+            run.log.print(f"curry-train: run {run_dir} {said}")
             run.close()
             return TrainResult(run_dir, point.step, None, None)
 
-    corpus = load_checked_corpus(cfg)
-    model, n_params = distributed.build_sharded_model(cfg, env, initialize=point is None)
+    corpus = load_checked_corpus(cfg.data, cfg.model.vocab_size)
+    model, n_params = distributed.build_sharded_model(cfg, env, initialize=point is None and init_plan is None)
     optimizer = build_optimizer(model, cfg.optimizer)
-    log.print(
+    if point is None and cfg.init.source is not None:  # a warm start; a resume never reads the source again
+        warm_start.load_initial(init_plan, cfg, model, optimizer, env, run.journal, run.log.print)
+    slicing = Slicing(t.batch_size, env.world_size, env.rank, t.grad_accum)
+    progress = Progress(world_size=env.world_size)
+    state = TrainState(model, optimizer, progress, env.rank, env.device, lambda cursor: slicing.indices_at(cursor, 0))
+    run.log.print(
         f"curry-train: model {cfg.model.name} with {n_params:,} parameters ({n_params:.3g}), "
         f"world size {env.world_size} on {env.device.type}, data: {corpus.description} "
         f"({len(corpus.train):,} train / {len(corpus.dev):,} dev tokens), run directory {run_dir}"
     )
-    log.print(render_plan(run.plan))
+    run.log.print(render_plan(run.plan))
     dog.hint(run.plan.hang_timeout_s)
-    journal.append("policy", 0, **plan_json(run.plan))
-    fault = None if launch.fail_save_at is None else (launch.fail_save_at, launch.fail_save_rank)
-    c = cfg.checkpoint
-    ckpt = Checkpointer(
-        RunDir(run_dir), policy, journal, env.checkpoint_group, env.rank, c.async_save, fault, c.direct_io
+    run.journal.append("policy", 0, **plan_json(run.plan))
+    c, debug = cfg.checkpoint, launch.debug
+    checkpointer = Checkpointer(
+        RunDir(run_dir),
+        c.policy(),
+        run.journal,
+        env.checkpoint_group,
+        env.rank,
+        c.async_save,
+        debug.full_disk,
+        c.direct_io,
+        save_delay_s=debug.save_delay_s,
+        uploader=upload.build(c, run_dir, env.rank, run.journal, debug.upload_stall_at),
     )
+    return Session(cfg, env, launch, run, dog, corpus, slicing, state, checkpointer)
 
-    progress = Progress(world_size=env.world_size)
-    scheduler: dict[str, int | float] = {"step": 0, "lr": 0.0}
-    slicing = Slicing(t.batch_size, env.world_size, env.rank, t.grad_accum)
-    dev = dev_batches(corpus.dev, cfg.data, slicing, t.seed, t.eval_batches)
-    saved_fidelity: dict[str, Any] = {}
 
-    def fidelity_now(algorithm: str) -> dict[str, Any]:
-        return fidelity_record(model, env.device, slicing.indices_at(progress.cursor, 0), algorithm)
-
-    def state(contents: Contents) -> dict:
-        fidelity = (lambda: slicing.indices_at(progress.cursor, 0), saved_fidelity.update)
-        return app_state(contents, model, optimizer, progress, scheduler, env.rank, env.device, fidelity=fidelity)
-
-    def data_from(cursor: int) -> Iterator[dict]:
-        # The global sample cursor is the whole data position: resumes on any world size or worker count, and
-        # rollbacks that skip samples, all build the loader there.
-        return iter(build_train_loader(corpus.train, cfg.data, slicing, t.seed, start_sample=cursor))
-
-    trainee = Trainee(state, optimizer, progress, saved_fidelity, fidelity_now)
-    dog.beat(progress.step, "loading")
+def load(s: Session) -> Iterator[dict]:
+    """Resume, or roll back as asked (`+rollback_to`); returns the batches from the step the run continues at."""
+    point, progress, t = s.run.point, s.state.progress, s.cfg.train
+    s.dog.beat(progress.step, "loading")
     if point is not None and point.rollback_to is not None:
-        cause = on_rank0(env.is_main, env.checkpoint_group, rollback.manual_cause, point, ckpt.store, t.batch_size)
-        rollback.roll_back(point, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
-        log.event("rollback", progress.step, spike_step=cause.step)
+        group = s.env.checkpoint_group
+        cause = on_rank0(s.env.is_main, group, rollback.manual_cause, point, s.checkpointer.store, t.batch_size)
+        rollback.roll_back(point, cause, s.checkpointer, s.state, s.cfg.spike, t.batch_size, s.env.world_size, s.say)
+        s.run.log.event("rollback", progress.step, spike_step=cause.step)
     elif point is not None:
-        resuming.resume(point, ckpt, trainee, env.world_size, log.print)
-        log.event("resume", progress.step)
-    batches = data_from(progress.cursor)
+        resuming.resume(point, s.checkpointer, s.state, s.env.world_size, s.say)
+        faults.perturb_after_resume(s.launch.debug, s.state.model, s.say)
+        s.run.log.event("resume", progress.step)
+    batches = s.batches_from(progress.cursor)
     if point is not None:
-        batches = resuming.check_next_batch(batches, slicing.indices_at(progress.cursor, 0))
+        batches = resuming.check_next_batch(batches, s.slicing.indices_at(progress.cursor, 0))
+    return batches
 
+
+def run_steps(s: Session, batches: Iterator[dict]) -> tuple[float | None, float | None]:
+    """The loop: step, judge the loss, evaluate, save; roll back on a spike, stop after a stop signal's save.
+    Returns this launch's first and last loss."""
+    cfg, t, env, dog, log = s.cfg, s.cfg.train, s.env, s.dog, s.run.log
+    model, progress, checkpointer = s.state.model, s.state.progress, s.checkpointer
+    dev = dev_batches(s.corpus.dev, cfg.data, s.slicing, t.seed, t.eval_batches)
+    auto = AutoCadence(cfg, s.run.dir, s.run.journal, env, checkpointer)  # *_every=auto: now, and as saves commit
+    policy = auto.decide(progress.step, "resume" if s.run.point is not None else "start")
     rule = cfg.spike.rule()
-    preemption = Preemption(run_dir, env.is_main, lambda: (dog.step, dog.phase), run.plan.full_save_seconds)
-    tokens_per_step = t.batch_size * cfg.data.seq_len
+    preemption = Preemption(s.run.dir, env.is_main, lambda: (dog.step, dog.phase), s.run.plan.full_save_seconds)
     first_loss = last_loss = None
-    start_step = progress.step
     while progress.step < t.steps:
         step, done = progress.step, progress.step + 1  # 0-based index of this step; completed steps after it
-        if watchdog.stall_due(run_dir, launch.stall_at, launch.stall_rank, env.rank, done):
-            watchdog.stall_forever(run_dir, dog, done)
+        faults.stall_if_due(s.launch.debug, s.run.dir, dog, env.rank, done)
         dog.beat(step, f"step {done}")
         lr_scale = spike.rewarm_factor(step, progress.rewarm_from, cfg.spike.rewarmup_steps)
-        lr_scale *= injected_lr_scale(launch, progress, journal, done)
+        lr_scale *= faults.injected_lr_scale(s.launch.debug, progress, s.run.journal, done)
         started = time.perf_counter()
         values, stop = optimizer_step(
-            step, model, optimizer, batches, cfg, env.device, preemption.requested, lr_scale, ckpt.before_update
+            step,
+            model,
+            s.state.optimizer,
+            batches,
+            cfg,
+            env.device,
+            preemption.requested,
+            lr_scale,
+            checkpointer.before_update,
         )
-        values["tokens_per_s"] = tokens_per_step / (time.perf_counter() - started)
+        values["tokens_per_s"] = t.batch_size * cfg.data.seq_len / (time.perf_counter() - started)
         verdict = spike.judge(rule, progress.loss_window, done, values["loss"]) if cfg.spike.enabled else None
         if verdict is not None and verdict.spike:
             log.log(done, {**values, "spike": True})
-            target, cause = rollback.spike_target(verdict, done, progress, ckpt, cfg.spike, t.batch_size)
+            target, cause = rollback.spike_target(verdict, done, progress, checkpointer, cfg.spike, t.batch_size)
             dog.beat(step, f"the rollback from step {done}")
-            rollback.roll_back(target, cause, ckpt, trainee, cfg.spike, t.batch_size, env.world_size, log.print)
+            rollback.roll_back(target, cause, checkpointer, s.state, cfg.spike, t.batch_size, env.world_size, s.say)
             log.event("rollback", progress.step, spike_step=done)
-            batches = data_from(progress.cursor)
+            batches = s.batches_from(progress.cursor)
             continue
         progress.step, progress.cursor = done, progress.cursor + t.batch_size
         progress.loss_window = spike.push(progress.loss_window, values["loss"], cfg.spike.window)
-        scheduler.update(step=done, lr=values["lr"])
+        s.state.schedule.update(step=done, lr=values["lr"])
         # The first completed step arms the watchdog: start-up and the first step's warm-up are not hangs.
         (dog.beat if dog.armed else dog.arm)(done, f"the end of step {done}")
         if t.eval_every and (done % t.eval_every == 0 or done == t.steps):
@@ -237,48 +196,49 @@ def _train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch, do
             values["dev_loss"] = evaluate(model, dev, env.device)
         log.log(done, values)
         dog.beat(done, f"the save of step {done}")
-        save_checkpoint(ckpt, policy, done, values, state)
+        checkpointer.poll()  # commits a save in flight once every rank's bytes are durable
+        save_checkpoint(checkpointer, policy, done, values, s.state)
+        policy = auto.follow(done)
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]
         if stop:
-            save_on_preemption(ckpt, policy, done, state, preemption, log.print)
+            save_on_preemption(checkpointer, policy, done, s.state.state, preemption, log.print)
             break
-
-    final_step = progress.step
-    dog.beat(final_step, f"the save of step {final_step}")
-    if final_step == t.steps and cfg.checkpoint.save_final:
-        ensure_full_save(ckpt, policy, final_step, state, SaveReason.FINAL)  # run_end names an exact-resume one
-    ckpt.wait()
+    if progress.step == t.steps and cfg.checkpoint.save_final:
+        dog.beat(progress.step, f"the save of step {progress.step}")
+        ensure_full_save(checkpointer, policy, progress.step, s.state.state, SaveReason.FINAL)  # run_end names it
     preemption.uninstall()
-    if final_step == t.steps:
-        latest = ckpt.store.latest() if env.is_main else None
-        journal.append("run_end", final_step, last_loss=last_loss, checkpoint=latest.relpath if latest else None)
+    return first_loss, last_loss
+
+
+def finish(s: Session, first_loss: float | None, last_loss: float | None) -> TrainResult:
+    """Wait for the save in flight; at the end of the run, for its uploads too, then journal `run_end`."""
+    final_step, steps, checkpointer = s.state.progress.step, s.cfg.train.steps, s.checkpointer
+    s.dog.beat(final_step, f"the save of step {final_step}")
+    checkpointer.close()
+    if final_step == steps:
+        s.dog.beat(final_step, "the uploads to checkpoint.remote")
+        checkpointer.finish_uploads()
+        latest = checkpointer.store.latest() if s.env.is_main else None
+        s.run.journal.append("run_end", final_step, last_loss=last_loss, checkpoint=latest.relpath if latest else None)
     if first_loss is not None:
-        log.print(
-            f"curry-train: {'finished' if final_step == t.steps else 'stopped after'} {final_step} steps; "
+        start_step = s.run.point.step if s.run.point is not None else 0
+        s.say(
+            f"curry-train: {'finished' if final_step == steps else 'stopped after'} {final_step} steps; "
             f"{'first loss' if start_step == 0 else f'loss at step {start_step + 1} (first of this launch)'} "
             f"{first_loss:.4f}, last loss {last_loss:.4f}"
         )
-    run.close()
-    return TrainResult(run_dir, final_step, first_loss, last_loss)
+    s.run.close()
+    return TrainResult(s.run.dir, final_step, first_loss, last_loss)
 
 
-def injected_lr_scale(launch: Launch, progress: Progress, journal: Journal, step: int) -> float:
-    """`+debug.inject_spike_at=STEP`: that step's lr times `inject_lr_scale`, once in the run's life (the progress
-    state remembers it, so neither the replay after the rollback nor a requeue injects it again)."""
-    if step != launch.inject_spike_at or step in progress.injected:
-        return 1.0
-    progress.injected.append(step)
-    journal.append("spike_injected", step, lr_scale=launch.inject_lr_scale, reason="+debug.inject_spike_at")
-    return launch.inject_lr_scale
-
-
-def save_checkpoint(ckpt: Checkpointer, policy: Policy, step: int, values: dict[str, float], state: Any) -> None:
+def save_checkpoint(
+    checkpointer: Checkpointer, policy: Policy, step: int, values: dict[str, float], state: TrainState
+) -> None:
     """Save what the policy says is due after `step`: the cadence roles, then best-K on a new dev metric."""
-    ckpt.poll()
     decision = decide_save(policy, step, SaveReason.CADENCE)
     if decision is not None:
-        ckpt.save(step, list(decision.roles), decision.contents, state(decision.contents))
+        checkpointer.save(step, list(decision.roles), decision.contents, state.state(decision.contents))
     metric = values.get(policy.best_k_metric)
     if metric is not None:
-        ckpt.consider_best_k(step, metric, lambda: state(Contents.PARAMS))
+        checkpointer.consider_best_k(step, metric, lambda: state.state(Contents.PARAMS))

@@ -1,40 +1,64 @@
 """Rank 0's metrics: `metrics.jsonl` (every step), the console, and wandb.
 
 A resumed run appends the steps it redoes; each line carries the launch's `attempt`, and for every step the
-last line in the file is the current value (`read_metrics` applies that rule).
+last line in the file is the current value (`by_step` applies that rule). Every reader of the file reads it here.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from curry_train.config import LoggerConfig
+from curry_train.layout import RunFiles
+
+if TYPE_CHECKING:  # the schema imports Hydra: readers of metrics.jsonl (status, diff, plot) need none of it
+    from curry_train.config import LoggerConfig
 
 
 def _finite(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
+def read_metric_lines(path: str | Path, tail_bytes: int | None = None) -> list[dict[str, Any]]:
+    """Every line of a `metrics.jsonl` in order (a resumed run's redone steps appear twice); none for a missing
+    file. A line cut off by a crash is skipped. ``tail_bytes``: only the whole lines among the file's last
+    ``tail_bytes`` (a long run's recent steps without reading the whole file)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with path.open("rb") as f:
+        size = f.seek(0, 2)
+        start = 0 if tail_bytes is None else max(0, size - tail_bytes)
+        f.seek(start)
+        raw = f.read().decode("utf-8", errors="replace").splitlines()
+    if start > 0:
+        raw = raw[1:]  # the first line read may be cut
+    lines = []
+    for text in raw:
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(text)
+            if isinstance(record, dict) and isinstance(record.get("step"), int):
+                lines.append(record)
+    return lines
+
+
+def by_step(lines: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """step -> the current line of that step: a later line of a step (one a resume or rollback redid) replaces an
+    earlier one."""
+    return {line["step"]: line for line in lines}
+
+
 def read_metrics(path: str | Path) -> dict[int, dict[str, Any]]:
-    """step -> the current metrics line of that step (later lines replace earlier ones of the same step)."""
-    current: dict[int, dict[str, Any]] = {}
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut off by a crash
-                current[record["step"]] = record
-    return current
+    """step -> the current metrics line of that step (`by_step` over `read_metric_lines`)."""
+    return by_step(read_metric_lines(path))
 
 
 class MetricsLogger:
@@ -59,7 +83,7 @@ class MetricsLogger:
         if not enabled:
             return
         # Line-buffered: a crash loses no completed line. Closed in close().
-        self._file = open(run_dir / "metrics.jsonl", "a", buffering=1)  # noqa: SIM115
+        self._file = open(RunFiles(run_dir).metrics, "a", buffering=1)  # noqa: SIM115
         if cfg.wandb.mode != "disabled":
             import wandb
 

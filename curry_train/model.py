@@ -1,7 +1,8 @@
 """A decoder with exactly Llama's architecture: RMSNorm, rotary embeddings, SwiGLU, no biases.
 
 Rotary embeddings use the "rotate half" layout of Hugging Face's `LlamaForCausalLM`, and every weight has the
-shape of its counterpart there, so an export is a renaming of keys (see `HF_LLAMA_NAMES`), not a permutation.
+shape of its counterpart there, so an export or a warm start from Hugging Face is a renaming of keys (see
+`hf_llama.HF_LLAMA_NAMES`), not a permutation.
 """
 
 from __future__ import annotations
@@ -14,22 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from curry_train.config import ModelConfig
-
-# Our parameter name pattern -> Hugging Face Llama's. `{i}` is the layer index.
-HF_LLAMA_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "layers.{i}.attention_norm.weight": "model.layers.{i}.input_layernorm.weight",
-    "layers.{i}.attention.wq.weight": "model.layers.{i}.self_attn.q_proj.weight",
-    "layers.{i}.attention.wk.weight": "model.layers.{i}.self_attn.k_proj.weight",
-    "layers.{i}.attention.wv.weight": "model.layers.{i}.self_attn.v_proj.weight",
-    "layers.{i}.attention.wo.weight": "model.layers.{i}.self_attn.o_proj.weight",
-    "layers.{i}.ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
-    "layers.{i}.feed_forward.w1.weight": "model.layers.{i}.mlp.gate_proj.weight",
-    "layers.{i}.feed_forward.w2.weight": "model.layers.{i}.mlp.down_proj.weight",
-    "layers.{i}.feed_forward.w3.weight": "model.layers.{i}.mlp.up_proj.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
 
 
 class RMSNorm(nn.Module):

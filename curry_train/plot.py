@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from curry_train.history import ROUTINE_EVENTS, RunHistory
+from curry_train.history import RunHistory
+from curry_train.history_text import ROUTINE_EVENTS
 
 SAVE_MARKERS = {"rollback": "|", "recovery": "s", "best_k": "*"}
 ROW_HEIGHT = 0.045  # each run's event row, in axes fraction from the bottom

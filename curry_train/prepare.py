@@ -161,13 +161,13 @@ def prepare(
         raise DataError(
             f"--vocab-size: must be in [257, {MAX_PLAUSIBLE_VOCAB}] (256 bytes + end of text), got {vocab_size}"
         )
-    found: dict[Path, str] = {}
+    name_of: dict[Path, str] = {}  # each text file -> its name relative to its input, deduplicated by path
     for spec in inputs:
         try:
-            found.update((path, rel) for rel, path in text_files(spec))
+            name_of.update((path, rel) for rel, path in text_files(spec))
         except DataError as err:  # text_files speaks of data.path; here the input is an argument
             raise DataError(f"input {str(err).removeprefix('data.path: ')}") from None
-    files = sorted(found.items(), key=lambda kv: kv[1])
+    files = sorted(name_of.items(), key=lambda kv: kv[1])
     in_dev = [(path, _is_dev(rel, dev_fraction)) for path, rel in files]
     if tokenizer_spec is not None:
         tokenizer = load_tokenizer(tokenizer_spec)

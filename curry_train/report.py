@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-from curry_train.checkpoint.sizes import human_bytes
-from curry_train.checkpoint.store import ABANDONED_PREFIX, RunDir
+from curry_train.checkpoint.store import RunDir
 from curry_train.config import flatten
-from curry_train.history import RunHistory, headline, history_lines
+from curry_train.history import RunHistory
+from curry_train.history_text import headline, history_lines, in_words, plural
+from curry_train.units import human_bytes
 
 # Metrics compared by `diff` besides the train loss, when both runs have them at common steps.
 COMPARED_METRICS = ("loss", "dev_loss", "lr", "grad_norm")
@@ -32,29 +32,42 @@ def _progress(run: RunHistory) -> str:
     return f"{done if done is not None else 0} of {total if total is not None else '?'} steps done ({state})"
 
 
-def _set_aside_bytes(path: Path) -> tuple[int, int]:
-    """Count and bytes of checkpoints a rollback set aside (`.abandoned-`), which the listing leaves out."""
-    count = size = 0
-    for role_dir in (p for p in path.iterdir() if p.is_dir()):
-        for aside in role_dir.glob(f"{ABANDONED_PREFIX}*"):
-            count += 1
-            size += sum(f.stat().st_size for f in aside.rglob("*") if f.is_file())
-    return count, size
-
-
 def storage_line(run: RunHistory) -> str:
     """Bytes in use against what the run's plan commits (its last `policy` event)."""
     store = RunDir(run.path)
     used = store.disk_usage()
     text = f"storage: {human_bytes(used)} in {len(store.list())} committed checkpoints (hard links counted once)"
-    aside_count, aside_bytes = _set_aside_bytes(run.path)
-    if aside_count:
-        text += f", plus {human_bytes(aside_bytes)} in {aside_count} set aside by rollbacks"
+    aside = store.abandoned()  # the listing leaves them out; `ls` and `gc` count them the same way
+    if aside:
+        text += f", plus {human_bytes(sum(a.nbytes for a in aside))} in {len(aside)} set aside by rollbacks"
     policy = next((e for e in reversed(run.events) if e["event"] == "policy"), None)
     committed = policy.get("committed_bytes") if policy else None
     if isinstance(committed, (int, float)) and committed > 0:
         text += f"; the plan commits {human_bytes(committed)} ({used / committed:.0%} in use)"
     return text
+
+
+def remote_line(run: RunHistory, latest_step: int | None) -> str | None:
+    """What the journal says is on checkpoint.remote and how far it lags the run directory's `latest` (read from the
+    journal, so `status` never needs the store's credentials)."""
+    starts = [e for e in run.events if e["event"] == "run_start"]
+    url = ((starts[-1].get("config") or {}).get("checkpoint") or {}).get("remote") if starts else None
+    if not url:
+        return None
+    uploads = [e for e in run.events if e["event"] == "upload"]
+    newest = max(uploads, key=lambda e: int(e["step"]), default=None)
+    text = f"remote: {url.rstrip('/')}/{run.path.name}: "
+    if newest is None:
+        text += "nothing uploaded yet"
+    else:
+        text += f"newest upload {newest['path']} (step {newest['step']}, {human_bytes(newest['bytes'])})"
+        if latest_step is not None:
+            lag = latest_step - int(newest["step"])
+            text += f", {lag} step(s) behind latest" if lag > 0 else ", up to date with latest"
+    counts = [
+        (n, kind) for kind in ("upload_error", "upload_skipped") if (n := sum(e["event"] == kind for e in run.events))
+    ]
+    return text + "".join(f"; {n} {kind.replace('_', ' ')}" for n, kind in counts)
 
 
 def render_status(run: RunHistory, with_history: bool = True) -> str:
@@ -69,8 +82,37 @@ def render_status(run: RunHistory, with_history: bool = True) -> str:
     if with_history:
         lines.append("history:")
         lines += [f"  {line}" for line in history_lines(run)]
+    lines += cadence_lines(run)
     lines.append(storage_line(run))
+    remote = remote_line(run, latest.step if latest else None)
+    if remote is not None:
+        lines.append(remote)
     return "\n".join(lines)
+
+
+_CLAMPED = {
+    "min": "; raised to checkpoint.auto_min_every",
+    "max": "; lowered to checkpoint.auto_max_every",
+    "overhead": "; raised so saves cost at most checkpoint.max_overhead of training time",
+}
+
+
+def cadence_lines(run: RunHistory) -> list[str]:
+    """The automatic interval in force for each `auto` role (its newest `cadence` event), and why."""
+    newest = {e.get("role"): e for e in run.events if e["event"] == "cadence"}
+    lines = []
+    for role, e in newest.items():
+        optimum, mtbf = e.get("optimum_steps"), e.get("mtbf_seconds")
+        if isinstance(optimum, (int, float)) and isinstance(mtbf, (int, float)):
+            why = (
+                f"Daly's optimum {optimum:.1f} steps for a save cost of {in_words(e.get('save_seconds'))} s, a step "
+                f"of {in_words(e.get('step_seconds'))} s and an MTBF of {mtbf / 3600:.3g} h after "
+                f"{plural(int(e.get('interruptions') or 0), 'interruption')}{_CLAMPED.get(str(e.get('clamped')), '')}"
+            )
+        else:
+            why = "nothing measured yet: the first save comes early, at checkpoint.auto_min_every"
+        lines.append(f"cadence: {role} every {e.get('every', '?')} steps since step {e['step']} ({why})")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------------- diff

@@ -16,6 +16,7 @@ import torch.distributed as dist
 import yaml
 
 from curry_train import distributed, failures
+from curry_train.checkpoint import remote_start
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.durable import make_durable_dir
 from curry_train.checkpoint.plan import build_plan, storage_refusal
@@ -27,6 +28,7 @@ from curry_train.config import Config, ConfigError, Launch
 from curry_train.distributed import on_rank0
 from curry_train.history import end_unfinished_attempt
 from curry_train.journal import Deferred, Journal, read_journal
+from curry_train.layout import RunFiles
 from curry_train.metrics import MetricsLogger
 from curry_train.model_shapes import parameter_shapes
 
@@ -60,14 +62,18 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
     created = on_rank0(main, group, take_run_dir, run_dir, lock)
     # Opened lazily: a refused start writes nothing to it. What the start finds and tidies is journaled after
     # this launch's run_start.
-    journal = Journal(run_dir / "journal.jsonl", enabled=env.is_main)
+    files = RunFiles(run_dir)
+    journal = Journal(files.journal, enabled=env.is_main)
     found = Deferred()
     try:
         check_shared(run_dir, env)
         warnings = on_rank0(main, group, resuming.clean_run_dir, store, found)
         for warning in warnings if env.is_main else []:
             print(f"curry-train: WARNING: {warning}", file=sys.stderr, flush=True)
+        fetched = remote_start.start(cfg.checkpoint.remote, store, launch, env, found)
         point = on_rank0(main, group, resuming.find_resume_point, launch, store, config)
+        if point is not None and fetched is not None and fetched.endswith(resuming.relpath_in(store, point.path)):
+            point.fetched_from = fetched
         if point is not None:
             say = (lambda line: print(line, file=sys.stderr, flush=True)) if env.is_main else (lambda line: None)
             point = resuming.choose_verified(point, group, store, found, say)
@@ -85,7 +91,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
             shutil.rmtree(created, ignore_errors=True)
         raise
     if env.is_main:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        files.config.write_text(yaml.safe_dump(config, sort_keys=False))
     attempt = count_launches(journal.path) if env.is_main else 0
     if env.is_main:
         end_unfinished_attempt(journal, run_dir)  # where a killed previous launch stopped, before this run_start

@@ -16,17 +16,22 @@ from curry_train import distributed, failures, loop
 from curry_train.checkpoint.preemption import StopNow
 from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
-from curry_train.config import ConfigError, from_command_line
+from curry_train.compose import from_command_line
+from curry_train.config import ConfigError
 from curry_train.data import check_data
+from curry_train.init_source import check_source
 from curry_train.journal import append_from_any_rank
 from curry_train.watchdog import collective_timeout, hang_timeout
 
 USAGE = """usage: python -m curry_train.train [group=option ...] [key=value ...] [+resume=latest|auto|PATH]
+                                   [+init_from=SOURCE]
        torchrun --nproc_per_node=N -m curry_train.train ...
 
   group=option      model=tiny|small|1b|7b  data=stdlib|text|tokens  checkpoint=default|7b_default ...
   key=value         any config key, e.g. train.steps=500 checkpoint.rollback_every=50 spike.enabled=true
   +resume=latest    continue this run (auto: or start fresh when there is nothing to continue)
+  +init_from=SOURCE start a new run from these weights: a checkpoint or run directory, an exported
+                    .safetensors file, a Hugging Face Llama directory (init.optimizer, init.exclude=[...])
   +rollback_to=PATH roll this run back to one of its checkpoints (once; a requeue continues from latest)
   --cfg job         print the resolved config and stop
 
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         # Before the process group: a missing or misread data file exits 2 here, naming the key or the file.
         check_data(cfg.data, cfg.model.vocab_size)
+        check_source(cfg, launch)  # +init_from: a source that does not fit the model exits 2 here, naming why
     except ConfigError as err:
         failures.exit_with(f"invalid config: {err}", failures.EXIT_REFUSED)
     distributed.die_with_launcher()

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from curry_train import failures
 from curry_train.journal import append_from_any_rank, read_journal
+from curry_train.layout import RunFiles
 
 HANG_FLOOR_S = 300.0  # the default timeout is never below this: a few minutes absorb a slow filesystem's hiccup
 STEP_MULTIPLE = 10.0  # no progress for this many of the slowest interval seen (a step, or a step with its save)
@@ -145,7 +146,7 @@ def thread_stacks() -> str:
 def write_stacks(run_dir: Path, header: str) -> Path | None:
     """Append `header` and every thread's stack to the run directory's failures.log; its path, or None when it
     cannot be written (the line still reaches the user)."""
-    log = run_dir / failures.FAILURES_LOG
+    log = RunFiles(run_dir).failures
     stamp = datetime.now(UTC).isoformat(timespec="seconds")
     try:
         with open(log, "a", encoding="utf-8") as f:
@@ -160,7 +161,7 @@ def stall_due(run_dir: Path, stall_at: int | None, stall_rank: int, rank: int, s
     life (a `stall_injected` line in the journal: the relaunch after the hang does not stall again)."""
     if stall_at is None or step != stall_at or rank != stall_rank:
         return False
-    path = run_dir / "journal.jsonl"
+    path = RunFiles(run_dir).journal
     done = path.exists() and any(e["event"] == "stall_injected" and e["step"] == step for e in read_journal(path))
     return not done
 

@@ -46,13 +46,15 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 
 from curry_train import distributed, loop
+from curry_train import step as step_module
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Role
-from curry_train.checkpoint.state import Contents, Progress, app_state, fidelity_record
+from curry_train.checkpoint.state import Contents, Progress, TrainState
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import Config, Launch, compose, resolve
-from curry_train.data import Slicing, build_train_loader
+from curry_train.compose import compose, resolve
+from curry_train.config import Config, Launch
+from curry_train.data import Slicing, build_train_loader, load_checked_corpus
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import read_metrics
 from curry_train.optim import build_optimizer
@@ -169,24 +171,22 @@ class IoBench:
         cfg = config(args, "train.steps=1000")
         self.model, _ = distributed.build_sharded_model(cfg, env)
         self.optimizer = build_optimizer(self.model, cfg.optimizer)
-        corpus = loop.load_checked_corpus(cfg)
+        corpus = load_checked_corpus(cfg.data, cfg.model.vocab_size)
         slicing = Slicing(cfg.train.batch_size, env.world_size, env.rank, cfg.train.grad_accum)
         batches = iter(build_train_loader(corpus.train, cfg.data, slicing, cfg.train.seed))
         for step in range(2):  # Adam's moments exist from the first step on
-            loop.optimizer_step(step, self.model, self.optimizer, batches, cfg, env.device)
+            step_module.optimizer_step(step, self.model, self.optimizer, batches, cfg, env.device)
         self.progress = Progress(step=2, cursor=2 * cfg.train.batch_size, world_size=env.world_size)
-        self.scheduler: dict[str, int | float] = {"step": 2, "lr": 0.0}
-        saved: dict[str, Any] = {}
-        next_indices = lambda: slicing.indices_at(self.progress.cursor, 0)  # noqa: E731
+        self.train_state = TrainState(
+            self.model, self.optimizer, self.progress, env.rank, env.device, lambda c: slicing.indices_at(c, 0)
+        )
+        self.train_state.schedule.update(step=2)
 
         def state(contents: Contents, fidelity: bool = True) -> dict:
-            extra = {"fidelity": (next_indices, saved.update)} if fidelity else {}
-            m, o, p, s, r, d = self.model, self.optimizer, self.progress, self.scheduler, env.rank, env.device
-            return app_state(contents, m, o, p, s, r, d, **extra)
+            full = self.train_state.state(contents)
+            return full if fidelity else {k: v for k, v in full.items() if k != "fidelity"}
 
         self.state = state
-        now = lambda algorithm: fidelity_record(self.model, env.device, next_indices(), algorithm)  # noqa: E731
-        self.trainee = resuming.Trainee(state, self.optimizer, self.progress, saved, now)
         run = scratch / "io-run"
         if env.is_main:
             run.mkdir(parents=True, exist_ok=True)
@@ -233,13 +233,13 @@ class IoBench:
 
         def resume() -> None:
             resuming.choose_verified(point, self.env.checkpoint_group, self.ckpt.store, self.ckpt.journal, print)
-            resuming.load(point, self.ckpt, self.trainee, self.env.world_size)
+            resuming.load(point, self.ckpt, self.train_state, self.env.world_size)
 
         return timed(resume)
 
     def resume_load(self, warm: bool = False) -> float:
         point = self._latest_point(warm)
-        return timed(lambda: resuming.load(point, self.ckpt, self.trainee, self.env.world_size))
+        return timed(lambda: resuming.load(point, self.ckpt, self.train_state, self.env.world_size))
 
     def _latest_point(self, warm: bool) -> resuming.ResumePoint:
         """The newest save, its pages dropped from the cache (a resume after a restart reads from disk), or all in

@@ -8,7 +8,7 @@ batches, fetched once before any timing (data loading is excluded from both). Ea
 one variant, then of the other, each after `--warmup` untimed steps; the order alternates between rounds so that
 drift on a shared machine cancels. A step's time is the slowest rank's; the ratio compares medians over all rounds.
 
-"harness" is what `loop.train` does per optimizer step: `loop.optimizer_step` (lr schedule, `loop.train_step`, the
+"harness" is what `loop.train` does per optimizer step: `step.optimizer_step` (lr schedule, `step.train_step`, the
 loss all-reduce, the grad norm) and one metrics line through `MetricsLogger`. Evaluation, which the loop runs
 every `train.eval_every` steps, is not part of a step and is left out.
 "plain" is forward, cross-entropy, backward, `clip_grad_norm_`, `step`, `zero_grad`, and nothing else.
@@ -33,8 +33,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_dir
 from torch import nn
 
-from curry_train import distributed, loop
-from curry_train.config import Config, config_dir, resolve, validate
+from curry_train import distributed
+from curry_train import step as step_module
+from curry_train.compose import resolve
+from curry_train.config import Config, config_dir, validate
 from curry_train.data import Slicing, build_train_loader, load_corpus
 from curry_train.metrics import MetricsLogger
 from curry_train.optim import build_optimizer
@@ -137,7 +139,7 @@ class Harness:
 
     def run(self, batch: Batch) -> None:
         marks = [time.perf_counter()]
-        values, _ = loop.optimizer_step(
+        values, _ = step_module.optimizer_step(
             self.step, self.model, self.optimizer, iter((batch,)), self.cfg, self.env.device
         )
         marks.append(time.perf_counter())

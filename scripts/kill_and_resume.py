@@ -8,13 +8,13 @@ resume point with the straight run's and exits 0 only when they are bitwise iden
     python scripts/kill_and_resume.py --launcher "srun torchrun --nproc_per_node=8" -- checkpoint=7b_default ...
 
 Pass the overrides you train with after `--`; the script adds `run.id` (and `run.root` with `--root`).
+`curry-train rehearse` is the installed check on one node (the same kill, from `curry_train.launcher`); this script
+adds any launcher (`srun`, several nodes) and a tolerance.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import shlex
 import signal
 import subprocess
@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 from curry_train.journal import read_journal
+from curry_train.launcher import kill_tree
 from curry_train.metrics import read_metrics
+from curry_train.rehearse import completed_steps
 
 
 def launch_command(launcher: str | None, nproc: int, overrides: list[str]) -> list[str]:
@@ -42,36 +44,6 @@ def run_to_end(cmd: list[str], timeout: float) -> None:
         raise SystemExit(
             f"command failed ({proc.returncode}): {shlex.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         )
-
-
-def completed_steps(metrics_path: Path) -> int:
-    if not metrics_path.exists():
-        return 0
-    return max(read_metrics(metrics_path), default=0)
-
-
-def process_tree(root: int) -> list[int]:
-    """`root` and all its descendants (Linux /proc). torchrun starts each worker in a session of its own, so
-    killing torchrun's process group would leave the workers training."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended while we looked
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    tree, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        tree.append(pid)
-        todo.extend(children.get(pid, []))
-    return tree
-
-
-def kill_tree(root: int) -> None:
-    for pid in process_tree(root):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 def run_and_kill(cmd: list[str], metrics_path: Path, kill_at: int, timeout: float) -> int:

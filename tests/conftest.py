@@ -105,3 +105,22 @@ def kill_and_resume(
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return root / f"{name}-straight", root / f"{name}-killed", proc.stdout
+
+
+def assert_replays_bitwise(run_dir: Path) -> dict[int, float]:
+    """A relaunch replays the steps after the checkpoint it resumed from: every step logged more than once in
+    metrics.jsonl has bitwise the same loss each time, and at least one was replayed. Returns each step's loss."""
+    from curry_train.metrics import read_metric_lines
+
+    first: dict[int, float] = {}
+    replayed = 0
+    for line in read_metric_lines(run_dir / "metrics.jsonl"):
+        if "loss" not in line:
+            continue
+        step, loss = line["step"], line["loss"]
+        if step in first:
+            assert loss == first[step], f"step {step}: {loss} after the relaunch, {first[step]} before"
+            replayed += 1
+        first.setdefault(step, loss)
+    assert replayed >= 1, "the relaunch replayed no step"
+    return first

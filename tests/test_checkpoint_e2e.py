@@ -89,16 +89,20 @@ def test_journal_lists_every_save_and_delete(two_rank_run: Path) -> None:
 def test_checkpoints_load_with_pytorchs_own_tools(two_rank_run: Path, tmp_path: Path) -> None:
     store = RunDir(two_rank_run)
     recovery = dcp_keys(store.path_of(store.list(Role.RECOVERY)[-1]), tmp_path)
-    assert {"model", "optim", "progress", "scheduler", "rng"} <= set(recovery)
+    assert {"model", "optim", "progress", "dataloader", "scheduler", "rng"} <= set(recovery)
     assert set(recovery["rng"]) == {"rank0", "rank1"}  # each rank's RNG states, kept apart
-    # The data position is the global sample cursor, the same on every rank and world size.
-    assert recovery["progress"]["cursor"] == recovery["progress"]["step"] * 8
+    # The data position is the global sample cursor (the same on every rank and world size) and the skipped
+    # ranges, under `dataloader` alone; the manifest repeats it for tools.
+    assert recovery["dataloader"]["cursor"] == recovery["progress"]["step"] * 8
+    assert json.loads(recovery["dataloader"]["skipped"]) == []
+    assert "cursor" not in recovery["progress"] and "skipped" not in json.loads(recovery["progress"]["history"])
     assert recovery["progress"]["step"] == 12
+    assert store.manifest(store.list(Role.RECOVERY)[-1]).cursor == 12 * 8
     assert "layers.0.attention.wq.weight" in recovery["model"]
     rollback = dcp_keys(store.path_of(store.list(Role.ROLLBACK)[0]), tmp_path)
     assert {"model", "optim", "rng"} <= set(rollback)
     best = dcp_keys(store.path_of(store.list(Role.BEST_K)[0]), tmp_path)
-    assert set(best) == {"model", "progress"}, "a best-K checkpoint holds parameters only"
+    assert set(best) == {"model", "progress", "dataloader"}, "a best-K checkpoint holds parameters only"
 
 
 def test_metrics_have_a_line_per_step_and_loss_falls(two_rank_run: Path) -> None:
@@ -125,7 +129,7 @@ def test_parameters_only_rollback(tmp_path: Path) -> None:
     store = RunDir(run_dir)
     assert [c.step for c in store.list(Role.ROLLBACK)] == [1, 2, 3, 4]
     keys = dcp_keys(store.path_of(store.list(Role.ROLLBACK)[-1]), tmp_path)
-    assert set(keys) == {"model", "progress"}
+    assert set(keys) == {"model", "progress", "dataloader"}
     # `latest` never points at a parameters-only checkpoint: only at the full one checkpoint.save_final adds at
     # the last step (a recovery checkpoint: retention leaves the disabled role alone).
     assert os.readlink(run_dir / "latest") == "recovery/step-00000004.dcp"
@@ -201,29 +205,32 @@ def test_policy_block_printed_and_journaled(two_rank_run: Path) -> None:
     json.dumps(policy)
 
 
-def test_best_k_at_a_cadence_step_is_hard_links_of_that_save(two_rank_run: Path) -> None:
-    # Evaluations at 3, 6, 9, 12 and rollback saves at every even step: best-K at 6 and 12 link the step's save.
+def test_best_k_at_a_full_save_step_is_written_from_that_save_not_linked(two_rank_run: Path) -> None:
+    # Evaluations at 3, 6, 9, 12 and full rollback saves at every even step: best-K at 6 and 12 write the parameters
+    # of the step's save (its staged copy), never hard links of its full state.
     events = read_journal(two_rank_run / "journal.jsonl")
     admitted = [e["step"] for e in events if e["event"] == "best_k"]
     best_saves = {e["step"]: e for e in events if e["event"] == "save" and e["role"] == "best_k"}
     at_cadence = [s for s in admitted if s % 2 == 0]
     assert at_cadence, f"no best-K admission at a cadence step: {admitted}"
-    for step in at_cadence:
-        assert best_saves[step].get("linked_from", "").endswith(f"step-{step:08d}.dcp"), best_saves[step]
     for step in admitted:
-        if step % 2:
-            assert "linked_from" not in best_saves[step], "a best-K save at a step without a save was linked"
+        assert "linked_from" not in best_saves[step] and best_saves[step]["contents"] == "params", best_saves[step]
+        if step % 2 == 0:
+            assert best_saves[step]["params_of"].endswith(f"step-{step:08d}.dcp"), best_saves[step]
     store = RunDir(two_rank_run)
     for ckpt in store.list(Role.BEST_K):
-        source = store.manifest(ckpt).linked_from
-        if source is not None and (two_rank_run / source).exists():
-            assert (two_rank_run / source / "__1_0.distcp").stat().st_ino == (
-                store.path_of(ckpt) / "__1_0.distcp"
-            ).stat().st_ino
+        assert store.manifest(ckpt).linked_from is None
+        for name in store.manifest(ckpt).files:
+            assert (store.path_of(ckpt) / name).stat().st_nlink == 1, f"{ckpt.relpath}/{name} is shared"
 
 
 def test_default_saves_are_asynchronous_and_journal_their_cost(two_rank_run: Path) -> None:
-    saves = [e for e in read_journal(two_rank_run / "journal.jsonl") if e["event"] == "save" and "linked_from" not in e]
+    # A best-K written from a full save's staged copy (`params_of`) is part of that save and of its cost.
+    saves = [
+        e
+        for e in read_journal(two_rank_run / "journal.jsonl")
+        if e["event"] == "save" and "linked_from" not in e and "params_of" not in e
+    ]
     assert saves and all(e["mode"] == "async" for e in saves)
     assert all(0 <= e["blocking_seconds"] <= e["seconds"] for e in saves)
     # The first save has no step without a save before it to compare with; later ones report what they cost.
@@ -238,7 +245,11 @@ def test_sync_saves_commit_the_same_checkpoints(tmp_path: Path, two_rank_run: Pa
     assert os.readlink(run_dir / "latest") == "recovery/step-00000012.dcp"
     for ckpt in sync_store.list():
         assert sync_store.verify(ckpt) == []
-    saves = [e for e in read_journal(run_dir / "journal.jsonl") if e["event"] == "save" and "linked_from" not in e]
+    saves = [
+        e
+        for e in read_journal(run_dir / "journal.jsonl")
+        if e["event"] == "save" and "linked_from" not in e and "params_of" not in e
+    ]
     assert saves and all(e["mode"] == "sync" and 0 <= e["blocking_seconds"] <= e["seconds"] for e in saves)
     # A synchronous save costs training exactly the time it blocks.
     assert all(e["cost_seconds"] == e["blocking_seconds"] for e in saves)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from curry_train.checkpoint import checksum
-from curry_train.checkpoint.io import WriteBuffer, _DirectFile
+from curry_train.checkpoint.files import DirectFile, WriteBuffer
 from curry_train.checkpoint.state import digest_algorithm, fidelity_record, param_digest
 
 _rand = random.Random(0)  # the same pieces in the subprocess below
@@ -31,8 +31,8 @@ PIECES = [
 ]
 
 
-def write_pieces(path: Path, direct: bool) -> _DirectFile:
-    f = _DirectFile(path, WriteBuffer(8192), direct)  # a small buffer: pieces straddle and span whole buffers
+def write_pieces(path: Path, direct: bool) -> DirectFile:
+    f = DirectFile(path, WriteBuffer(8192), direct)  # a small buffer: pieces straddle and span whole buffers
     for piece in PIECES:
         assert f.write(piece) == len(piece)
         f.flush()  # DCP flushes after every item: that must not write a partial (unaligned) block

@@ -13,7 +13,8 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from curry_train.config import Config, ConfigError, config_dir, default_run_id, resolve, validate
+from curry_train.compose import default_run_id, resolve
+from curry_train.config import Config, ConfigError, config_dir, validate
 from tests.conftest import compose_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -201,7 +202,8 @@ def test_installed_wheel_finds_its_configs(tmp_path: Path) -> None:
 
     probe = (
         "import curry_train; from hydra import compose, initialize_config_dir\n"
-        "from curry_train.config import config_dir, resolve\n"
+        "from curry_train.compose import resolve\n"
+        "from curry_train.config import config_dir\n"
         "print(curry_train.__file__, config_dir())\n"
         "with initialize_config_dir(str(config_dir()), version_base='1.3'):\n"
         "    cfg, _ = resolve(compose('config', overrides=['model=7b', 'checkpoint=7b_default']))\n"
@@ -222,7 +224,7 @@ def test_launch_options_are_added_with_plus_and_stay_out_of_the_config_and_run_i
     plain, _ = resolve(compose_config([]))
     options = ["+rollback_to=runs/x/rollback/step-00000010.dcp", "+debug.inject_spike_at=7"]
     cfg, launch = resolve(compose_config(options))
-    assert launch.rollback_to == "runs/x/rollback/step-00000010.dcp" and launch.inject_spike_at == 7
+    assert launch.rollback_to == "runs/x/rollback/step-00000010.dcp" and launch.debug.inject_spike_at == 7
     assert cfg.run.id == plain.run.id and not hasattr(cfg, "debug")
 
 

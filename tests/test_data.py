@@ -439,7 +439,8 @@ def test_empty_and_too_short_token_files_name_what_is_wrong(tmp_path: Path) -> N
 
 
 def test_negative_seed_is_refused_naming_the_key() -> None:
-    from curry_train.config import ConfigError, resolve
+    from curry_train.compose import resolve
+    from curry_train.config import ConfigError
     from tests.conftest import compose_config
 
     with pytest.raises(ConfigError, match=r"^train\.seed: must be >= 0, got -1$"):

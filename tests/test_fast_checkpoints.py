@@ -1,5 +1,5 @@
-"""Fast checkpoints: reused staging buffers, best-K as hard links of a save in flight, the fidelity digest off the
-load path, and the benchmark's smoke run. Real DCP files on a real (world-of-one) gloo process group."""
+"""Fast checkpoints: reused staging buffers, best-K from the staged copy of a save in flight, the fidelity digest
+off the load path, and the benchmark's smoke run. Real DCP files on a real (world-of-one) gloo process group."""
 
 from __future__ import annotations
 
@@ -15,15 +15,17 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from torch.distributed.checkpoint import FileSystemReader
 
 from curry_train import distributed
+from curry_train.checkpoint import io
 from curry_train.checkpoint import state as state_module
 from curry_train.checkpoint.checkpointer import Checkpointer
-from curry_train.checkpoint.io import Stager
 from curry_train.checkpoint.policy import Checkpoint, Role
+from curry_train.checkpoint.staging import Stager
 from curry_train.checkpoint.state import Contents, Progress, app_state, param_digest
 from curry_train.checkpoint.store import RunDir
-from curry_train.config import resolve
+from curry_train.compose import resolve
 from curry_train.journal import Journal, read_journal
 from tests.conftest import _env, compose_config
 
@@ -94,26 +96,54 @@ def world_of_one(tmp_path: Path) -> Iterator[dict[str, Any]]:
         distributed.shutdown()
 
 
-def test_best_k_at_a_step_with_a_save_in_flight_is_hard_links_of_it(world_of_one: dict[str, Any]) -> None:
-    ckpt, state, run = world_of_one["ckpt"], world_of_one["state"], world_of_one["run"]
+def test_best_k_at_a_step_with_a_full_save_in_flight_writes_its_staged_parameters(
+    world_of_one: dict[str, Any],
+) -> None:
+    ckpt, state, run, model, optimizer = (world_of_one[k] for k in ("ckpt", "state", "run", "model", "optimizer"))
+    saved = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
     ckpt.save(1, [Role.RECOVERY], Contents.FULL, state(Contents.FULL))
     assert ckpt.writing is not None, "an asynchronous save returned after its write"
+    allocations = ckpt.stager.allocations
     factory_calls = []
     assert ckpt.consider_best_k(1, 3.25, lambda: factory_calls.append(1) or state(Contents.PARAMS))
-    assert factory_calls == [], "best-K collected a state to write although the step's save holds the parameters"
+    assert factory_calls == [], "best-K collected a state to write although the step's save has its copy"
+    assert ckpt.stager.allocations == allocations, "best-K staged the model a second time"
+    # The next step's update at once, while both may still be writing: the best-K holds the step's parameters.
+    ckpt.before_update()
+    model(torch.randint(0, 256, (2, 32))).sum().backward()
+    optimizer.step()
     ckpt.wait()
     store = RunDir(run)
-    recovery = store.path_of(Checkpoint(Role.RECOVERY, 1))
-    best = store.path_of(store.list(Role.BEST_K)[0])
-    for name in ("__0_0.distcp", ".metadata"):
-        assert (recovery / name).stat().st_ino == (best / name).stat().st_ino
-    assert store.verify(store.list(Role.BEST_K)[0]) == []
+    best = store.list(Role.BEST_K)[0]
+    path = store.path_of(best)
+    manifest = store.manifest(best)
+    assert manifest.contents is Contents.PARAMS and manifest.linked_from is None
+    assert all((path / name).stat().st_nlink == 1 for name in manifest.files), "best-K shares the full save's files"
+    assert store.verify(best) == []
+    metadata = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    assert {key.split(".")[0] for key in metadata} == {"model", "progress", "dataloader"}
+    io.load({"model": state_module.ModelState(model)}, path, ckpt.group)
+    assert all(torch.equal(v.full_tensor(), saved[k]) for k, v in model.state_dict().items())
     saves = [e for e in read_journal(run / "journal.jsonl") if e["event"] == "save"]
-    assert [(e["role"], e.get("linked_from")) for e in saves] == [
+    assert [(e["role"], e.get("params_of")) for e in saves] == [
         ("recovery", None),
         ("best_k", "recovery/step-00000001.dcp"),
     ]
     assert saves[0]["mode"] == "async" and saves[0]["cost_seconds"] is not None
+
+
+def test_best_k_at_a_step_with_a_parameters_only_save_in_flight_is_hard_links_of_it(
+    world_of_one: dict[str, Any],
+) -> None:
+    ckpt, state, run = world_of_one["ckpt"], world_of_one["state"], world_of_one["run"]
+    ckpt.save(1, [Role.ROLLBACK], Contents.PARAMS, state(Contents.PARAMS))
+    assert ckpt.consider_best_k(1, 3.25, lambda: pytest.fail("best-K collected a state to write"))
+    ckpt.wait()
+    store = RunDir(run)
+    rollback = store.path_of(Checkpoint(Role.ROLLBACK, 1))
+    best = store.path_of(store.list(Role.BEST_K)[0])
+    for name in ("__0_0.distcp", ".metadata"):
+        assert (rollback / name).stat().st_ino == (best / name).stat().st_ino
 
 
 def test_an_async_save_holds_the_state_of_its_step_although_the_update_follows_at_once(
@@ -133,25 +163,28 @@ def test_an_async_save_holds_the_state_of_its_step_although_the_update_follows_a
     ckpt.wait()
     after = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
     assert any(not torch.equal(after[k], saved[k]) for k in saved), "the update changed nothing: the test is void"
-    ckpt.load(ckpt.store.path_of(Checkpoint(Role.RECOVERY, 1)), state(Contents.FULL))
+    io.load(state(Contents.FULL), ckpt.store.path_of(Checkpoint(Role.RECOVERY, 1)), ckpt.group)
     assert all(torch.equal(v.full_tensor(), saved[k]) for k, v in model.state_dict().items())
     [save] = [e for e in read_journal(world_of_one["run"] / "journal.jsonl") if e["event"] == "save"]
     assert save["snapshot_wait_seconds"] >= 0.0
 
 
-def test_best_k_at_a_committed_step_links_too_and_buffers_are_reused(world_of_one: dict[str, Any]) -> None:
+def test_best_k_at_a_committed_full_step_writes_its_staged_parameters_and_buffers_are_reused(
+    world_of_one: dict[str, Any],
+) -> None:
     ckpt, state, run = world_of_one["ckpt"], world_of_one["state"], world_of_one["run"]
     ckpt.save(1, [Role.ROLLBACK], Contents.FULL, state(Contents.FULL))
     ckpt.wait()
     allocated, ptrs = ckpt.stager.allocations, {k: b.data_ptr() for k, b in ckpt.stager.buffers.items()}
-    assert ckpt.consider_best_k(1, 3.0, lambda: state(Contents.PARAMS))
+    assert ckpt.consider_best_k(1, 3.0, lambda: pytest.fail("best-K staged the step's state a second time"))
     ckpt.save(2, [Role.ROLLBACK], Contents.FULL, state(Contents.FULL))
     ckpt.wait()
     assert ckpt.stager.allocations == allocated, "the second save allocated staging buffers again"
     assert {k: b.data_ptr() for k, b in ckpt.stager.buffers.items()} == ptrs
     store = RunDir(run)
     best = store.list(Role.BEST_K)
-    assert [c.step for c in best] == [1] and store.manifest(best[0]).linked_from == "rollback/step-00000001.dcp"
+    assert [c.step for c in best] == [1] and store.manifest(best[0]).linked_from is None
+    assert store.manifest(best[0]).contents is Contents.PARAMS and store.verify(best[0]) == []
     assert [c.step for c in store.list(Role.ROLLBACK)] == [1, 2]
 
 
@@ -169,7 +202,7 @@ def test_fidelity_digest_comes_from_the_save_and_is_not_computed_on_load(
     digests = []
     real_digest = state_module._digest
     monkeypatch.setattr(state_module, "_digest", lambda *args: digests.append(1) or real_digest(*args))
-    ckpt.load(ckpt.store.path_of(Checkpoint(Role.RECOVERY, 1)), state(Contents.FULL))
+    io.load(state(Contents.FULL), ckpt.store.path_of(Checkpoint(Role.RECOVERY, 1)), ckpt.group)
     assert digests == [], "loading computed the parameter digest"
     # The writer's digest, taken from the staged copy, is the live parameters' digest: a resume's check passes.
     assert saved["params"] == param_digest(model) and saved["next_indices"] == [8, 9]

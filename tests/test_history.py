@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from curry_train.history import event_fact, history_lines, read_run, shorten
+from curry_train.history import read_run
+from curry_train.history_text import event_fact, history_lines, shorten
 from curry_train.report import render_diff
 
 TIME = "2026-01-01T00:00:00+00:00"
@@ -71,7 +72,7 @@ def test_status_history_has_a_line_for_each_event_kind(tmp_path: Path) -> None:
             tmp_path / "run",
             {"event": "spike_injected", "step": 6, "lr_scale": 1000, "reason": "+debug.inject_spike_at"},
             {"event": "rollback", "step": 4, "path": "rollback/step-00000004.dcp", "spike_step": 7, "loss": None},
-            {"event": "cadence", "step": 20, "rollback_every": {"old": 100, "new": 50}},
+            {"event": "retune", "step": 20, "rollback_every": {"old": 100, "new": 50}},
         )
     )
     lines = history_lines(run)
@@ -80,7 +81,7 @@ def test_status_history_has_a_line_for_each_event_kind(tmp_path: Path) -> None:
         "spike injected by +debug.inject_spike_at: step 6's lr multiplied by 1000 (the loss of step 7 shows it)"
     )
     assert lines[2].endswith("rolled back to step 4 from step 7 (loss not finite)")
-    assert lines[3].endswith("cadence at step 20: rollback every old 100, new 50")
+    assert lines[3].endswith("retune at step 20: rollback every old 100, new 50")
 
 
 def test_diff_gives_each_run_its_own_headline(tmp_path: Path) -> None:

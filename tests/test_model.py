@@ -11,9 +11,11 @@ import torch
 from torch import nn
 
 from curry_train.checkpoint.sizes import ModelSize, model_size
-from curry_train.config import ModelConfig, config_dir, resolve
+from curry_train.compose import resolve
+from curry_train.config import ModelConfig, config_dir
 from curry_train.distributed import local_shard
-from curry_train.model import HF_LLAMA_NAMES, apply_rotary, build_model, count_params, init_value, rotary_tables
+from curry_train.hf_llama import HF_LLAMA_NAMES
+from curry_train.model import apply_rotary, build_model, count_params, init_value, rotary_tables
 from curry_train.model_shapes import parameter_shapes
 from tests.conftest import compose_config
 

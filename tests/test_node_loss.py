@@ -5,7 +5,6 @@ hang timeout (at once where the lost connection is seen), and a relaunch resumes
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from curry_train.journal import read_journal
-from tests.conftest import FAST, _env, run_train
+from tests.conftest import FAST, _env, assert_replays_bitwise, run_train
 
 HANG_S = 20
 BASE = [
@@ -94,22 +93,6 @@ def kill_node(job: subprocess.Popen) -> None:
     job.wait(timeout=30)
 
 
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(d["step"], d["loss"]) for d in lines if "loss" in d]
-
-
-def check_bitwise(run_dir: Path) -> None:
-    first: dict[int, float] = {}
-    replayed = 0
-    for step, loss in losses(run_dir):
-        if step in first:
-            assert loss == first[step], f"step {step}: {loss} after the relaunch, {first[step]} before"
-            replayed += 1
-        first.setdefault(step, loss)
-    assert replayed >= 1
-
-
 def test_killed_node_ends_the_survivor_at_once_and_the_relaunch_resumes_bitwise(tmp_path: Path) -> None:
     port = free_port()
     args = [*BASE, "run.id=killed"]
@@ -134,7 +117,7 @@ def test_killed_node_ends_the_survivor_at_once_and_the_relaunch_resumes_bitwise(
     # The relaunch (here on one machine, the same world size) resumes from the last committed checkpoint, bitwise.
     run_train([*args, "train.steps=9", "+resume=auto"], tmp_path, nproc=2, timeout=240)
     assert read_journal(run_dir / "journal.jsonl")[-1]["event"] == "run_end"
-    check_bitwise(run_dir)
+    assert_replays_bitwise(run_dir)
 
 
 def netns_usable() -> str | None:

@@ -21,12 +21,13 @@ from curry_train.checkpoint.cadence import (
     wasted_fraction,
     young_interval,
 )
-from curry_train.checkpoint.plan import measured_save_seconds, measured_step_seconds
-from curry_train.checkpoint.policy import Policy, worst_case_resume
-from curry_train.checkpoint.sizes import ModelSize, checkpoint_size, human_bytes
+from curry_train.checkpoint.policy import Policy
+from curry_train.checkpoint.sizes import ModelSize, checkpoint_size
 from curry_train.checkpoint.store import RunDir
 from curry_train.cli import main
+from curry_train.history import measured_save_seconds, measured_step_seconds
 from curry_train.journal import Journal
+from curry_train.units import human_bytes
 from tests.conftest import FAST, only_run_dir, run_train
 
 P_7B = 6_738_415_616
@@ -121,10 +122,39 @@ def test_worst_case_for_a_crash_and_a_spike(
     assert (spike_target(policy, step).relpath, spike_target(policy, step).steps_lost) == spike
 
 
+@pytest.mark.parametrize(
+    ("policy", "crash_step", "expected"),
+    [
+        (Policy(rollback_every=100, recovery_every=1000), 0, 0),
+        (Policy(rollback_every=100, recovery_every=1000), 1, 0),
+        (Policy(rollback_every=100, recovery_every=1000), 100, 0),  # the save at 100 had not committed
+        (Policy(rollback_every=100, recovery_every=1000), 101, 100),
+        (Policy(rollback_every=100, recovery_every=1000), 1000, 900),
+        (Policy(rollback_every=100, recovery_every=1000), 1050, 1000),
+        (Policy(rollback_every=100, recovery_every=1000, rollback_contents="params"), 1999, 1000),
+        (Policy(rollback_every=100, recovery_every=1000, rollback_contents="params"), 999, 0),
+        (Policy(rollback_every=0, recovery_every=0), 5000, 0),
+        (Policy(rollback_every=300, recovery_every=500), 1000, 900),
+    ],
+)
+def test_crash_target_step(policy: Policy, crash_step: int, expected: int) -> None:
+    assert crash_target(policy, crash_step).step == expected
+
+
+def test_crash_target_rejects_a_negative_step() -> None:
+    with pytest.raises(ValueError, match="crash step"):
+        crash_target(Policy(), -1)
+
+
 @pytest.mark.parametrize("contents", ["full", "params"])
-def test_crash_target_agrees_with_the_policy(contents: str) -> None:
+def test_crash_target_is_the_last_exact_resume_save_before_the_crash(contents: str) -> None:
+    # Closed form, with the smallest keeps: the last multiple, strictly below the crash step, of each cadence whose
+    # saves hold full state (recovery every 25; rollback every 10 when it holds full state).
     policy = Policy(rollback_every=10, recovery_every=25, rollback_keep=1, recovery_keep=1, rollback_contents=contents)
-    assert all(crash_target(policy, t).step == worst_case_resume(policy, t) for t in range(200))
+    cadences = [25, 10] if contents == "full" else [25]
+    for t in range(200):
+        expected = max((t - 1) // every * every for every in cadences) if t > 0 else 0
+        assert crash_target(policy, t).step == expected, t
 
 
 def test_async_crash_falls_back_to_the_save_before() -> None:

@@ -5,6 +5,7 @@ import math
 import pytest
 
 from curry_train.checkpoint.policy import (
+    BestK,
     Checkpoint,
     Contents,
     Direction,
@@ -14,8 +15,9 @@ from curry_train.checkpoint.policy import (
     SaveReason,
     abandoned_by_rollback,
     best_k_decision,
+    by_policy,
     decide_save,
-    exact_resume_candidates,
+    exact_resume_points,
     is_better,
     parse_checkpoint_name,
     rank_best_k,
@@ -23,7 +25,6 @@ from curry_train.checkpoint.policy import (
     roles_due,
     rollback_target,
     skipped_range,
-    worst_case_resume,
 )
 
 
@@ -252,6 +253,34 @@ def test_best_k_after_k_shrank_evicts_everything_pushed_out() -> None:
     assert decision.admit and decision.evict == [bk(100, 1.0), bk(200, 2.0), bk(300, 3.0)]
 
 
+def test_best_k_class_admits_evicts_and_keeps_the_ranking() -> None:
+    best = BestK(Policy(best_k=2), [bk(100, 2.0), bk(200, 3.0)])
+    admission = best.admit(300, 1.0)
+    assert admission is not None and admission.checkpoint == bk(300, 1.0) and admission.evict == [bk(200, 3.0)]
+    assert best.admit(400, 2.5) is None  # ranks against the updated top 2 (1.0, 2.0), not the listing it began with
+    assert sorted(c.step for c in best.checkpoints) == [100, 300]
+
+
+def test_best_k_class_rounds_to_six_significant_digits_and_ties_keep_the_earlier() -> None:
+    best = BestK(Policy(best_k=1), [])
+    first = best.admit(100, 2.3410249)
+    assert first is not None and first.checkpoint.metric == 2.34102
+    assert first.checkpoint.name == "dev-loss-2.34102-step-00000100.dcp"
+    assert best.admit(200, 2.341021) is None  # equal to six digits: a tie, and the earlier checkpoint stays
+    assert best.admit(300, 2.34101) is not None  # better at six digits: admitted
+
+
+def test_best_k_class_ignores_a_resumed_run_evaluating_the_same_step_again() -> None:
+    best = BestK(Policy(best_k=3), [bk(100, 1.0)])
+    assert best.admit(100, 1.0000001) is None  # the same step and (rounded) value: already on disk
+    again = best.admit(100, 0.5)  # the same step, another value: a new trajectory after a rollback
+    assert again is not None and again.checkpoint == bk(100, 0.5)
+
+
+def test_best_k_class_disabled_admits_nothing() -> None:
+    assert BestK(Policy(best_k=0), []).admit(100, 0.1) is None
+
+
 # --- retention ---------------------------------------------------------------------------------------------
 
 
@@ -303,14 +332,22 @@ def test_retention_returns_no_duplicates() -> None:
 # --- resume and rollback -----------------------------------------------------------------------------------
 
 
-def test_exact_resume_candidates_full_rollback_newest_first_recovery_wins_ties() -> None:
+def test_exact_resume_points_full_rollback_newest_first_recovery_wins_ties() -> None:
     committed = [rb(900), rc(1000), rb(1000), bk(950, 1.0), rc(500)]
-    assert exact_resume_candidates(committed, Policy()) == [rc(1000), rb(1000), rb(900), rc(500)]
+    assert exact_resume_points(committed, by_policy(Policy())) == [rc(1000), rb(1000), rb(900), rc(500)]
 
 
-def test_exact_resume_candidates_exclude_params_only_rollbacks() -> None:
+def test_exact_resume_points_exclude_params_only_rollbacks() -> None:
     committed = [rb(900), rc(500), bk(950, 1.0)]
-    assert exact_resume_candidates(committed, Policy(rollback_contents="params")) == [rc(500)]
+    assert exact_resume_points(committed, by_policy(Policy(rollback_contents="params"))) == [rc(500)]
+
+
+def test_exact_resume_points_ask_only_of_rollback_and_recovery() -> None:
+    # A run directory answers from each manifest: best-K ones (parameters only) are never read.
+    asked = []
+    full = {rc(500), rb(1000)}
+    points = exact_resume_points([rb(900), bk(950, 1.0), rc(500), rb(1000)], lambda c: asked.append(c) or c in full)
+    assert points == [rb(1000), rc(500)] and bk(950, 1.0) not in asked
 
 
 def test_rollback_target_is_newest_at_or_before_the_bound() -> None:
@@ -338,30 +375,6 @@ def test_skipped_range_covers_the_abandoned_steps_and_the_extra_batches() -> Non
     assert skipped_range(120, 120, 0, 8) == (120, 120)  # nothing abandoned: nothing skipped
     with pytest.raises(ValueError, match="out of order"):
         skipped_range(208, 120, 0, 8)
-
-
-@pytest.mark.parametrize(
-    ("policy", "crash_step", "expected"),
-    [
-        (Policy(rollback_every=100, recovery_every=1000), 0, 0),
-        (Policy(rollback_every=100, recovery_every=1000), 1, 0),
-        (Policy(rollback_every=100, recovery_every=1000), 100, 0),  # the save at 100 had not committed
-        (Policy(rollback_every=100, recovery_every=1000), 101, 100),
-        (Policy(rollback_every=100, recovery_every=1000), 1000, 900),
-        (Policy(rollback_every=100, recovery_every=1000), 1050, 1000),
-        (Policy(rollback_every=100, recovery_every=1000, rollback_contents="params"), 1999, 1000),
-        (Policy(rollback_every=100, recovery_every=1000, rollback_contents="params"), 999, 0),
-        (Policy(rollback_every=0, recovery_every=0), 5000, 0),
-        (Policy(rollback_every=300, recovery_every=500), 1000, 900),
-    ],
-)
-def test_worst_case_resume(policy: Policy, crash_step: int, expected: int) -> None:
-    assert worst_case_resume(policy, crash_step) == expected
-
-
-def test_worst_case_resume_rejects_negative_step() -> None:
-    with pytest.raises(ValueError, match="crash_step"):
-        worst_case_resume(Policy(), -1)
 
 
 def test_policy_and_journal_import_no_torch() -> None:

@@ -250,12 +250,7 @@ def test_ctrl_c_saves_and_stops(tmp_path: Path) -> None:
 def test_workers_die_with_their_launcher(tmp_path: Path) -> None:
     """torchrun starts its workers in sessions of their own: a SIGKILL of torchrun alone must not leave them
     training (they ask the kernel for SIGKILL when their parent dies)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("kill_and_resume", REPO / "scripts" / "kill_and_resume.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    process_tree = script.process_tree
+    from curry_train.launcher import process_tree
     args = [*FAST, "train.steps=400", "train.eval_every=0", "checkpoint.recovery_every=0", "run.id=orphans"]
     job = popen_train(args, tmp_path, nproc=2)
     try:
@@ -331,14 +326,14 @@ def test_a_commit_refuses_files_rank_0_cannot_see_or_no_rank_reported(tmp_path: 
     import torch
     import torch.distributed.checkpoint as dcp
 
-    from curry_train.checkpoint.checkpointer import _check_reported
+    from curry_train.checkpoint.io import check_reported
 
     staging = tmp_path / ".tmp-step-00000001.dcp"
     dcp.save({"w": torch.arange(8.0)}, checkpoint_id=str(staging), no_dist=True)
     shards = {p.name: None for p in staging.glob("*.distcp")}
     assert shards
-    _check_reported(staging, shards)  # consistent: nothing raised
+    check_reported(staging, shards)  # consistent: nothing raised
     with pytest.raises(RuntimeError, match="rank 0 does not see __1_0.distcp"):
-        _check_reported(staging, {**shards, "__1_0.distcp": None})
+        check_reported(staging, {**shards, "__1_0.distcp": None})
     with pytest.raises(RuntimeError, match="which no rank reported writing"):
-        _check_reported(staging, {})
+        check_reported(staging, {})

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from curry_train.checkpoint.policy import Role
+from curry_train.checkpoint.store import RunDir
 from curry_train.cli import main
 from curry_train.config import DataConfig, ModelConfig
 from curry_train.data import Slicing, dev_batches, load_corpus
@@ -20,6 +22,7 @@ from curry_train.history import read_run
 from curry_train.journal import read_journal
 from curry_train.metrics import read_metrics
 from curry_train.model import Transformer
+from curry_train.units import human_bytes
 from tests.conftest import FAST, kill_and_resume
 
 STEPS = 12
@@ -89,6 +92,11 @@ def test_status_shows_rollbacks_and_events_it_does_not_know(
     runs: tuple[Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     run = shutil.copytree(runs[1], tmp_path / "copy", symlinks=True)
+    # What the rollback below leaves on disk: its newest rollback checkpoint set aside, latest on the one before.
+    store = RunDir(run)
+    *kept, newest = store.list(Role.ROLLBACK)
+    aside = human_bytes(store.manifest(newest).total_bytes)
+    store.roll_back(kept[-1], [newest])
     extra = [
         # The rollback event the loss-spike issue adds, and an event no reader knows yet.
         {
@@ -114,6 +122,7 @@ def test_status_shows_rollbacks_and_events_it_does_not_know(
         "restored; 1 checkpoint set aside" in text
     )
     assert "spike_alarm at step 9: detail window 20" in text
+    assert lines[-1].startswith("storage: ") and f", plus {aside} in 1 set aside by rollbacks;" in lines[-1]
     pytest.importorskip("matplotlib")
     from curry_train.plot import plot_runs
 

@@ -538,7 +538,7 @@ def test_abandoned_checkpoints_are_removed_oldest_rollback_first(run: RunDir) ->
     save(run, rb(10), nbytes=100)
     run.set_latest(rb(10))
     run.roll_back(rb(5), [rb(10)])
-    order = [(a.step, a.set_aside_ns) for a in run.abandoned()]
+    order = [(a.step, a.abandoned_ns) for a in run.abandoned()]
     assert [s for s, _ in order] == [10, 15, 10] and order[0][1] == order[1][1] < order[2][1]
     freed = run.remove_abandoned(run.abandoned()[0])
     assert freed > 4096 and [a.step for a in run.abandoned()] == [15, 10]

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from curry_train.cli import compose_config
-from curry_train.config import DataError, compose, resolve
+from curry_train.compose import compose, resolve
+from curry_train.config import DataError
 from curry_train.data import check_data, load_corpus
 from curry_train.token_files import TokenMeta, adopt_data_vocab, text_excerpt, write_sidecar
 

@@ -4,7 +4,6 @@ continues bitwise; a second SIGTERM during a save is journaled, so `status` says
 
 from __future__ import annotations
 
-import json
 import re
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import pytest
 
 from curry_train.journal import read_journal
 from curry_train.watchdog import HANG_FLOOR_S, collective_timeout, hang_timeout
-from tests.conftest import FAST, _env, popen_train, run_train
+from tests.conftest import FAST, _env, assert_replays_bitwise, popen_train, run_train
 
 HANG_S = 20  # well above a step or a save of the tiny model on a loaded 2-core machine
 MARGIN_S = 25  # the watchdog's polling, the stack dump, torchrun noticing and stopping the other rank
@@ -30,11 +29,6 @@ BASE = [
     "checkpoint.best_k=0",
     f"train.hang_timeout_s={HANG_S}",
 ]
-
-
-def losses(run_dir: Path) -> list[tuple[int, float]]:
-    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [(d["step"], d["loss"]) for d in lines if "loss" in d]
 
 
 def cli(*args: str) -> str:
@@ -78,14 +72,8 @@ def test_stalled_rank_ends_the_job_with_its_stack_and_the_relaunch_continues_bit
     journal = read_journal(run_dir / "journal.jsonl")
     assert len([e for e in journal if e["event"] == "stall_injected"]) == 1
     assert journal[-1]["event"] == "run_end" and journal[-1]["step"] == 8
-    first: dict[int, float] = {}
-    replayed = 0
-    for step, loss in losses(run_dir):
-        if step in first:
-            assert loss == first[step], f"step {step}: {loss} after the relaunch, {first[step]} before the hang"
-            replayed += 1
-        first.setdefault(step, loss)
-    assert replayed >= 1 and sorted(first) == list(range(1, 9))
+    first = assert_replays_bitwise(run_dir)
+    assert sorted(first) == list(range(1, 9))
     status = cli("status", str(run_dir))
     assert "attempt 0 stopped after step 4 (hung: rank" in status, status
 

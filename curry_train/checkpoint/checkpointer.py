@@ -6,13 +6,12 @@ Every rank calls `save` (DCP is collective); only rank 0 touches the run directo
 
 from __future__ import annotations
 
-import statistics
+import enum
 import threading
 import time
-from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future
 from concurrent.futures import wait as futures_wait
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -21,59 +20,23 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from curry_train.checkpoint import io
-from curry_train.checkpoint.policy import Checkpoint, Policy, Role, best_k_decision, retention
-from curry_train.checkpoint.state import Contents, ProgressState
+from curry_train.checkpoint.pending import Durable, ParamsCopy, PendingSave, StepClock
+from curry_train.checkpoint.policy import BestK, Checkpoint, Contents, Policy, Role, retention
+from curry_train.checkpoint.staging import Snapshot, Stager, to_state_dict
+from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
+from curry_train.checkpoint.upload import Uploader
 from curry_train.failures import PeerFailure
 from curry_train.journal import Journal
 
 
-@dataclass
-class PendingSave:
-    """A save from its start to its commit: one set of bytes, written for the first checkpoint, linked for the rest."""
+class CommitState(enum.IntEnum):
+    """How rank 0's commit of a save is going, as every rank hears it: the ranks all-reduce it with MAX, and the
+    others say RUNNING, so the order of the values matters."""
 
-    checkpoints: list[Checkpoint]  # the first is written; the others become hard links of it
-    contents: Contents
-    started: float
-    extra: dict[str, Any] = field(default_factory=dict)  # for the manifest: where the data stood at this step
-    job: io.SaveJob | None = None
-    stage_seconds: float = 0.0
-    blocking_seconds: float = 0.0  # the training thread's time inside save() and wait() for this save
-    snapshot_wait_seconds: float = 0.0  # the training thread's wait, before the next update, for the staged copy
-    overlapped: list[float] = field(default_factory=list)  # the step intervals it was in flight during
-    mark: float = 0.0  # when the current overlapped interval began
-    waiting_since: float | None = None  # when wait() began blocking on it (a synchronous save: right after start)
-    baseline: float | None = None  # the step time without a save, when its bytes were durable
-    written: list[io.Written] = field(default_factory=list)  # every rank's report, once all are durable
-    committer: threading.Thread | None = None  # rank 0's commit while training goes on
-    commit_error: Exception | None = None
-
-    @property
-    def step(self) -> int:
-        return self.checkpoints[0].step
-
-
-class StepClock:
-    """Wall time between `poll()` calls (one a step, on the loop's path), to tell what a save cost training.
-
-    A save in flight slows the steps it overlaps (its writer shares the cores, the memory bandwidth and the GIL);
-    that extra time, not the time the training thread spent inside `save()`, is what it cost. The baseline is the
-    median of recent intervals with no save started, waited for or in flight, so an occasional evaluation step
-    does not move it.
-    """
-
-    def __init__(self, window: int = 25) -> None:
-        self.clean: deque[float] = deque(maxlen=window)
-        self.last: float | None = None
-        self.dirty = False  # the current interval had a save in it
-
-    def tick(self, now: float, busy: bool) -> None:
-        if self.last is not None and not self.dirty:
-            self.clean.append(now - self.last)
-        self.last, self.dirty = now, busy
-
-    def baseline(self) -> float | None:
-        return statistics.median(self.clean) if self.clean else None
+    RUNNING = 0
+    COMMITTED = 1
+    FAILED = 2
 
 
 class Checkpointer:
@@ -87,8 +50,12 @@ class Checkpointer:
         async_save: bool = True,
         fail_save_at: tuple[int, int] | None = None,
         direct_io: bool = True,
+        save_delay_s: float = 0.0,
+        uploader: Uploader | None = None,
     ) -> None:
         self.store = store
+        self.save_delay_s = save_delay_s  # +debug.save_delay_s: each save blocks training this much longer
+        self.uploader = uploader  # checkpoint.remote: committed saves are copied there in the background
         self.fail_save_at = fail_save_at  # (step, rank): +debug.fail_save_at, a full disk while that save writes
         self.policy = policy
         self.journal = journal
@@ -96,21 +63,25 @@ class Checkpointer:
         self.rank = rank
         self.is_main = rank == 0
         self.async_save = async_save
-        self.stager = io.Stager()  # one per run: its buffers are reused by every asynchronous save
+        self.stager = Stager()  # one per run: its buffers are reused by every asynchronous save
         self.writer = io.Writer(direct_io)  # one per run: one save written at a time
         self.writing: PendingSave | None = None  # every rank: bytes being written
         self.committing: PendingSave | None = None  # rank 0: durable bytes being committed
-        self.durable: tuple[int, Checkpoint] | None = None  # the last save whose bytes every rank made durable
+        self.durable: Durable | None = None
         # Every rank: the save whose commit rank 0 is carrying out, until every rank has heard how it went.
         self.commit_pending: Checkpoint | None = None
+        self.commits = 0  # saves every rank has heard committed, at the same step on each (an auto cadence follows)
+        self.settling: PendingSave | None = None  # every rank: that save, uploaded once its commit is heard
+        self.my_files: list[str] = []  # every rank: the files it wrote of the last durable save
+        self.my_copy_files: list[str] = []  # and of its best-K parameters copy, if it had one
         self.clock = StepClock()
-        self.best: list[Checkpoint] = self._shared_listing(Role.BEST_K)
+        self.best = BestK(policy, self._shared_listing(Role.BEST_K))
 
     def _shared_listing(self, role: Role) -> list[Checkpoint]:
         """Rank 0's view of the committed checkpoints of `role`, given to every rank."""
-        box = [self.store.list(role) if self.is_main else None]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        return list(box[0] or [])
+        listing = [self.store.list(role) if self.is_main else None]  # a one-item list: what broadcast fills in
+        dist.broadcast_object_list(listing, src=0, group=self.group)
+        return list(listing[0] or [])
 
     # ------------------------------------------------------------------------------------------------ saving
 
@@ -130,62 +101,72 @@ class Checkpointer:
     def consider_best_k(self, step: int, value: float, state_factory: Callable[[], dict[str, Stateful]]) -> bool:
         """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k.
 
-        At a step that already has a save in flight or durable (the cadence roles often fall on evaluation steps),
-        the best-K checkpoint becomes hard links of that save, which holds the parameters too: no wait, no write."""
-        if self.policy.best_k == 0:
+        At a step that already has a save in flight or durable (the cadence roles often fall on evaluation steps):
+        a parameters-only save becomes hard links; a full save lends the state it wrote (its staged copy, or the
+        live state of a synchronous save, still the step's): no second staging. A full save in flight writes the
+        best-K after itself (`ParamsCopy`: no wait)."""
+        admission = self.best.admit(step, value)
+        if admission is None:
             return False
-        # Six significant digits keep the name readable (dev-loss-2.34102-step-...) at any scale of the metric;
-        # values equal to that precision tie, and a tie keeps the earlier checkpoint.
-        value = float(f"{value:.6g}")
-        if any(c.step == step and c.metric == value for c in self.best):
-            # A resumed run evaluating the same step again. (The same step with another value is a new trajectory
-            # after a rollback: it competes like any other.)
-            return False
-        decision = best_k_decision(self.policy, self.best, step, value)
-        if not decision.admit:
-            return False
-        ckpt = Checkpoint(Role.BEST_K, step, metric=value, metric_name=self.policy.best_k_metric)
-        self.best = [c for c in self.best if c not in decision.evict] + [ckpt]
+        checkpoint = admission.checkpoint
         if self.is_main:
             self.journal.append(
                 "best_k",
                 step,
                 metric=self.policy.best_k_metric,
-                value=value,
-                reason=decision.reason,
-                evict=[c.relpath for c in decision.evict],
+                value=checkpoint.metric,
+                reason=admission.reason,
+                evict=[c.relpath for c in admission.evict],
             )
-        if self.writing is not None and self.writing.step == step:
-            self.writing.checkpoints.append(ckpt)  # linked when the save commits
+        writing = self.writing
+        if writing is not None and writing.step == step:
+            if writing.contents is Contents.PARAMS:
+                writing.checkpoints.append(checkpoint)  # linked when the save commits
+            else:
+                self._start_params_copy(writing, checkpoint)
             return True
-        if self.durable is not None and self.durable[0] == step:
-            self._link_committed(self.durable[1], ckpt)
+        durable = self.durable
+        if durable is not None and durable.step == step and durable.contents is Contents.PARAMS:
+            self._link_committed(durable.checkpoint, checkpoint)
             return True
         self.wait()
-        state = state_factory()
-        self._start(PendingSave([ckpt], Contents.PARAMS, time.perf_counter(), extra=_data_position(state)), state)
+        if durable is not None and durable.step == step:
+            self._submit(
+                PendingSave([checkpoint], Contents.PARAMS, time.perf_counter(), extra=durable.extra), durable.params
+            )
+        else:
+            state = state_factory()
+            self._start(
+                PendingSave([checkpoint], Contents.PARAMS, time.perf_counter(), extra=_data_position(state)), state
+            )
         if not self.async_save:
             self.wait()
         return True
 
     def _start(self, pending: PendingSave, state: dict[str, Stateful]) -> None:
         """Stage (asynchronous saves) and plan the save on every rank, then hand it to the writer thread."""
-        first = pending.checkpoints[0]
         try:
-            # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name)
-            # before the planning collective lets the other ranks write into it.
-            box = [str(self.store.staging_dir(first)) if self.is_main else None]
-            dist.broadcast_object_list(box, src=0, group=self.group)
-            state_dict = io.to_state_dict(state)
+            state_dict = to_state_dict(state)
             snapshot = None
             if self.async_save:
                 # Parameters and optimizer state change only at optimizer.step(): the copies are made while the next
                 # forward and backward run, and `before_update` waits for them.
                 state_dict, snapshot = self.stager.stage(state_dict)
-            pending.stage_seconds = time.perf_counter() - pending.started
-            full_disk = self.fail_save_at == (first.step, self.rank)
-            pending.job = io.SaveJob.start(state_dict, Path(box[0]), self.group, self.writer.filesystem(full_disk))
+        except Exception as err:
+            self._journal_error(pending.checkpoints[0], f"save failed: {err!r}; earlier checkpoints are intact")
+            raise
+        self._submit(pending, state_dict, snapshot)
+
+    def _submit(self, pending: PendingSave, state_dict: dict[str, Any], snapshot: Snapshot | None = None) -> None:
+        """Plan the save of `state_dict` (staged, or the live state of a synchronous save) on every rank, then hand
+        it to the writer thread."""
+        first = pending.checkpoints[0]
+        pending.stage_seconds = time.perf_counter() - pending.started
+        try:
+            pending.job = self._plan(first, state_dict)
             pending.job.snapshot = snapshot
+            if self.save_delay_s:  # a slow save on demand, in its blocking part (tests of the automatic cadence)
+                time.sleep(self.save_delay_s)
         except Exception as err:  # e.g. a full disk: every committed checkpoint is still there; say so
             self._journal_error(first, f"save failed: {err!r}; earlier checkpoints are intact")
             raise
@@ -194,6 +175,31 @@ class Checkpointer:
         pending.blocking_seconds = pending.mark - pending.started
         self.writing = pending
         self.clock.dirty = True
+
+    def _plan(self, checkpoint: Checkpoint, state_dict: dict[str, Any]) -> io.SaveJob:
+        """Plan the save of `state_dict` as `checkpoint` on every rank, into a fresh staging directory."""
+        # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name) before
+        # the planning collective lets the other ranks write into it.
+        staging = [str(self.store.staging_dir(checkpoint)) if self.is_main else None]
+        dist.broadcast_object_list(staging, src=0, group=self.group)
+        full_disk = self.fail_save_at == (checkpoint.step, self.rank)
+        return io.SaveJob.start(state_dict, Path(staging[0]), self.group, self.writer.filesystem(full_disk))
+
+    def _start_params_copy(self, pending: PendingSave, checkpoint: Checkpoint) -> None:
+        """`checkpoint` as the parameters-only part of the full save in flight, written by the writer after that save.
+
+        The writer writes one job at a time, in order: the full save's job completes the snapshot into the staging
+        buffers before it serialises, so the copy reads finished buffers; and the next save stages into them only
+        after `wait()`, which waits for both jobs. (A synchronous save writes the live tensors, unchanged until the
+        next update, and `wait()` comes before that too.)"""
+        assert pending.job is not None
+        try:
+            job = self._plan(checkpoint, _params_only(pending.job.staged))
+        except Exception as err:
+            self._journal_error(checkpoint, f"save failed: {err!r}; earlier checkpoints are intact")
+            raise
+        self.writer.submit(job)
+        pending.params_copy = ParamsCopy(checkpoint, job)
 
     def before_update(self) -> None:
         """Before `optimizer.step()` (or anything else that changes parameters or optimizer state): the save in
@@ -218,12 +224,11 @@ class Checkpointer:
         if pending is not None:
             pending.overlapped.append(now - pending.mark)
             pending.mark = now
-            assert pending.job is not None and pending.job.future is not None
         # One tiny all-reduce: is any rank's write still going, and how is rank 0's commit doing.
-        still_writing = pending is not None and not pending.job.future.done()
+        still_writing = pending is not None and not all(_future(job).done() for _, job in pending.parts())
         flags = torch.tensor([int(still_writing), self._commit_state()], dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-        self._settle_commit(int(flags[1]))
+        self._settle_commit(CommitState(int(flags[1])))
         if pending is not None and not flags[0]:
             self._collect(pending)
             self._begin_commit(pending, inline=False)
@@ -233,9 +238,8 @@ class Checkpointer:
         started = time.perf_counter()
         pending = self.writing
         if pending is not None:
-            assert pending.job is not None and pending.job.future is not None
             pending.waiting_since = started
-            futures_wait([pending.job.future])
+            futures_wait([_future(job) for _, job in pending.parts()])
             self._collect(pending)
             self._begin_commit(pending, inline=True)
         if self.commit_pending is not None:
@@ -243,51 +247,69 @@ class Checkpointer:
                 self.committing.committer.join()
             flags = torch.tensor([self._commit_state()], dtype=torch.int32)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
-            self._settle_commit(int(flags[0]))
+            self._settle_commit(CommitState(int(flags[0])))
 
-    _RUNNING, _COMMITTED, _FAILED = 0, 1, 2
-
-    def _commit_state(self) -> int:
+    def _commit_state(self) -> CommitState:
         """Rank 0's commit of the pending save: running, committed or failed (other ranks say running)."""
         committing = self.committing
         if not self.is_main or committing is None or committing.committer is None or committing.committer.is_alive():
-            return self._RUNNING
-        return self._FAILED if committing.commit_error is not None else self._COMMITTED
+            return CommitState.RUNNING
+        return CommitState.FAILED if committing.commit_error is not None else CommitState.COMMITTED
 
-    def _settle_commit(self, state: int) -> None:
+    def _settle_commit(self, state: CommitState) -> None:
         """What every rank does once it has heard how rank 0's commit went: go on, or stop (all of them)."""
-        if state == self._RUNNING or self.commit_pending is None:
+        if state is CommitState.RUNNING or self.commit_pending is None:
             return
         failed, self.commit_pending = self.commit_pending, None
         committing, self.committing = self.committing, None
-        if state == self._FAILED:
+        settled, self.settling = self.settling, None
+        if state is CommitState.COMMITTED and settled is not None:
+            self._upload(settled.checkpoints, self.my_files)
+            if settled.params_copy is not None:
+                self._upload([settled.params_copy.checkpoint], self.my_copy_files)
+        if state is CommitState.FAILED:
             if self.is_main and committing is not None and committing.commit_error is not None:
                 raise committing.commit_error
             raise PeerFailure(f"rank 0 could not commit {failed.relpath} (its message says why)")
+        self.commits += 1
 
     def _collect(self, pending: PendingSave) -> None:
         """Every rank's report of its durable files, on every rank: a failed write anywhere fails the save
         everywhere, and rank 0 gets the checksums each rank computed of its own files."""
         self.writing = None
-        assert pending.job is not None and pending.job.future is not None
-        err = pending.job.future.exception()
-        mine: io.Written | str = f"rank {self.rank}: {err!r}" if err is not None else pending.job.future.result()
+        parts = pending.parts()
+        errors = [_future(job).exception() for _, job in parts]
+        mine = [
+            f"rank {self.rank}: {err!r}" if err is not None else _future(job).result()
+            for (_, job), err in zip(parts, errors, strict=True)
+        ]
         reports: list[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(reports, mine, group=self.group)
-        failed = [r for r in reports if isinstance(r, str)]
-        if failed:
-            relpath = pending.checkpoints[0].relpath
-            self._journal_error(
-                pending.checkpoints[0], f"save failed: {'; '.join(failed)}; earlier checkpoints are intact"
-            )
+        for i, (checkpoint, _) in enumerate(parts):
+            failed = [r[i] for r in reports if isinstance(r[i], str)]
+            if not failed:
+                continue
+            self._journal_error(checkpoint, f"save failed: {'; '.join(failed)}; earlier checkpoints are intact")
+            err = errors[i]
             if err is not None:  # this rank's own failure: it tells the user
                 raise OSError(
                     getattr(err, "errno", None),
-                    f"could not write {relpath} ({err}); the checkpoints committed before it and `latest` are intact",
+                    f"could not write {checkpoint.relpath} ({err}); the checkpoints committed before it and "
+                    "`latest` are intact",
                 ) from err
-            raise PeerFailure(f"{failed[0].split(':')[0]} could not write {relpath}")
-        pending.written = reports
-        self.durable = (pending.step, pending.checkpoints[0])
+            raise PeerFailure(f"{failed[0].split(':')[0]} could not write {checkpoint.relpath}")
+        pending.written = [r[0] for r in reports]
+        if pending.params_copy is not None:
+            pending.params_copy.written = [r[1] for r in reports]
+        # Rank 0 also writes DCP's `.metadata` of each checkpoint, at the commit.
+        metadata = [".metadata"] if self.is_main else []
+        mine = reports[dist.get_rank(self.group)]
+        self.my_files = sorted(mine[0].files) + metadata
+        self.my_copy_files = sorted(mine[1].files) + metadata if pending.params_copy is not None else []
+        assert pending.job is not None
+        self.durable = Durable(
+            pending.step, pending.checkpoints[0], pending.contents, _params_only(pending.job.staged), pending.extra
+        )
         pending.baseline = self.clock.baseline()
 
     def _begin_commit(self, pending: PendingSave, inline: bool) -> None:
@@ -295,6 +317,7 @@ class Checkpointer:
         manifest, links and retention touch only the filesystem and the journal, no collective). Every rank then
         hears how it went, at the next `poll()` or `wait()`, and a failure stops them all."""
         self.commit_pending = pending.checkpoints[0]
+        self.settling = pending
         if not self.is_main:
             return
 
@@ -311,22 +334,33 @@ class Checkpointer:
         if inline:
             pending.committer.join()
 
-    def _commit(self, pending: PendingSave) -> None:
-        first = pending.checkpoints[0]
-        assert pending.job is not None
-        pending.job.finish_metadata([w.results for w in pending.written])
-        known = {name: entry for w in pending.written for name, entry in w.files.items()}
-        _check_reported(pending.job.staging, known)
+    def _commit_written(
+        self,
+        checkpoint: Checkpoint,
+        job: io.SaveJob,
+        written: list[io.Written],
+        contents: Contents,
+        extra: dict[str, Any],
+    ) -> int:
+        """Rank 0: `.metadata`, the checks of what the ranks reported, and the store's commit; the bytes committed."""
+        job.finish_metadata([w.results for w in written])
+        known = {name: entry for w in written for name, entry in w.files.items()}
+        io.check_reported(job.staging, known)
         # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
-        extra = {"contents": pending.contents.value, "world_size": dist.get_world_size(self.group), **pending.extra}
+        extra = {"contents": contents.value, "world_size": dist.get_world_size(self.group), **extra}
         # Every data file was fsynced by its rank's writer before that rank reported it, and `.metadata` by
         # FileSystemWriter.finish (sync_files=True): the commit fsyncs only directories and the manifest.
         durable = frozenset(known) | {".metadata"}
-        manifest = self.store.commit(first, pending.job.staging, extra=extra, known=known, durable=durable)
-        blocking, cost = self._costs(pending)
+        return self.store.commit(checkpoint, job.staging, extra=extra, known=known, durable=durable).total_bytes
+
+    def _commit(self, pending: PendingSave) -> None:
+        first = pending.checkpoints[0]
+        assert pending.job is not None
+        nbytes = self._commit_written(first, pending.job, pending.written, pending.contents, pending.extra)
+        blocking, cost = pending.costs(time.perf_counter())
         self._journal_save(
             first,
-            manifest.total_bytes,
+            nbytes,
             pending.contents,
             seconds=round(time.perf_counter() - pending.started, 4),
             blocking_seconds=round(blocking, 4),
@@ -338,57 +372,75 @@ class Checkpointer:
             direct_io=all(w.direct for w in pending.written),
             mode="async" if self.async_save else "sync",
         )
-        for ckpt in pending.checkpoints[1:]:
-            linked = self.store.link(first, ckpt)
-            self._journal_save(ckpt, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
+        for checkpoint in pending.checkpoints[1:]:
+            linked = self.store.link(first, checkpoint)
+            self._journal_save(checkpoint, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
         if pending.contents is Contents.FULL:
             self.store.set_latest(first)
+        copy = pending.params_copy
+        if copy is not None:
+            nbytes = self._commit_written(copy.checkpoint, copy.job, copy.written, Contents.PARAMS, pending.extra)
+            self._journal_save(
+                copy.checkpoint,
+                nbytes,
+                Contents.PARAMS,
+                seconds=round(time.perf_counter() - pending.started, 4),
+                write_seconds=round(max(w.seconds for w in copy.written), 4),
+                mode="async" if self.async_save else "sync",
+                params_of=first.relpath,  # the save it shares a staged copy (and a step) with
+            )
         self._apply_retention(first.step)
 
-    @staticmethod
-    def _costs(pending: PendingSave) -> tuple[float, float | None]:
-        """The training thread's blocked time, and what the save cost training: that blocked time plus the extra
-        time, over the baseline step, of the steps it overlapped (each measured from the end of the start, or of
-        the previous step, to the end of the step, so the blocked time is not counted twice). None without a
-        baseline yet."""
-        waited = 0.0 if pending.waiting_since is None else time.perf_counter() - pending.waiting_since
-        blocking = pending.blocking_seconds + waited
-        if not pending.overlapped:  # started and finished within one step: all of it blocked training
-            return blocking, blocking
-        if pending.baseline is None:
-            return blocking, None
-        return blocking, blocking + max(0.0, sum(t - pending.baseline for t in pending.overlapped))
-
-    def _link_committed(self, source: Checkpoint, ckpt: Checkpoint) -> None:
-        """`ckpt` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
+    def _link_committed(self, source: Checkpoint, checkpoint: Checkpoint) -> None:
+        """`checkpoint` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
         of a failure."""
         outcome: Exception | None = None
         self.wait()  # the source's commit, heard by every rank
         if self.is_main:
             try:
-                linked = self.store.link(source, ckpt)
+                linked = self.store.link(source, checkpoint)
                 self._journal_save(
-                    ckpt,
+                    checkpoint,
                     linked.total_bytes,
-                    Contents(linked.extra["contents"]),
+                    linked.contents or Contents.PARAMS,  # a save's manifest always names it
                     seconds=0.0,
                     linked_from=source.relpath,
                 )
-                self._apply_retention(ckpt.step)
+                self._apply_retention(checkpoint.step)
             except Exception as err:
                 outcome = err
-        box = [outcome]
-        dist.broadcast_object_list(box, src=0, group=self.group)
-        if box[0] is not None:
-            raise box[0]
+        failure = [outcome]
+        dist.broadcast_object_list(failure, src=0, group=self.group)
+        if failure[0] is not None:
+            raise failure[0]
+        self._upload([checkpoint], self.my_files)
 
-    def _journal_error(self, ckpt: Checkpoint, reason: str) -> None:
+    # ------------------------------------------------------------------------------------------------ remote
+
+    def _upload(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
+        """Every rank, once all have heard that `checkpoints` committed: this rank's files of them to the uploader."""
+        if self.uploader is not None:
+            self.uploader.submit_committed(checkpoints, names, self.store, self.group)
+
+    def finish_uploads(self) -> None:
+        """At the run's end (every rank): the last save committed, then the uploads finished (`Uploader.finish`)."""
+        if self.uploader is not None:
+            self.wait()
+            self.uploader.finish(self.store, self.group)
+
+    def _journal_error(self, checkpoint: Checkpoint, reason: str) -> None:
         if self.is_main:
-            self.journal.append("error", ckpt.step, role=ckpt.role, path=ckpt.relpath, reason=reason)
+            self.journal.append("error", checkpoint.step, role=checkpoint.role, path=checkpoint.relpath, reason=reason)
 
-    def _journal_save(self, ckpt: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
+    def _journal_save(self, checkpoint: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
         self.journal.append(
-            "save", ckpt.step, role=ckpt.role, path=ckpt.relpath, bytes=nbytes, contents=contents, **fields
+            "save",
+            checkpoint.step,
+            role=checkpoint.role,
+            path=checkpoint.relpath,
+            bytes=nbytes,
+            contents=contents,
+            **fields,
         )
 
     def _apply_retention(self, step: int) -> None:
@@ -415,35 +467,26 @@ class Checkpointer:
                 reason=f"abandoned_keep={self.policy.abandoned_keep} exceeded (set aside by a rollback)",
             )
 
-    # ------------------------------------------------------------------------------------------------ loading
+    def close(self) -> None:
+        """Finish the save in flight (every rank) and end the writer's thread: the launch is done saving."""
+        self.wait()
+        self.writer.close()
 
-    def load(self, path: Path, state: dict[str, Stateful]) -> None:
-        """Load the keys of `state` that the checkpoint at `path` holds (all ranks)."""
-        io.load(state, path, self.group)
+
+def _params_only(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a state dict that a parameters-only checkpoint holds (the same objects, not copies)."""
+    return {key: state_dict[key] for key in PARAMS_ONLY_KEYS if key in state_dict}
+
+
+def _future(job: io.SaveJob) -> Future[io.Written]:
+    assert job.future is not None, "a job is submitted to the writer as soon as it is planned"
+    return job.future
 
 
 def _data_position(state: dict[str, Stateful]) -> dict[str, Any]:
-    """Where the data stood at the saved step, for the manifest: tools and a manual rollback read it without DCP."""
-    progress = state.get("progress")
-    if not isinstance(progress, ProgressState):
+    """Where the data stood at the saved step (the `dataloader` entry), repeated in the manifest: tools and a manual
+    rollback read it without DCP."""
+    data = state.get("dataloader")
+    if not isinstance(data, DataLoaderState):
         return {}
-    return {"cursor": progress.progress.cursor, "skipped": [list(r) for r in progress.progress.skipped]}
-
-
-def _check_reported(staging: Path, reported: dict[str, Any]) -> None:
-    """Rank 0 commits what the ranks report they wrote, checked against what it sees and what DCP's `.metadata`
-    references: on nodes that do not share `run.root`, rank 0 would otherwise commit a checkpoint without the other
-    nodes' shards, and retention would then delete the good ones."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    seen = {p.name for p in staging.iterdir()}
-    unseen = sorted(set(reported) - seen)
-    if unseen:
-        raise RuntimeError(
-            f"rank 0 does not see {unseen[0]} ({len(unseen)} file(s) in all) that another rank wrote into {staging}: "
-            "run.root must be a filesystem every node shares"
-        )
-    referenced = {info.relative_path for info in FileSystemReader(str(staging)).read_metadata().storage_data.values()}
-    unreported = sorted(referenced - set(reported))
-    if unreported:
-        raise RuntimeError(f"{staging / '.metadata'} references {unreported[0]}, which no rank reported writing")
+    return {"cursor": data.progress.cursor, "skipped": [list(r) for r in data.progress.skipped]}

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from curry_train.checkpoint import checksum
-from curry_train.checkpoint.policy import Checkpoint, Role
+from curry_train.checkpoint.policy import Checkpoint, Contents, Role
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -59,6 +59,33 @@ class Manifest:
     @property
     def checkpoint(self) -> Checkpoint:
         return Checkpoint(self.role, self.step, self.metric, self.metric_name)
+
+    # Typed views of `extra`, what a save records for a resume and for tools that read no DCP. The JSON keeps its
+    # keys ("contents", "world_size", "cursor", "skipped"), so every checkpoint written before reads the same.
+    # A manifest written by a tool rather than a save may lack them: None (no skipped ranges) then.
+
+    @property
+    def contents(self) -> Contents | None:
+        """What the checkpoint holds: full state (an exact-resume point) or parameters only."""
+        value = self.extra.get("contents")
+        return None if value is None else Contents(value)
+
+    @property
+    def world_size(self) -> int | None:
+        """How many ranks wrote it."""
+        value = self.extra.get("world_size")
+        return None if value is None else int(value)
+
+    @property
+    def cursor(self) -> int | None:
+        """The global sample cursor after its step: where the data stood."""
+        value = self.extra.get("cursor")
+        return None if value is None else int(value)
+
+    @property
+    def skipped(self) -> list[tuple[int, int]]:
+        """The global sample ranges rollbacks skipped on the way to its step, as [start, end) pairs."""
+        return [(int(lo), int(hi)) for lo, hi in self.extra.get("skipped") or []]
 
     def to_dict(self) -> dict[str, Any]:
         return {

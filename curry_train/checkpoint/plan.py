@@ -1,28 +1,29 @@
 """The plan of a checkpoint policy: the storage it commits against the free space, worst-case resume points, a
 Young/Daly cadence, and a recommendation; built before a run starts and by `curry-train plan`.
 
-The arithmetic lives in `sizes` (bytes) and `cadence` (resume points, Young/Daly); the text in `plan_text`. This
-module puts them together with a few measurements of an existing run directory (save and step times from its
-journal and metrics, the free space under it). Nothing here imports torch.
+The arithmetic lives in `sizes` (bytes) and `cadence` (resume points, Young/Daly, the automatic interval); the text
+in `plan_text`; what a run directory measured (save and step times, interruptions) is read by `history`. This
+module puts them together with the free space under the run directory. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
-import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from curry_train.checkpoint.cadence import (
+    AutoInterval,
     Cadence,
     ResumeTarget,
     Timing,
+    auto_interval,
     cadence,
     crash_target,
     exact_resume_cadence,
     spike_distance,
     spike_target,
+    with_interval,
 )
 from curry_train.checkpoint.policy import Contents, Policy, Role
 from curry_train.checkpoint.sizes import (
@@ -32,15 +33,15 @@ from curry_train.checkpoint.sizes import (
     checkpoint_bytes,
     checkpoint_size,
     committed_bytes,
-    human_bytes,
     in_flight_bytes,
     role_estimates,
 )
 from curry_train.config import Config
+from curry_train.history import measured_save_seconds, timing_of
+from curry_train.units import human_bytes
 from curry_train.watchdog import hang_timeout
 
 ROLLBACK_PARAMS_THRESHOLD = 10e9  # above this size of a full checkpoint, recommend parameters-only rollbacks
-DEFAULT_MTBF_HOURS = 24.0
 
 
 # ----------------------------------------------------------------------------------------------- free space
@@ -71,79 +72,6 @@ def measure_storage(run_dir: Path) -> Storage:
     where = nearest_existing(run_dir)
     held = RunDir(run_dir).disk_usage() if run_dir.is_dir() else 0
     return Storage(str(where), shutil.disk_usage(where).free, held)
-
-
-# ------------------------------------------------------------------------ measurements from a run directory
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def measured_save_seconds(run_dir: Path, async_save: bool) -> tuple[float, int] | None:
-    """Median time training paid per full save in this run's journal, and how many saves that covers.
-
-    Asynchronous saves cost training their ``cost_seconds`` (blocked time plus the extra time of the steps they
-    overlapped), synchronous ones their ``seconds``. Hard-linked saves (``linked_from``) cost nothing and are skipped.
-    """
-    from curry_train.journal import read_journal  # stdlib-only module; imported here to keep plan's imports small
-
-    path = run_dir / "journal.jsonl"
-    if not path.is_file():
-        return None
-    # An asynchronous save costs training what its steps lost (`cost_seconds`, measured against clean steps), not
-    # just its blocked time; journals written before that field existed have only `blocking_seconds`.
-    keys = ("cost_seconds", "blocking_seconds") if async_save else ("seconds",)
-    values = []
-    for r in read_journal(path):
-        if r["event"] != "save" or r.get("linked_from") or r.get("contents", "full") != "full":
-            continue
-        value = next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None)
-        if value is not None:
-            values.append(float(value))
-    median = _median(values)
-    return None if median is None else (median, len(values))
-
-
-def measured_step_seconds(run_dir: Path) -> tuple[float, int] | None:
-    """Median wall time between consecutive steps in this run's metrics.jsonl, and how many pairs that covers."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return None
-    points = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash
-        if isinstance(record, dict) and isinstance(record.get("step"), int) and "time" in record:
-            points.append((record["step"], float(record["time"])))
-    # Only step n -> n+1 pairs: a resume restarts the step count and a gap between launches is not a step.
-    diffs = [t1 - t0 for (s0, t0), (s1, t1) in zip(points, points[1:], strict=False) if s1 == s0 + 1 and t1 > t0]
-    median = _median(diffs)
-    return None if median is None else (median, len(diffs))
-
-
-def timing_of(
-    run_dir: Path,
-    async_save: bool,
-    save_seconds: float | None = None,
-    step_seconds: float | None = None,
-    mtbf_hours: float | None = None,
-) -> Timing:
-    """Given values win; else what this run measured; the MTBF falls back to a stated default."""
-    save_source, step_source = "--save-seconds", "--step-seconds"
-    if save_seconds is None and (measured := measured_save_seconds(run_dir, async_save)) is not None:
-        save_seconds = measured[0]
-        save_source = f"median of {measured[1]} full saves in {run_dir / 'journal.jsonl'}"
-    if step_seconds is None and (measured := measured_step_seconds(run_dir)) is not None:
-        step_seconds = measured[0]
-        step_source = f"median of {measured[1]} steps in {run_dir / 'metrics.jsonl'}"
-    if save_seconds is not None and async_save:
-        save_source += "; blocking time, since saves are asynchronous"
-    mtbf_source = "--mtbf-hours" if mtbf_hours is not None else "assumed default; set --mtbf-hours"
-    hours = DEFAULT_MTBF_HOURS if mtbf_hours is None else mtbf_hours
-    return Timing(save_seconds, save_source, step_seconds, step_source, hours * 3600.0, mtbf_source)
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -183,6 +111,8 @@ class Plan:
     full_save_seconds: float | None = None  # measured in this run's journal: a whole full save, until committed
     hang_timeout_s: float = 300.0  # the watchdog's timeout at the start (the automatic one grows as the run measures)
     hang_source: str = ""
+    auto_roles: tuple[str, ...] = ()  # roles whose cadence is `auto`
+    auto: AutoInterval | None = None  # the interval they get for this timing (what the run decides alike)
 
     @property
     def all_full(self) -> int:
@@ -253,7 +183,13 @@ def build_plan(
     async_save = cfg.checkpoint.async_save
     steps = cfg.train.steps
     roles = role_estimates(size, policy, world_size, steps, cfg.train.eval_every)
-    timing = timing_of(run_dir, async_save, save_seconds, step_seconds, mtbf_hours)
+    key = "checkpoint.mtbf_hours" if mtbf_hours is None else "--mtbf-hours"
+    prior = cfg.checkpoint.mtbf_hours if mtbf_hours is None else mtbf_hours
+    timing = timing_of(run_dir, async_save, prior, key, save_seconds, step_seconds)
+    auto_roles = cfg.checkpoint.auto_roles()
+    auto = auto_decision(cfg, timing) if auto_roles else None
+    if auto is not None:  # what the run would save at now, rather than auto's starting point
+        policy = with_interval(policy, auto_roles, auto.every)
     full_save = (measured_save_seconds(run_dir, async_save=False) or (None,))[0]
     hang = hang_timeout(cfg.train.hang_timeout_s, timing.step_seconds, full_save)
     return Plan(
@@ -279,6 +215,15 @@ def build_plan(
         full_save_seconds=full_save,
         hang_timeout_s=hang[0],
         hang_source=hang[1],
+        auto_roles=tuple(r.value for r in auto_roles),
+        auto=auto,
+    )
+
+
+def auto_decision(cfg: Config, timing: Timing) -> AutoInterval:
+    """The interval `checkpoint.*_every=auto` takes for ``timing``: the run's decision and the plan's are this call."""
+    return auto_interval(
+        timing.save_seconds, timing.step_seconds, timing.mtbf_seconds, cfg.checkpoint.auto_bounds(cfg.train.steps)
     )
 
 

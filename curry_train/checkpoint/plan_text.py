@@ -8,7 +8,8 @@ from typing import Any
 from curry_train.checkpoint.cadence import ResumeTarget
 from curry_train.checkpoint.plan import ROLLBACK_PARAMS_THRESHOLD, Plan, storage_fits
 from curry_train.checkpoint.policy import Role
-from curry_train.checkpoint.sizes import SET_ASIDE, CheckpointSize, RoleEstimate, human_bytes
+from curry_train.checkpoint.sizes import ABANDONED, CheckpointSize, RoleEstimate
+from curry_train.units import human_bytes
 
 # --------------------------------------------------------------------------------------------------- output
 
@@ -16,7 +17,7 @@ from curry_train.checkpoint.sizes import SET_ASIDE, CheckpointSize, RoleEstimate
 def _cadence_label(e: RoleEstimate) -> str:
     if e.every == 0:
         return "off"
-    if e.role == SET_ASIDE:
+    if e.role == ABANDONED:
         return "after a rollback"
     return "on dev improvement" if e.role == Role.BEST_K.value else f"every {e.every} steps"
 
@@ -155,14 +156,36 @@ def _render_cadence(plan: Plan) -> list[str]:
         f"  Young sqrt(2CM) = {c.young_seconds:.0f} s; Daly {c.daly_seconds:.0f} s = every {c.optimum_steps} steps",
     ]
     if c.configured_steps is not None and c.wasted_configured is not None:
+        auto = "auto: " if c.configured_role in plan.auto_roles else ""
         lines.append(
             f"  time lost to saving + recomputation: {c.wasted_configured:.1%} at the configured exact-resume cadence "
-            f"(checkpoint.{c.configured_role}_every={c.configured_steps}), {c.wasted_optimum:.1%} at every "
+            f"(checkpoint.{c.configured_role}_every={auto}{c.configured_steps}), {c.wasted_optimum:.1%} at every "
             f"{c.optimum_steps} steps"
         )
     else:
         lines.append(f"  no role saves full state; at every {c.optimum_steps} steps {c.wasted_optimum:.1%} is lost")
     return lines
+
+
+def clamp_words(clamped: str | None, optimum_steps: float | None) -> str:
+    """Why an automatic interval is what it is, in a few words (the plan and `status` say it alike)."""
+    if optimum_steps is None:
+        return "nothing measured yet: checkpoint.auto_min_every, so the first save comes early and is measured"
+    daly = f"Daly's optimum {optimum_steps:.1f} steps"
+    return {
+        None: daly,
+        "min": f"{daly}, raised to checkpoint.auto_min_every",
+        "max": f"{daly}, lowered to checkpoint.auto_max_every (default: train.steps)",
+        "overhead": f"{daly}, raised so saves cost at most checkpoint.max_overhead of training time",
+    }.get(clamped, f"{daly}, clamped: {clamped}")
+
+
+def _render_auto(plan: Plan) -> list[str]:
+    if plan.auto is None:
+        return []
+    keys = " and ".join(f"checkpoint.{role}_every=auto" for role in plan.auto_roles)
+    clamped = plan.auto.clamped.value if plan.auto.clamped else None
+    return [f"  {keys}: every {plan.auto.every} steps ({clamp_words(clamped, plan.auto.optimum_steps)})"]
 
 
 def render_plan(plan: Plan) -> str:
@@ -173,6 +196,7 @@ def render_plan(plan: Plan) -> str:
         _render_recommendation(plan),
         _render_worst_case(plan),
         _render_cadence(plan),
+        _render_auto(plan),
         [f"hang timeout: {plan.hang_timeout_s:.0f} s ({plan.hang_source}): no progress for this long ends the job"],
     ]
     return "\n".join(line for section in sections for line in section)
@@ -203,6 +227,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "recommendation": None if plan.recommendation is None else asdict(plan.recommendation),
         "timing": asdict(plan.timing),
         "cadence": None if plan.cadence is None else asdict(plan.cadence),
+        "auto": None if plan.auto is None else asdict(plan.auto) | {"roles": list(plan.auto_roles)},
         "hang_timeout_s": plan.hang_timeout_s,
     }
     if plan.crash is not None and plan.spike is not None:

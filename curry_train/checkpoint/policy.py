@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import math
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 
@@ -255,6 +256,47 @@ def best_k_decision(policy: Policy, existing: list[Checkpoint], step: int, value
     return BestKDecision(True, ranked[k - 1 :], f"{label} ranks #{position + 1} of best_k={k}")
 
 
+def best_k_value(value: float) -> float:
+    """A dev result as best-K ranks and names it: six significant digits keep the name readable
+    (dev-loss-2.34102-step-...) at any scale of the metric; values equal to that precision tie."""
+    return float(f"{value:.6g}")
+
+
+@dataclass(frozen=True)
+class Admission:
+    """A dev result that enters the top K: the checkpoint to save, those it pushes out, and why."""
+
+    checkpoint: Checkpoint
+    evict: list[Checkpoint]
+    reason: str
+
+
+class BestK:
+    """A run's best-K ranking as dev results come in. Every rank holds one, starting from the same listing and fed
+    the same values, so ranks agree on each admission without talking."""
+
+    def __init__(self, policy: Policy, committed: list[Checkpoint]) -> None:
+        self.policy = policy
+        self.checkpoints = list(committed)
+
+    def admit(self, step: int, value: float) -> Admission | None:
+        """The checkpoint a dev result at `step` becomes when it ranks in the top best_k (then counted in the
+        ranking), else None. A tie keeps the earlier checkpoint (`best_k_decision`)."""
+        if self.policy.best_k == 0:
+            return None
+        value = best_k_value(value)
+        if any(c.step == step and c.metric == value for c in self.checkpoints):
+            # A resumed run evaluating the same step again. (The same step with another value is a new trajectory
+            # after a rollback: it competes like any other.)
+            return None
+        decision = best_k_decision(self.policy, self.checkpoints, step, value)
+        if not decision.admit:
+            return None
+        checkpoint = Checkpoint(Role.BEST_K, step, metric=value, metric_name=self.policy.best_k_metric)
+        self.checkpoints = [c for c in self.checkpoints if c not in decision.evict] + [checkpoint]
+        return Admission(checkpoint, decision.evict, decision.reason)
+
+
 @dataclass(frozen=True)
 class Deletion:
     checkpoint: Checkpoint
@@ -297,13 +339,18 @@ def retention(
     return deletions
 
 
-def exact_resume_candidates(committed: list[Checkpoint], policy: Policy) -> list[Checkpoint]:
-    """Checkpoints a run can resume from exactly, newest first; recovery first among equal steps."""
-    roles = {Role.RECOVERY}
-    if policy.full_rollback:
-        roles.add(Role.ROLLBACK)
-    candidates = [c for c in dict.fromkeys(committed) if c.role in roles]
+def exact_resume_points(committed: Iterable[Checkpoint], holds_full: Callable[[Checkpoint], bool]) -> list[Checkpoint]:
+    """The checkpoints a run can resume from exactly, newest first, recovery first among equal steps: the rollback
+    and recovery checkpoints that hold full state. `holds_full` says which: what their manifests record (a run
+    directory) or what the policy saves (planning, `by_policy`); it is asked of rollback and recovery only, so a
+    run directory's best-K manifests are never read."""
+    candidates = [c for c in dict.fromkeys(committed) if c.role is not Role.BEST_K and holds_full(c)]
     return sorted(candidates, key=lambda c: (-c.step, c.role is not Role.RECOVERY))
+
+
+def by_policy(policy: Policy) -> Callable[[Checkpoint], bool]:
+    """`holds_full` for checkpoints the policy would write: recovery, and rollback when it holds full state."""
+    return lambda checkpoint: contents_of(policy, (checkpoint.role,)) is Contents.FULL
 
 
 def rollback_target(committed: list[Checkpoint], at_or_before: int) -> Checkpoint | None:
@@ -330,21 +377,3 @@ def skipped_range(target_cursor: int, spike_cursor: int, extra_steps: int, batch
     if not 0 <= target_cursor <= spike_cursor:
         raise ValueError(f"sample cursors out of order: target {target_cursor}, spike {spike_cursor}")
     return target_cursor, spike_cursor + extra_steps * batch_size
-
-
-def worst_case_resume(policy: Policy, crash_step: int) -> int:
-    """The step a run resumes from after crashing with ``crash_step`` steps completed, in the worst case.
-
-    Worst case: the crash lands just before the save at ``crash_step`` commits, so only exact-resume saves
-    (recovery, and rollback when it holds FULL state) at steps strictly below ``crash_step`` count. The newest
-    such save always survives retention, since a role that saves keeps at least one. Returns 0 when none
-    exists yet, or the policy writes none: the run starts again from scratch.
-    """
-    if crash_step < 0:
-        raise ValueError(f"crash_step={crash_step}: must be >= 0")
-    cadences = [policy.recovery_every]
-    if policy.full_rollback:
-        cadences.append(policy.rollback_every)
-    if crash_step == 0:
-        return 0
-    return max(((crash_step - 1) // every * every for every in cadences if every > 0), default=0)

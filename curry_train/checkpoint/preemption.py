@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
+from curry_train import failures
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.journal import append_from_any_rank, read_journal
+from curry_train.layout import RunFiles
 
 
 class StopNow(KeyboardInterrupt):
@@ -31,6 +34,7 @@ class Preemption:
     # `curry-train run` passes the same signal on. A repeat of the same signal this soon, before the save it asked
     # for has begun, is that one signal; once the save runs, a repeat means "stop now".
     REPEAT_WINDOW_S = 1.0
+    ANNOUNCE_AFTER_S = 0.5
 
     def __init__(
         self,
@@ -42,6 +46,8 @@ class Preemption:
         self.received: int | None = None
         self.received_at = 0.0
         self.saving = False  # the save the first signal asked for has begun
+        self._announcement: str | None = None  # rank 0's line about the first signal, until said
+        self._announcing = threading.RLock()  # re-entrant: a signal handler may interrupt the one holding it
         self.run_dir, self.is_main, self.where, self.plan_save_seconds = run_dir, is_main, where, plan_save_seconds
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
@@ -52,6 +58,7 @@ class Preemption:
         if repeat and not self.saving:
             return
         if self.received is not None:
+            self._announce()  # the first signal's line, if its moment has not come yet: then what stopped it
             self.uninstall()
             if self.is_main and self.run_dir is not None:
                 append_from_any_rank(self.run_dir, "preempt", step, signal=name, forced=True, during=phase)
@@ -62,12 +69,24 @@ class Preemption:
         if self.is_main:
             seconds = last_full_save_seconds(self.run_dir) or self.plan_save_seconds
             about = f"about {seconds:.0f} s" if seconds is not None else "no save measured yet"
-            # os.write, not print: the handler may run while the training thread is inside a print.
-            os.write(
-                2,
+            line = (
                 f"curry-train: {name} received: finishing {phase}, then saving a full checkpoint ({about}) and "
-                "stopping; a second signal stops at once without that save\n".encode(),
+                "stopping; a second signal stops at once without that save\n"
             )
+            # Said from a thread a moment later, unless this rank is by then ending on a failure: torchrun sends
+            # SIGTERM to the surviving workers when one fails, and their one line is that failure, not a save that
+            # will not happen. (os.write, not print: the training thread may be inside a print.)
+            self._announcement = line
+            timer = threading.Timer(self.ANNOUNCE_AFTER_S, self._announce)
+            timer.daemon = True
+            timer.start()
+
+    def _announce(self) -> None:
+        """Say what the first signal will do, once (from the timer, or before a second signal stops the run)."""
+        with self._announcing:
+            line, self._announcement = self._announcement, None
+        if line is not None and not failures.ending.is_set():
+            os.write(2, line.encode())
 
     @property
     def requested(self) -> bool:
@@ -80,7 +99,7 @@ class Preemption:
 
 def last_full_save_seconds(run_dir: Path | None) -> float | None:
     """The seconds of the last full save journaled in `run_dir`, written and committed (None when there is none)."""
-    path = None if run_dir is None else run_dir / "journal.jsonl"
+    path = None if run_dir is None else RunFiles(run_dir).journal
     if path is None or not path.is_file():
         return None
     saves = [
@@ -92,7 +111,7 @@ def last_full_save_seconds(run_dir: Path | None) -> float | None:
 
 
 def ensure_full_save(
-    ckpt: Checkpointer,
+    checkpointer: Checkpointer,
     policy: Policy,
     step: int,
     state: Callable[[Contents], dict],
@@ -102,21 +121,21 @@ def ensure_full_save(
     is enough)."""
     decision = decide_save(policy, step, reason)
     if decision is not None:
-        ckpt.save(step, list(decision.roles), decision.contents, state(decision.contents))
+        checkpointer.save(step, list(decision.roles), decision.contents, state(decision.contents))
 
 
 def save_on_preemption(
-    ckpt: Checkpointer,
+    checkpointer: Checkpointer,
     policy: Policy,
     step: int,
     state: Callable[[Contents], dict],
     preemption: Preemption,
-    say: Callable[[str], None],
+    tell_user: Callable[[str], None],
 ) -> None:
     """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
     preemption.saving = True
-    ensure_full_save(ckpt, policy, step, state)
-    ckpt.wait()
+    ensure_full_save(checkpointer, policy, step, state)
+    checkpointer.wait()
     name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
-    ckpt.journal.append("preempt", step, signal=name)
-    say(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")
+    checkpointer.journal.append("preempt", step, signal=name)
+    tell_user(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")

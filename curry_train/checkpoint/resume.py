@@ -12,13 +12,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.distributed as dist
 
+from curry_train.checkpoint import io
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.manifest import MANIFEST, Manifest, check_file
-from curry_train.checkpoint.policy import Checkpoint, Role
-from curry_train.checkpoint.state import PER_RANK_KEYS, Contents, Progress, digest_algorithm
+from curry_train.checkpoint.policy import Checkpoint, Role, exact_resume_points
+from curry_train.checkpoint.state import (
+    PER_RANK_KEYS,
+    Contents,
+    TrainState,
+    digest_algorithm,
+    legacy_layout,
+)
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import Launch, flatten
 from curry_train.failures import Refused
@@ -39,17 +45,7 @@ class ResumePoint:
     rollback_to: str | None = None  # a rollback of this run to its checkpoint at this relpath (one-shot)
     note: str | None = None  # what the launch should tell the user about how this point was chosen
     fallbacks: list[Path] = field(default_factory=list)  # +resume=latest|auto: older full checkpoints, newest first
-
-
-@dataclass
-class Trainee:
-    """What a resume or a rollback loads into."""
-
-    state: Callable[[Contents], dict]  # the DCP state of a checkpoint with these contents
-    optimizer: torch.optim.Optimizer
-    progress: Progress
-    saved_fidelity: dict[str, Any]  # filled by loading a full checkpoint
-    fidelity_now: Callable[[str], dict[str, Any]]  # this rank's record now, parameters digested with that algorithm
+    fetched_from: str | None = None  # the remote checkpoint this one was downloaded from at this start
 
 
 # ------------------------------------------------------------------------------------------ where to resume
@@ -58,24 +54,24 @@ class Trainee:
 def _journal_unrecorded_saves(store: RunDir, journal: Journal | Deferred) -> None:
     """A crash between a commit (the rename) and its journal line leaves a committed checkpoint the journal does
     not know: journal it now, so the journal stays the complete record of what is on disk."""
-    path = store.path / "journal.jsonl"
+    path = store.files.journal
     if not path.exists():
         return
     newest_save: dict[str, str] = {}
     for event in read_journal(path):
         if event["event"] == "save":
             newest_save[str(event["path"])] = str(event["time"])
-    for ckpt in store.list():
-        manifest = store.manifest(ckpt)
-        journaled = newest_save.get(ckpt.relpath)
+    for checkpoint in store.list():
+        manifest = store.manifest(checkpoint)
+        journaled = newest_save.get(checkpoint.relpath)
         if journaled is None or journaled < manifest.created:
             journal.append(
                 "save",
-                ckpt.step,
-                role=ckpt.role,
-                path=ckpt.relpath,
+                checkpoint.step,
+                role=checkpoint.role,
+                path=checkpoint.relpath,
                 bytes=manifest.total_bytes,
-                contents=manifest.extra.get("contents"),
+                contents=manifest.contents,
                 reason="committed before a crash cut its journal line short (recorded at the next start)",
             )
 
@@ -131,9 +127,9 @@ def clean_run_dir(store: RunDir, journal: Journal | Deferred) -> list[str]:
 
 def point_of(path: Path, **fields: Any) -> ResumePoint:
     manifest = Manifest.read(path)
-    return ResumePoint(
-        path, manifest.step, Contents(manifest.extra["contents"]), int(manifest.extra["world_size"]), **fields
-    )
+    if manifest.contents is None or manifest.world_size is None:
+        raise ValueError(f"{path / MANIFEST} names no contents or world size: it was not written by a save")
+    return ResumePoint(path, manifest.step, manifest.contents, manifest.world_size, **fields)
 
 
 def _own_checkpoint(store: RunDir, path: Path) -> Checkpoint | None:
@@ -144,7 +140,7 @@ def _own_checkpoint(store: RunDir, path: Path) -> Checkpoint | None:
 
 def _rolled_back_before(store: RunDir, relpath: str) -> dict | None:
     """The journal's record of a rollback this run already made to `relpath` by request, if any."""
-    journal = store.path / "journal.jsonl"
+    journal = store.files.journal
     if not journal.exists():
         return None
     return next(
@@ -157,10 +153,10 @@ def find_resume_point(launch: Launch, store: RunDir, config: dict[str, Any] | No
     """Where this launch continues from (rank 0 reads the disk, after leftovers were cleaned)."""
     request = launch.rollback_to or launch.resume
     if request is None:
-        metrics = store.path / "metrics.jsonl"
+        metrics = store.files.metrics
         if store.list() or (metrics.exists() and metrics.stat().st_size > 0):
             # Not a ResumeError: nobody asked to resume. A refusal that names the two ways on.
-            journal = store.path / "journal.jsonl"
+            journal = store.files.journal
             finished = journal.exists() and any(e["event"] == "run_end" for e in read_journal(journal))
             raise Refused(
                 f"run directory {store.path} already holds a {'finished ' if finished else ''}run "
@@ -204,15 +200,15 @@ def describe_run(store: RunDir, config: dict[str, Any] | None) -> str:
     import yaml
 
     words = []
-    metrics = store.path / "metrics.jsonl"
+    metrics = store.files.metrics
     if metrics.exists():
         words.append(f"{max(read_metrics(metrics), default=0)} steps done")
-    journal = store.path / "journal.jsonl"
+    journal = store.files.journal
     if journal.exists():
         starts = [e for e in read_journal(journal) if e["event"] == "run_start"]
         if starts:
             words.append(f"last launched {str(starts[-1]['time'])[:16].replace('T', ' ')}")
-    saved = store.path / "config.yaml"
+    saved = store.files.config
     if config is not None and saved.exists():
         before, now = flatten(yaml.safe_load(saved.read_text()) or {}), flatten(config)
         changed = [
@@ -240,8 +236,7 @@ def _latest_point(store: RunDir, request: str) -> ResumePoint | None:
             "from; start without +resume, or use +resume=auto to start fresh when there is none"
         )
     older = [c for c in store.list() if c.role is not Role.BEST_K and c.step <= latest.step and c != latest]
-    full = [c for c in older if store.manifest(c).extra.get("contents") == Contents.FULL.value]
-    full.sort(key=lambda c: (c.step, c.role is Role.RECOVERY), reverse=True)
+    full = exact_resume_points(older, lambda c: store.manifest(c).contents is Contents.FULL)
     return point_of(store.path_of(latest), fallbacks=[store.path_of(c) for c in full])
 
 
@@ -268,7 +263,7 @@ def choose_verified(
     ckpt_group: dist.ProcessGroup,
     store: RunDir,
     journal: Journal | Deferred,
-    say: Callable[[str], None],
+    tell_user: Callable[[str], None],
 ) -> ResumePoint:
     """The first of `point` and its fallbacks whose files match their manifest. A damaged checkpoint named by
     +resume=PATH (no fallbacks) is an error; +resume=latest falls back, with a warning and a journal line."""
@@ -283,7 +278,7 @@ def choose_verified(
         if not point.fallbacks or point.rollback_to is not None:
             raise ResumeError(f"checkpoint {where}; run `curry-train verify {store.path}` to see every problem")
         following = relpath_in(store, candidates[number + 1]) if number + 1 < len(candidates) else None
-        say(f"curry-train: WARNING: checkpoint {where}; " + (f"falling back to {following}" if following else ""))
+        tell_user(f"curry-train: WARNING: checkpoint {where}; " + (f"falling back to {following}" if following else ""))
         journal.append(
             "resume_fallback",
             int(Manifest.read(path).step) if (path / MANIFEST).is_file() else 0,
@@ -325,22 +320,26 @@ def check_shapes(path: Path, expected: dict[str, tuple[int, ...]]) -> None:
 # ------------------------------------------------------------------------------------------------- loading
 
 
-def load(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: int) -> None:
+def load(point: ResumePoint, checkpointer: Checkpointer, train_state: TrainState, world_size: int) -> None:
     """Load the checkpoint at `point` (all ranks); after a full checkpoint on the same world size, check that
     parameters, RNG and the next batch are bitwise what was saved."""
     same_world = point.world_size == world_size
-    wanted = into.state(point.contents)
+    wanted = train_state.state(point.contents)
     if not same_world:
         # Per-rank states belong to the old layout of ranks; the data position is the global sample cursor.
         for key in PER_RANK_KEYS:
             wanted.pop(key, None)
-    into.saved_fidelity.clear()
-    ckpt.load(point.path, wanted)
+    if "dataloader" not in io.saved_keys(point.path):
+        wanted = legacy_layout(wanted)  # written before `dataloader`: the data position is in `progress`
+    train_state.saved_fidelity.clear()
+    io.load(wanted, point.path, checkpointer.group)
     if point.contents is Contents.PARAMS:
-        into.optimizer.state.clear()  # Adam's moments start fresh (a rollback may have had them)
-    into.progress.world_size = world_size
+        train_state.optimizer.state.clear()  # Adam's moments start fresh (a rollback may have had them)
+    train_state.progress.world_size = world_size
     if point.contents is Contents.FULL and same_world:
-        check_fidelity(into.saved_fidelity, into.fidelity_now(digest_algorithm(into.saved_fidelity)))
+        check_fidelity(
+            train_state.saved_fidelity, train_state.fidelity_now(digest_algorithm(train_state.saved_fidelity))
+        )
 
 
 def relpath_in(store: RunDir, path: Path) -> str:
@@ -350,12 +349,18 @@ def relpath_in(store: RunDir, path: Path) -> str:
         return str(path)
 
 
-def resume(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: int, say: Callable[[str], None]) -> None:
+def resume(
+    point: ResumePoint,
+    checkpointer: Checkpointer,
+    train_state: TrainState,
+    world_size: int,
+    tell_user: Callable[[str], None],
+) -> None:
     """Continue from `point` at launch: load it and journal the resume."""
-    load(point, ckpt, into, world_size)
+    load(point, checkpointer, train_state, world_size)
     same_world = point.world_size == world_size
-    relpath = relpath_in(ckpt.store, point.path)
-    ckpt.journal.append(
+    relpath = relpath_in(checkpointer.store, point.path)
+    checkpointer.journal.append(
         "resume",
         point.step,
         path=relpath,
@@ -363,11 +368,13 @@ def resume(point: ResumePoint, ckpt: Checkpointer, into: Trainee, world_size: in
         exact=point.contents is Contents.FULL and same_world,
         world_size=world_size,
         saved_world_size=point.world_size,
+        **({"source": "remote", "remote": point.fetched_from} if point.fetched_from else {}),
     )
     if not same_world:
-        ckpt.journal.append("world_size_change", point.step, old=point.world_size, new=world_size)
-    say(
+        checkpointer.journal.append("world_size_change", point.step, old=point.world_size, new=world_size)
+    tell_user(
         f"curry-train: resumed from step {point.step} of {relpath}"
+        + (f" (fetched from {point.fetched_from})" if point.fetched_from else "")
         + ("" if same_world else f" (world size {point.world_size} -> {world_size})")
         + ("" if point.contents is Contents.FULL else " (parameters only: optimizer state starts fresh)")
     )

@@ -21,8 +21,8 @@ from curry_train.checkpoint.policy import (
     rollback_target,
     skipped_range,
 )
-from curry_train.checkpoint.resume import ResumePoint, Trainee, load, point_of
-from curry_train.checkpoint.state import Contents, Progress
+from curry_train.checkpoint.resume import ResumePoint, load, point_of
+from curry_train.checkpoint.state import Contents, Progress, TrainState
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import SpikeConfig
 from curry_train.distributed import on_rank0
@@ -47,12 +47,12 @@ class Cause:
 def roll_back(
     point: ResumePoint,
     cause: Cause,
-    ckpt: Checkpointer,
-    into: Trainee,
+    checkpointer: Checkpointer,
+    train_state: TrainState,
     spike: SpikeConfig,
     batch_size: int,
     world_size: int,
-    say: Callable[[str], None],
+    tell_user: Callable[[str], None],
 ) -> None:
     """Return this run to the checkpoint at `point`, skip the abandoned steps' samples, and make that durable.
 
@@ -60,10 +60,10 @@ def roll_back(
     abandoned rollback and recovery checkpoints are set aside (crash-safely, newest first, then `latest` moves),
     and the target step is saved again with the new data position, so a crash from here resumes the new trajectory.
     """
-    ckpt.wait()
-    history, injected = list(into.progress.rollbacks), list(into.progress.injected)
-    load(point, ckpt, into, world_size)
-    progress = into.progress
+    checkpointer.wait()
+    history, injected = list(train_state.progress.rollbacks), list(train_state.progress.injected)
+    load(point, checkpointer, train_state, world_size)
+    progress = train_state.progress
     start, end = skipped_range(progress.cursor, cause.cursor, spike.skip_extra_steps, batch_size)
     if end > start:
         progress.skipped = [*progress.skipped, [start, end]]
@@ -80,10 +80,10 @@ def roll_back(
     assert target is not None
 
     def rewind_run_dir() -> tuple[list[str], list[Role]]:
-        committed = ckpt.store.list()
-        moved = ckpt.store.roll_back(target, abandoned_by_rollback(committed, point.step))
-        set_aside = [str(p.relative_to(ckpt.store.path)) for p in moved]
-        ckpt.journal.append(
+        committed = checkpointer.store.list()
+        moved = checkpointer.store.roll_back(target, abandoned_by_rollback(committed, point.step))
+        abandoned = [str(p.relative_to(checkpointer.store.path)) for p in moved]
+        checkpointer.journal.append(
             "rollback",
             point.step,
             path=point.rollback_to,
@@ -92,19 +92,19 @@ def roll_back(
             skipped_steps=cause.step - point.step + spike.skip_extra_steps,
             optimizer_restored=not fresh_optimizer,
             rewarmup_steps=spike.rewarmup_steps if fresh_optimizer else 0,
-            set_aside=set_aside,
+            set_aside=abandoned,  # the journal's field name
             **cause.fields,
         )
-        return set_aside, tuple(c.role for c in committed if c.step == point.step)
+        return abandoned, tuple(c.role for c in committed if c.step == point.step)
 
-    set_aside, roles = on_rank0(ckpt.is_main, ckpt.group, rewind_run_dir)
+    abandoned, roles = on_rank0(checkpointer.is_main, checkpointer.group, rewind_run_dir)
     # The target step again, now with the skipped range in its progress: a crash from here on resumes the new
     # trajectory exactly, never the spiked one. It replaces the old bytes through the store's atomic re-save.
-    decision = decide_save(ckpt.policy, point.step, SaveReason.RESAVE, roles)
+    decision = decide_save(checkpointer.policy, point.step, SaveReason.RESAVE, roles)
     if decision is not None:
-        ckpt.save(point.step, list(decision.roles), decision.contents, into.state(decision.contents))
-        ckpt.wait()
-    say(
+        checkpointer.save(point.step, list(decision.roles), decision.contents, train_state.state(decision.contents))
+        checkpointer.wait()
+    tell_user(
         f"curry-train: {cause.summary}: rolled back to step {point.step} ({point.rollback_to}), skipping samples "
         f"[{start}, {end}) ({(end - start) // batch_size} steps of data); "
         + (
@@ -112,12 +112,12 @@ def roll_back(
             if fresh_optimizer
             else "optimizer state restored"
         )
-        + f"; {len(set_aside)} newer checkpoint(s) set aside"
+        + f"; {len(abandoned)} newer checkpoint(s) set aside"
     )
 
 
 def spike_target(
-    verdict: Verdict, step: int, progress: Progress, ckpt: Checkpointer, spike: SpikeConfig, batch_size: int
+    verdict: Verdict, step: int, progress: Progress, checkpointer: Checkpointer, spike: SpikeConfig, batch_size: int
 ) -> tuple[ResumePoint, Cause]:
     """Where an in-process rollback after a spike at `step` goes, or a SpikeError when it cannot."""
     rule = spike.rule()
@@ -131,10 +131,10 @@ def spike_target(
     bound = rollback_bound(step, rule, spike.rollback_margin)
 
     def choose() -> ResumePoint | None:
-        target = rollback_target(ckpt.store.list(), bound)
-        return None if target is None else point_of(ckpt.store.path_of(target), rollback_to=target.relpath)
+        target = rollback_target(checkpointer.store.list(), bound)
+        return None if target is None else point_of(checkpointer.store.path_of(target), rollback_to=target.relpath)
 
-    point = on_rank0(ckpt.is_main, ckpt.group, choose)
+    point = on_rank0(checkpointer.is_main, checkpointer.group, choose)
     if point is None:
         raise SpikeError(
             f"{verdict.reason}; no rollback or recovery checkpoint at or before step {bound} (the spike step less "
@@ -156,7 +156,7 @@ def spike_target(
 
 def manual_cause(point: ResumePoint, store: RunDir, batch_size: int) -> Cause:
     """A `+rollback_to`: the abandoned trajectory reached the last step in metrics.jsonl (rank 0 reads)."""
-    metrics = store.path / "metrics.jsonl"
+    metrics = store.files.metrics
     reached = point.step
     if metrics.exists():
         reached = max(point.step, _last_logged_step(metrics))
@@ -166,8 +166,8 @@ def manual_cause(point: ResumePoint, store: RunDir, batch_size: int) -> Cause:
     base = max(trajectory, key=lambda c: c.step, default=None)
     base_step, base_cursor = 0, 0
     if base is not None:
-        extra = store.manifest(base).extra
-        base_step, base_cursor = base.step, int(extra.get("cursor", base.step * batch_size))
+        recorded = store.manifest(base).cursor
+        base_step, base_cursor = base.step, base.step * batch_size if recorded is None else recorded
     cursor = base_cursor + (reached - base_step) * batch_size
     fields = {"request": point.rollback_to, "reason": f"+rollback_to={point.rollback_to}"}
     return Cause(reached, cursor, fields, f"rollback requested (the run had reached step {reached})")

@@ -29,8 +29,8 @@ ADAMW_STATE_BYTES = 8  # exp_avg and exp_avg_sq, fp32 each
 ADAMW_STEP_BYTES = 4  # one 0-d fp32 step counter per parameter tensor
 TENSOR_ITEM_BYTES = 1_880  # torch.save container in .distcp (~1,576 B) + entry in .metadata (~300 B)
 VALUE_ITEM_BYTES = 1_420  # a small pickled value: torch.save container (~1,261 B) + .metadata entry (~160 B)
-PROGRESS_VALUES = 3  # step, samples_seen, world_size: every role
-FULL_SHARED_VALUES = 29  # progress (3) + scheduler (2) + 2 AdamW param groups x 12 settings
+PROGRESS_VALUES = 5  # progress (step, world_size, history) + dataloader (cursor, skipped): every role
+FULL_SHARED_VALUES = 31  # progress and dataloader (5) + scheduler (2) + 2 AdamW param groups x 12 settings
 PER_RANK_FULL_BYTES = 20_500  # RNG states (~17.4 KB) + fidelity record, per rank
 METADATA_BASE_BYTES = 80
 MANIFEST_BYTES = 400  # manifest.json without its file entries
@@ -65,14 +65,8 @@ def model_size(cfg: ModelConfig) -> ModelSize:
     return ModelSize(sum(math.prod(shape) for shape in shapes.values()), len(shapes))
 
 
-def _as_size(size: ModelSize | int) -> ModelSize:
-    # A bare parameter count (the older call style) has no tensor count: its item overhead is left out.
-    return size if isinstance(size, ModelSize) else ModelSize(size, 0)
-
-
-def checkpoint_size(size: ModelSize | int, full: bool, world_size: int = 1) -> CheckpointSize:
+def checkpoint_size(size: ModelSize, full: bool, world_size: int = 1) -> CheckpointSize:
     """One checkpoint's bytes: full (parameters + AdamW state + RNG, data position, scheduler) or parameters only."""
-    size = _as_size(size)
     tensor_items = size.tensors * world_size
     values = PROGRESS_VALUES
     per_rank = 0
@@ -94,8 +88,8 @@ def checkpoint_size(size: ModelSize | int, full: bool, world_size: int = 1) -> C
     return CheckpointSize(size.params * PARAM_BYTES, optimizer, extra)
 
 
-def checkpoint_bytes(params: ModelSize | int, full: bool, world_size: int = 1) -> int:
-    return checkpoint_size(params, full, world_size).total
+def checkpoint_bytes(size: ModelSize, full: bool, world_size: int = 1) -> int:
+    return checkpoint_size(size, full, world_size).total
 
 
 @dataclass(frozen=True)
@@ -129,11 +123,11 @@ def evaluations(steps: int | None, eval_every: int) -> int | None:
     return 0 if eval_every <= 0 else math.ceil(steps / eval_every)
 
 
-SET_ASIDE = "set_aside"
+ABANDONED = "set_aside"  # what rollbacks set aside, under the name the plan shows (as the journal does)
 
 
 def role_estimates(
-    size: ModelSize | int, policy: Policy, world_size: int = 1, steps: int | None = None, eval_every: int = 0
+    size: ModelSize, policy: Policy, world_size: int = 1, steps: int | None = None, eval_every: int = 0
 ) -> list[RoleEstimate]:
     """Each role's cadence, contents, keep and size; with `steps`, capped at what a run of that length makes."""
     full = checkpoint_bytes(size, True, world_size)
@@ -162,7 +156,7 @@ def role_estimates(
         ),
         # A rollback sets the abandoned trajectory's checkpoints aside; the newest abandoned_keep of them stay.
         RoleEstimate(
-            SET_ASIDE,
+            ABANDONED,
             int(policy.rollback_every > 0 or policy.recovery_every > 0),
             "full" if policy.recovery_every > 0 or rollback_full else "params",
             policy.abandoned_keep,
@@ -184,11 +178,3 @@ def committed_bytes(estimates: list[RoleEstimate], in_flight: bool = True) -> in
     only after the new one commits, so for a moment a role holds keep + 1.
     """
     return sum(e.committed for e in estimates) + (in_flight_bytes(estimates) if in_flight else 0)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} PB"

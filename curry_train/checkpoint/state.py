@@ -3,9 +3,12 @@
 Keys of a checkpoint (each a top-level key of the DCP state dict):
     model       parameters (every role)
     optim       optimizer state (recovery; rollback with rollback_contents=full)
-    progress    the harness's counters (every role): step, the global sample cursor (the whole data position: a
-                sample is a pure function of its index), world size, the sample ranges rollbacks skipped, the
-                spike detector's loss window, and the run's rollback history
+    progress    the harness's counters (every role): step, world size, the spike detector's loss window, where
+                the optimizer state last started fresh, and the run's rollback history
+    dataloader  the data position (every role): `cursor`, the global index of the next sample (a sample is a pure
+                function of its index, so this is the whole position, on any world size or worker count), and
+                `skipped`, the [start, end) sample ranges rollbacks skipped (a JSON list). Checkpoints written
+                before this key existed hold both in `progress`; they still load (`legacy_layout`).
     scheduler   the schedule's position: step and the lr it gives (full state)
     rng         each rank's Python, NumPy and torch RNG states, under `rank<r>` (full state)
     fidelity    each rank's digest of its parameter shard and RNG states and the ids of its next batch, under
@@ -42,6 +45,8 @@ from curry_train.checkpoint.policy import Contents
 
 # Keys whose values belong to one layout of ranks: a resume on another world size leaves them out.
 PER_RANK_KEYS = ("rng", "fidelity")
+# The keys of a parameters-only checkpoint (`Contents.PARAMS`).
+PARAMS_ONLY_KEYS = ("model", "progress", "dataloader")
 
 
 @dataclass
@@ -50,6 +55,7 @@ class Progress:
 
     `step`, `cursor`, `skipped`, `loss_window` and `rewarm_from` describe the trajectory and go back with a rollback;
     `rollbacks` and `injected` are the run's history and never do (the cap on rollbacks counts them all).
+    `cursor` and `skipped` are saved under `dataloader` (`data_state`), the rest under `progress` (`to_state`).
     """
 
     step: int = 0  # completed optimizer steps
@@ -61,33 +67,65 @@ class Progress:
     rollbacks: list[dict[str, Any]] = field(default_factory=list)  # {"spike_step", "step"} of every rollback
     injected: list[int] = field(default_factory=list)  # +debug.inject_spike_at steps already injected
 
-    _LISTS = ("skipped", "loss_window", "rewarm_from", "rollbacks", "injected")
+    _LISTS = ("loss_window", "rewarm_from", "rollbacks", "injected")
 
-    def to_state(self) -> dict[str, Any]:
+    def to_state(self, legacy: bool = False) -> dict[str, Any]:
+        """The `progress` entry; `legacy`: the layout before `dataloader`, with the data position in it."""
         # Numbers stay numbers (PyTorch's tools show them); the lists travel as one JSON string, which every DCP
         # version stores as a plain object (floats round-trip exactly through repr).
-        return {
-            "step": self.step,
-            "cursor": self.cursor,
-            "world_size": self.world_size,
-            "history": json.dumps({name: getattr(self, name) for name in self._LISTS}),
-        }
+        history = {name: getattr(self, name) for name in self._LISTS}
+        if legacy:
+            return {
+                "step": self.step,
+                "cursor": self.cursor,
+                "world_size": self.world_size,
+                "history": json.dumps({"skipped": self.skipped, **history}),
+            }
+        return {"step": self.step, "world_size": self.world_size, "history": json.dumps(history)}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.step, self.cursor, self.world_size = int(state["step"]), int(state["cursor"]), int(state["world_size"])
+        self.step, self.world_size = int(state["step"]), int(state["world_size"])
+        if "cursor" in state:  # the layout before `dataloader`
+            self.cursor = int(state["cursor"])
         for name, value in json.loads(state["history"]).items():
-            setattr(self, name, value)
+            setattr(self, name, value)  # `skipped` too, in the layout before `dataloader`
+
+    def data_state(self) -> dict[str, Any]:
+        """The `dataloader` entry: the data position."""
+        return {"cursor": self.cursor, "skipped": json.dumps(self.skipped)}
+
+    def load_data_state(self, state: dict[str, Any]) -> None:
+        self.cursor, self.skipped = int(state["cursor"]), json.loads(state["skipped"])
 
 
 class ProgressState(Stateful):
+    """`progress`; `legacy`: in the layout of checkpoints written before `dataloader` (the cursor and skipped ranges
+    in it), which is what loading such a checkpoint asks DCP for."""
+
+    def __init__(self, progress: Progress, legacy: bool = False) -> None:
+        self.progress = progress
+        self.legacy = legacy
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.progress.to_state(self.legacy)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.progress.load_state(state_dict)
+
+
+class DataLoaderState(Stateful):
+    """`dataloader`: the data position, as the harness defines it (the global sample cursor and the skipped
+    ranges). Not `StatefulDataLoader`'s own state: that one is tied to a worker count and a world size, while a
+    loader is rebuilt from the cursor on any of them."""
+
     def __init__(self, progress: Progress) -> None:
         self.progress = progress
 
     def state_dict(self) -> dict[str, Any]:
-        return self.progress.to_state()
+        return self.progress.data_state()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.progress.load_state(state_dict)
+        self.progress.load_data_state(state_dict)
 
 
 class ModelState(Stateful):
@@ -259,7 +297,11 @@ def app_state(
     """The DCP state dict of a checkpoint with `contents`: Stateful objects that DCP saves and loads in place.
 
     `fidelity`: where the next batch starts (its sample indices) and where a loaded fidelity record goes."""
-    state: dict[str, Stateful] = {"model": ModelState(model), "progress": ProgressState(progress)}
+    state: dict[str, Stateful] = {  # PARAMS_ONLY_KEYS
+        "model": ModelState(model),
+        "progress": ProgressState(progress),
+        "dataloader": DataLoaderState(progress),
+    }
     if contents is Contents.FULL:
         state["optim"] = OptimState(model, optimizer)
         state["scheduler"] = DictState(scheduler)
@@ -267,3 +309,39 @@ def app_state(
         if fidelity is not None:
             state["fidelity"] = FidelityState(rank, model, device, *fidelity)
     return state
+
+
+def legacy_layout(state: dict[str, Stateful]) -> dict[str, Stateful]:
+    """`state` as a checkpoint written before `dataloader` holds it (the data position inside `progress`), to load
+    one: DCP loads exactly the keys asked for and fails on a key the checkpoint lacks."""
+    state = dict(state)
+    data = state.pop("dataloader", None)
+    if isinstance(data, DataLoaderState):
+        state["progress"] = ProgressState(data.progress, legacy=True)
+    return state
+
+
+@dataclass
+class TrainState:
+    """This rank's training state, as checkpoints save and load it: the model, the optimizer, the harness's
+    counters and the schedule's position. `state(contents)` is the DCP state dict of a checkpoint with `contents`;
+    a resume or a rollback loads into it."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    progress: Progress
+    rank: int
+    device: torch.device
+    next_indices: Callable[[int], list[int]]  # this rank's sample ids of the batch at a global sample cursor
+    schedule: dict[str, int | float] = field(default_factory=lambda: {"step": 0, "lr": 0.0})  # saved as `scheduler`
+    saved_fidelity: dict[str, Any] = field(default_factory=dict)  # filled by loading a full checkpoint
+
+    def state(self, contents: Contents) -> dict[str, Stateful]:
+        fidelity = (lambda: self.next_indices(self.progress.cursor), self.saved_fidelity.update)
+        return app_state(
+            contents, self.model, self.optimizer, self.progress, self.schedule, self.rank, self.device, fidelity
+        )
+
+    def fidelity_now(self, algorithm: str) -> dict[str, Any]:
+        """This rank's fidelity record now, its parameters digested with `algorithm` (a saved record's)."""
+        return fidelity_record(self.model, self.device, self.next_indices(self.progress.cursor), algorithm)

@@ -37,7 +37,8 @@ from curry_train.checkpoint.manifest import (
     checksum_tree,
     data_files,
 )
-from curry_train.checkpoint.policy import Checkpoint, Role, parse_checkpoint_name
+from curry_train.checkpoint.policy import Checkpoint, Contents, Role, exact_resume_points, parse_checkpoint_name
+from curry_train.layout import RunFiles
 
 LATEST = "latest"
 TMP_PREFIX = ".tmp-"
@@ -53,7 +54,6 @@ ABANDONED_PREFIX = ".abandoned-"
 # Written durably before a rollback sets anything aside and removed once `latest` names the target: a start that
 # finds it finishes the rollback before choosing where to resume, so a crash mid-rollback never resumes the
 # abandoned trajectory.
-ROLLBACK_INTENT = "rollback-intent.json"
 
 
 def _now_iso() -> str:
@@ -68,7 +68,7 @@ class Abandoned:
     role: Role
     name: str
     step: int
-    set_aside_ns: int  # when its rollback happened
+    abandoned_ns: int  # when its rollback happened
     nbytes: int
 
     @property
@@ -89,9 +89,6 @@ def _fsync_tree(root: Path, durable: frozenset[str] = frozenset()) -> None:
 # --------------------------------------------------------------------------------------------- one writer
 
 
-LOCK = ".lock"
-
-
 class RunLock:
     """An advisory lock on the run directory, held by rank 0 for the life of a launch: one writer per run.
 
@@ -101,7 +98,7 @@ class RunLock:
     """
 
     def __init__(self, run_dir: Path) -> None:
-        self.path = Path(run_dir) / LOCK
+        self.path = RunFiles(Path(run_dir)).lock
         self._fd: int | None = None
 
     def acquire(self) -> str | None:
@@ -136,6 +133,7 @@ class RunDir:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
+        self.files = RunFiles(self.path)  # the run directory's own files around the checkpoints
 
     def __repr__(self) -> str:
         return f"RunDir({str(self.path)!r})"
@@ -145,8 +143,8 @@ class RunDir:
     def role_dir(self, role: Role) -> Path:
         return self.path / role.dirname
 
-    def path_of(self, ckpt: Checkpoint) -> Path:
-        return self.path / ckpt.relpath
+    def path_of(self, checkpoint: Checkpoint) -> Path:
+        return self.path / checkpoint.relpath
 
     def _ensure_role_dir(self, role: Role) -> Path:
         d = self.role_dir(role)
@@ -156,9 +154,9 @@ class RunDir:
             fsync_dir(d.parent)
         return d
 
-    def staging_dir(self, ckpt: Checkpoint) -> Path:
+    def staging_dir(self, checkpoint: Checkpoint) -> Path:
         """Fresh ``<role>/.tmp-<name>`` for all ranks to write into; an old one from a crash is removed."""
-        staging = self._ensure_role_dir(ckpt.role) / f"{TMP_PREFIX}{ckpt.name}"
+        staging = self._ensure_role_dir(checkpoint.role) / f"{TMP_PREFIX}{checkpoint.name}"
         if staging.exists() or staging.is_symlink():
             remove(staging)
         staging.mkdir()
@@ -168,7 +166,7 @@ class RunDir:
 
     def commit(
         self,
-        ckpt: Checkpoint,
+        checkpoint: Checkpoint,
         staging: Path,
         extra: dict[str, Any] | None = None,
         known: dict[str, FileEntry] | None = None,
@@ -186,16 +184,16 @@ class RunDir:
             raise FileNotFoundError(f"staging dir does not exist: {staging}")
         _fsync_tree(staging, durable)
         manifest = Manifest(
-            role=ckpt.role,
-            step=ckpt.step,
-            name=ckpt.name,
+            role=checkpoint.role,
+            step=checkpoint.step,
+            name=checkpoint.name,
             created=_now_iso(),
             files=checksum_tree(staging, known),
-            metric=ckpt.metric,
-            metric_name=ckpt.metric_name,
+            metric=checkpoint.metric,
+            metric_name=checkpoint.metric_name,
             extra=dict(extra or {}),
         )
-        self._publish(ckpt, staging, manifest)
+        self._publish(checkpoint, staging, manifest)
         return manifest
 
     def link(self, src: Checkpoint, dst: Checkpoint) -> Manifest:
@@ -224,12 +222,12 @@ class RunDir:
         self._publish(dst, staging, manifest)
         return manifest
 
-    def _publish(self, ckpt: Checkpoint, staging: Path, manifest: Manifest) -> None:
+    def _publish(self, checkpoint: Checkpoint, staging: Path, manifest: Manifest) -> None:
         """Manifest last, then rename into place; the rename is the moment the checkpoint exists."""
         write_json_durably(staging / MANIFEST, manifest.to_dict())
         fsync_dir(staging)
-        final = self.path_of(ckpt)
-        self._ensure_role_dir(ckpt.role)
+        final = self.path_of(checkpoint)
+        self._ensure_role_dir(checkpoint.role)
         replaced = self._move_aside(final, REPLACED_PREFIX) if final.exists() else None
         os.rename(staging, final)
         fsync_dir(final.parent)
@@ -258,8 +256,8 @@ class RunDir:
     def list(self, role: Role | None = None) -> list[Checkpoint]:
         """Committed checkpoints (name parses and manifest present), sorted by (role, step)."""
         roles = [role] if role is not None else list(Role)
-        found = [c for r in roles for c in self._list_role(r)]
-        return sorted(found, key=lambda c: (c.role.value, c.step, c.name))
+        committed = [c for r in roles for c in self._list_role(r)]
+        return sorted(committed, key=lambda c: (c.role.value, c.step, c.name))
 
     def _list_role(self, role: Role) -> Iterator[Checkpoint]:
         d = self.role_dir(role)
@@ -268,25 +266,25 @@ class RunDir:
         for entry in os.scandir(d):
             if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                 continue
-            ckpt = parse_checkpoint_name(role, entry.name)
-            if ckpt is not None and os.path.isfile(os.path.join(entry.path, MANIFEST)):
-                yield ckpt
+            checkpoint = parse_checkpoint_name(role, entry.name)
+            if checkpoint is not None and os.path.isfile(os.path.join(entry.path, MANIFEST)):
+                yield checkpoint
 
     def unreadable(self) -> list[Path]:
         """Directories named like checkpoints but without a manifest (never committed, or damaged since): never
         listed or resumed, but worth a word, since a reader might take them for checkpoints."""
-        found = []
+        unreadable = []
         for role in Role:
             d = self.role_dir(role)
             if d.is_dir():
-                found += [
+                unreadable += [
                     Path(e.path)
                     for e in os.scandir(d)
                     if not e.name.startswith(".")
                     and parse_checkpoint_name(role, e.name) is not None
                     and not os.path.isfile(os.path.join(e.path, MANIFEST))
                 ]
-        return sorted(found)
+        return sorted(unreadable)
 
     def dangling_latest(self) -> str | None:
         """What `latest` names when that is not a committed checkpoint (None when it is, or there is no link)."""
@@ -295,22 +293,22 @@ class RunDir:
             return os.readlink(link)
         return None
 
-    def is_committed(self, ckpt: Checkpoint) -> bool:
-        return (self.path_of(ckpt) / MANIFEST).is_file()
+    def is_committed(self, checkpoint: Checkpoint) -> bool:
+        return (self.path_of(checkpoint) / MANIFEST).is_file()
 
-    def manifest(self, ckpt: Checkpoint) -> Manifest:
+    def manifest(self, checkpoint: Checkpoint) -> Manifest:
         """The manifest of a committed checkpoint (FileNotFoundError if it is not committed)."""
-        return Manifest.read(self.path_of(ckpt))
+        return Manifest.read(self.path_of(checkpoint))
 
     # -- latest link
 
-    def set_latest(self, ckpt: Checkpoint) -> None:
+    def set_latest(self, checkpoint: Checkpoint) -> None:
         """Point ``latest`` at a committed checkpoint: relative symlink, swapped in with one os.replace."""
-        if not self.is_committed(ckpt):
-            raise ValueError(f"refusing to point latest at an uncommitted checkpoint: {ckpt.relpath}")
+        if not self.is_committed(checkpoint):
+            raise ValueError(f"refusing to point latest at an uncommitted checkpoint: {checkpoint.relpath}")
         tmp = self.path / (LATEST + ".tmp")
         tmp.unlink(missing_ok=True)
-        os.symlink(ckpt.relpath, tmp)
+        os.symlink(checkpoint.relpath, tmp)
         os.replace(tmp, self.path / LATEST)
         fsync_dir(self.path)
 
@@ -319,10 +317,10 @@ class RunDir:
         link = self.path / LATEST
         if not link.is_symlink():
             return None
-        ckpt = self.parse_relpath(os.readlink(link))
-        if ckpt is None or not self.is_committed(ckpt):
+        checkpoint = self.parse_relpath(os.readlink(link))
+        if checkpoint is None or not self.is_committed(checkpoint):
             return None
-        return ckpt
+        return checkpoint
 
     @staticmethod
     def parse_relpath(relpath: str) -> Checkpoint | None:
@@ -334,13 +332,13 @@ class RunDir:
 
     # -- deletion and cleanup
 
-    def delete(self, ckpt: Checkpoint) -> int:
+    def delete(self, checkpoint: Checkpoint) -> int:
         """Delete a committed checkpoint (never the one ``latest`` points to); returns its manifest bytes."""
         current = self.latest()
-        if current is not None and current.relpath == ckpt.relpath:
-            raise ValueError(f"refusing to delete the checkpoint latest points to: {ckpt.relpath}")
-        freed = self.manifest(ckpt).total_bytes
-        trash = self._move_to_trash(self.path_of(ckpt))
+        if current is not None and current.relpath == checkpoint.relpath:
+            raise ValueError(f"refusing to delete the checkpoint latest points to: {checkpoint.relpath}")
+        freed = self.manifest(checkpoint).total_bytes
+        trash = self._move_to_trash(self.path_of(checkpoint))
         shutil.rmtree(trash)
         fsync_dir(trash.parent)
         return freed
@@ -351,24 +349,24 @@ class RunDir:
         if not self.is_committed(target):
             raise ValueError(f"refusing to roll back to an uncommitted checkpoint: {target.relpath}")
         intent = {"target": target.relpath, "abandoned": [c.relpath for c in abandoned]}
-        write_json_durably(self.path / ROLLBACK_INTENT, intent)
+        write_json_durably(self.files.rollback_intent, intent)
         fsync_dir(self.path)
         return self._carry_out_rollback(target, abandoned)
 
     def _carry_out_rollback(self, target: Checkpoint, abandoned: list[Checkpoint]) -> list[Path]:
         moved = []
         token = f"{time.time_ns()}"  # one per rollback: retention orders by it, then by step
-        for ckpt in abandoned:
-            if self.is_committed(ckpt):
-                moved.append(self._move_aside(self.path_of(ckpt), ABANDONED_PREFIX, token=token))
+        for checkpoint in abandoned:
+            if self.is_committed(checkpoint):
+                moved.append(self._move_aside(self.path_of(checkpoint), ABANDONED_PREFIX, token=token))
         self.set_latest(target)
-        (self.path / ROLLBACK_INTENT).unlink()
+        self.files.rollback_intent.unlink()
         fsync_dir(self.path)
         return moved
 
     def finish_interrupted_rollback(self) -> tuple[Checkpoint, list[Path]] | None:
         """A rollback a crash cut short: finish it (call at start, before choosing where to resume)."""
-        path = self.path / ROLLBACK_INTENT
+        path = self.files.rollback_intent
         if not path.exists():
             return None
         intent = json.loads(path.read_text())
@@ -381,7 +379,7 @@ class RunDir:
     def abandoned(self) -> list[Abandoned]:
         """Checkpoints set aside by rollbacks: the oldest rollback's first, and within one, the earliest step first
         (so retention keeps what lay closest to the newest spike)."""
-        found = []
+        abandoned = []
         for role in (Role.ROLLBACK, Role.RECOVERY):
             d = self.role_dir(role)
             if not d.is_dir():
@@ -390,14 +388,16 @@ class RunDir:
                 if not entry.name.startswith(ABANDONED_PREFIX) or not entry.is_dir(follow_symlinks=False):
                     continue
                 name, _, token = entry.name[len(ABANDONED_PREFIX) :].rpartition("-")
-                ckpt = parse_checkpoint_name(role, name)
+                checkpoint = parse_checkpoint_name(role, name)
                 try:
                     nbytes = Manifest.read(Path(entry.path)).total_bytes
                 except (OSError, ValueError, KeyError):
                     nbytes = _tree_bytes(Path(entry.path))
                 order = int(token) if token.isdigit() else 0  # older releases used a random token
-                found.append(Abandoned(Path(entry.path), role, name, ckpt.step if ckpt else 0, order, nbytes))
-        return sorted(found, key=lambda a: (a.set_aside_ns, a.step, a.role is Role.RECOVERY))
+                abandoned.append(
+                    Abandoned(Path(entry.path), role, name, checkpoint.step if checkpoint else 0, order, nbytes)
+                )
+        return sorted(abandoned, key=lambda a: (a.abandoned_ns, a.step, a.role is Role.RECOVERY))
 
     def remove_abandoned(self, item: Abandoned) -> int:
         """Delete a set-aside checkpoint for good; returns its bytes."""
@@ -408,10 +408,8 @@ class RunDir:
 
     def newest_full(self) -> Checkpoint | None:
         """The newest committed rollback or recovery checkpoint holding full state (recovery first on a tie)."""
-        full = [
-            c for c in self.list() if c.role is not Role.BEST_K and self.manifest(c).extra.get("contents") == "full"
-        ]
-        return max(full, key=lambda c: (c.step, c.role is Role.RECOVERY), default=None)
+        points = exact_resume_points(self.list(), lambda c: self.manifest(c).contents is Contents.FULL)
+        return points[0] if points else None
 
     @staticmethod
     def _restore_replaced(role_dir: Path) -> None:
@@ -474,8 +472,8 @@ class RunDir:
         """Bytes of committed checkpoints on disk, counting each hard-linked file once (by inode)."""
         seen: set[tuple[int, int]] = set()
         total = 0
-        for ckpt in self.list():
-            for dirpath, _dirnames, filenames in os.walk(self.path_of(ckpt)):
+        for checkpoint in self.list():
+            for dirpath, _dirnames, filenames in os.walk(self.path_of(checkpoint)):
                 for fname in filenames:
                     st = os.lstat(os.path.join(dirpath, fname))
                     if (st.st_dev, st.st_ino) not in seen:
