@@ -48,11 +48,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kill_and_resume import kill_tree, process_tree  # noqa: E402
-
-from curry_train.journal import read_journal  # noqa: E402
-from curry_train.metrics import read_metrics  # noqa: E402
+from curry_train.journal import read_journal
+from curry_train.launcher import kill_tree, process_tree
+from curry_train.metrics import read_metrics
 
 DEFAULTS = [
     "logger.wandb.mode=disabled",
