@@ -50,6 +50,7 @@ class Session:
     slicing: Slicing
     state: TrainState
     checkpointer: Checkpointer
+    preemption: Preemption  # stop signals, from the start of loading until the launch has nothing left to save
 
     def batches_from(self, cursor: int) -> Iterator[dict]:
         """The loader at the global sample cursor: the whole data position, so a resume on any world size or worker
@@ -125,7 +126,8 @@ def start(
         save_delay_s=debug.save_delay_s,
         uploader=upload.build(c, run_dir, env.rank, run.journal, debug.upload_stall_at),
     )
-    return Session(cfg, env, launch, run, dog, corpus, slicing, state, checkpointer)
+    preemption = Preemption(run_dir, env.is_main, lambda: (dog.step, dog.phase), run.plan.full_save_seconds)
+    return Session(cfg, env, launch, run, dog, corpus, slicing, state, checkpointer, preemption)
 
 
 def load(s: Session) -> Iterator[dict]:
@@ -156,7 +158,6 @@ def run_steps(s: Session, batches: Iterator[dict]) -> tuple[float | None, float 
     auto = AutoCadence(cfg, s.run.dir, s.run.journal, env, checkpointer)  # *_every=auto: now, and as saves commit
     policy = auto.decide(progress.step, "resume" if s.run.point is not None else "start")
     rule = cfg.spike.rule()
-    preemption = Preemption(s.run.dir, env.is_main, lambda: (dog.step, dog.phase), s.run.plan.full_save_seconds)
     first_loss = last_loss = None
     while progress.step < t.steps:
         step, done = progress.step, progress.step + 1  # 0-based index of this step; completed steps after it
@@ -172,7 +173,7 @@ def run_steps(s: Session, batches: Iterator[dict]) -> tuple[float | None, float 
             batches,
             cfg,
             env.device,
-            preemption.requested,
+            s.preemption.requested,
             lr_scale,
             checkpointer.before_update,
         )
@@ -202,12 +203,11 @@ def run_steps(s: Session, batches: Iterator[dict]) -> tuple[float | None, float 
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]
         if stop:
-            save_on_preemption(checkpointer, policy, done, s.state.state, preemption, log.print)
+            save_on_preemption(checkpointer, policy, done, s.state.state, s.preemption, log.print)
             break
     if progress.step == t.steps and cfg.checkpoint.save_final:
         dog.beat(progress.step, f"the save of step {progress.step}")
         ensure_full_save(checkpointer, policy, progress.step, s.state.state, SaveReason.FINAL)  # run_end names it
-    preemption.uninstall()
     return first_loss, last_loss
 
 
@@ -221,6 +221,7 @@ def finish(s: Session, first_loss: float | None, last_loss: float | None) -> Tra
         checkpointer.finish_uploads()
         latest = checkpointer.store.latest() if s.env.is_main else None
         s.run.journal.append("run_end", final_step, last_loss=last_loss, checkpoint=latest.relpath if latest else None)
+    s.preemption.settle()  # saved and journaled: a late stop signal must not turn this end into a failure
     if first_loss is not None:
         start_step = s.run.point.step if s.run.point is not None else 0
         s.say(

@@ -32,3 +32,17 @@ def test_another_signal_at_once_is_a_second_request() -> None:
             os.kill(os.getpid(), signal.SIGINT)
     finally:
         preemption.uninstall()
+
+
+def test_a_signal_after_the_last_save_is_ignored() -> None:
+    # The launch has saved and journaled its end: a late (second) signal must not kill it into a failure status.
+    preemption = Preemption()
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)
+        preemption.saving = True
+        preemption.settle()
+        os.kill(os.getpid(), signal.SIGTERM)  # would raise StopNow before settle()
+        os.kill(os.getpid(), signal.SIGINT)
+        assert preemption.received == signal.SIGTERM
+    finally:
+        preemption.uninstall()

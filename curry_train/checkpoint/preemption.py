@@ -46,12 +46,15 @@ class Preemption:
         self.received: int | None = None
         self.received_at = 0.0
         self.saving = False  # the save the first signal asked for has begun
+        self.settled = False  # nothing is left to save: see settle()
         self._announcement: str | None = None  # rank 0's line about the first signal, until said
         self._announcing = threading.RLock()  # re-entrant: a signal handler may interrupt the one holding it
         self.run_dir, self.is_main, self.where, self.plan_save_seconds = run_dir, is_main, where, plan_save_seconds
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, frame: object) -> None:
+        if self.settled:
+            return
         name = signal.Signals(signum).name
         step, phase = self.where()
         repeat = self.received == signum and time.monotonic() - self.received_at < self.REPEAT_WINDOW_S
@@ -91,6 +94,12 @@ class Preemption:
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+    def settle(self) -> None:
+        """Nothing is left to save and the launch is about to end on its own: a stop signal from now on is ignored.
+        (Restoring the default handlers instead would let a late second signal kill a launch that has already
+        saved, journaled its end and recorded status 0, and turn it into a failure.)"""
+        self.settled = True
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
