@@ -13,7 +13,7 @@ from pathlib import Path
 import yaml
 
 from curry_train import distributed, failures, loop
-from curry_train.checkpoint.preemption import StopNow
+from curry_train.checkpoint.preemption import StopNow, ignore_stop_signals
 from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
 from curry_train.compose import from_command_line
@@ -94,6 +94,9 @@ def main(argv: list[str] | None = None) -> None:
         log = failures.record(err, env.rank, run_dir, line)
         append_from_any_rank(run_dir, "error", rank=env.rank, reason=line)
         failures.exit_with(line + (f"; traceback in {log}" if log else ""), failures.EXIT_FAILURE)
+    # Ignored at the OS level, not by a Python handler: Python restores the default action of the signals it
+    # handled as it shuts down, and a late signal then would kill a launch that has finished into a failure.
+    ignore_stop_signals()
     distributed.shutdown()
     failures.write_status(failures.EXIT_DONE, "finished, or stopped after a preemption save")
 

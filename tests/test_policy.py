@@ -358,6 +358,10 @@ def test_rollback_target_is_newest_at_or_before_the_bound() -> None:
     assert rollback_target(committed, 599) == rc(500)
     assert rollback_target(committed, 499) is None
     assert rollback_target([rb(1000), rc(1000)], 1000) == rc(1000)  # recovery wins a tie: it holds full state
+    # A preemption's extra save at step 950 exists only because the run was stopped there: an automatic rollback
+    # passes it by, so that it goes where an uninterrupted run goes.
+    assert rollback_target([rb(900), rc(950)], 999) == rc(950)
+    assert rollback_target([rb(900), rc(950)], 999, passed_by=frozenset({950})) == rb(900)
 
 
 def test_a_rollback_sets_aside_the_newer_rollback_and_recovery_checkpoints_newest_first() -> None:

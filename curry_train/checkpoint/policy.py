@@ -353,13 +353,22 @@ def by_policy(policy: Policy) -> Callable[[Checkpoint], bool]:
     return lambda checkpoint: contents_of(policy, (checkpoint.role,)) is Contents.FULL
 
 
-def rollback_target(committed: list[Checkpoint], at_or_before: int) -> Checkpoint | None:
+def rollback_target(
+    committed: list[Checkpoint], at_or_before: int, passed_by: frozenset[int] = frozenset()
+) -> Checkpoint | None:
     """The newest rollback or recovery checkpoint at a step <= ``at_or_before``; recovery wins a tie.
 
     Every rollback checkpoint holds parameters whatever ``rollback_contents`` says, so either contents will do.
     Best-K is never a target: it is chosen by a dev metric, not by recency, and may lie far behind the spike.
+    Checkpoints at the steps in ``passed_by`` are not targets either: an automatic rollback passes by the saves a
+    preemption added, which exist only because the run was stopped there, so that where it rolls back (and which
+    samples it skips) is the same as in a run that was never stopped.
     """
-    candidates = [c for c in committed if c.role in (Role.ROLLBACK, Role.RECOVERY) and c.step <= at_or_before]
+    candidates = [
+        c
+        for c in committed
+        if c.role in (Role.ROLLBACK, Role.RECOVERY) and c.step <= at_or_before and c.step not in passed_by
+    ]
     return max(candidates, key=lambda c: (c.step, c.role is Role.RECOVERY), default=None)
 
 

@@ -48,7 +48,8 @@ class Preemption:
         self.saving = False  # the save the first signal asked for has begun
         self.settled = False  # nothing is left to save: see settle()
         self._announcement: str | None = None  # rank 0's line about the first signal, until said
-        self._announcing = threading.RLock()  # re-entrant: a signal handler may interrupt the one holding it
+        self._announcing = threading.RLock()
+        self._timer: threading.Timer | None = None  # re-entrant: a signal handler may interrupt the one holding it
         self.run_dir, self.is_main, self.where, self.plan_save_seconds = run_dir, is_main, where, plan_save_seconds
         self._previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
@@ -80,9 +81,9 @@ class Preemption:
             # SIGTERM to the surviving workers when one fails, and their one line is that failure, not a save that
             # will not happen. (os.write, not print: the training thread may be inside a print.)
             self._announcement = line
-            timer = threading.Timer(self.ANNOUNCE_AFTER_S, self._announce)
-            timer.daemon = True
-            timer.start()
+            self._timer = threading.Timer(self.ANNOUNCE_AFTER_S, self._announce)
+            self._timer.daemon = True
+            self._timer.start()
 
     def _announce(self) -> None:
         """Say what the first signal will do, once (from the timer, or before a second signal stops the run)."""
@@ -98,12 +99,22 @@ class Preemption:
     def settle(self) -> None:
         """Nothing is left to save and the launch is about to end on its own: a stop signal from now on is ignored.
         (Restoring the default handlers instead would let a late second signal kill a launch that has already
-        saved, journaled its end and recorded status 0, and turn it into a failure.)"""
+        saved, journaled its end and recorded status 0, and turn it into a failure.) The announcement's timer is
+        ended here too: a daemon thread that wakes while the interpreter shuts down aborts the process."""
         self.settled = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join(timeout=5)
 
     def uninstall(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
+
+
+def ignore_stop_signals() -> None:
+    """For a launch that has nothing left to do but exit 0: stop signals are ignored until it has."""
+    for sig in Preemption.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def last_full_save_seconds(run_dir: Path | None) -> float | None:
@@ -125,12 +136,13 @@ def ensure_full_save(
     step: int,
     state: Callable[[Contents], dict],
     reason: SaveReason = SaveReason.PREEMPTION,
-) -> None:
+) -> bool:
     """A full checkpoint of `step`, unless the cadence already saved one (in flight or committed: then finishing it
-    is enough)."""
+    is enough). Returns whether this made a save the cadence would not have."""
     decision = decide_save(policy, step, reason)
     if decision is not None:
         checkpointer.save(step, list(decision.roles), decision.contents, state(decision.contents))
+    return decision is not None
 
 
 def save_on_preemption(
@@ -143,8 +155,9 @@ def save_on_preemption(
 ) -> None:
     """Make sure an exact-resume checkpoint of `step` exists, journal the preemption, and say how to go on."""
     preemption.saving = True
-    ensure_full_save(checkpointer, policy, step, state)
+    extra = ensure_full_save(checkpointer, policy, step, state)
     checkpointer.wait()
     name = signal.Signals(preemption.received).name if preemption.received else "a signal on another rank"
-    checkpointer.journal.append("preempt", step, signal=name)
+    # extra_save: a checkpoint that exists only because the run was stopped here; spike rollbacks pass it by.
+    checkpointer.journal.append("preempt", step, signal=name, extra_save=extra)
     tell_user(f"curry-train: {name} received: saved step {step} and stopped; continue with +resume=latest")

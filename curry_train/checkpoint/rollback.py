@@ -26,6 +26,7 @@ from curry_train.checkpoint.state import Contents, Progress, TrainState
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import SpikeConfig
 from curry_train.distributed import on_rank0
+from curry_train.journal import read_journal
 from curry_train.metrics import read_metrics
 from curry_train.spike import Verdict, recent_rollbacks, rollback_bound
 
@@ -131,7 +132,10 @@ def spike_target(
     bound = rollback_bound(step, rule, spike.rollback_margin)
 
     def choose() -> ResumePoint | None:
-        target = rollback_target(checkpointer.store.list(), bound)
+        journal = checkpointer.store.files.journal
+        events = read_journal(journal) if journal.exists() else []
+        extra = frozenset(int(e["step"]) for e in events if e["event"] == "preempt" and e.get("extra_save"))
+        target = rollback_target(checkpointer.store.list(), bound, extra)
         return None if target is None else point_of(checkpointer.store.path_of(target), rollback_to=target.relpath)
 
     point = on_rank0(checkpointer.is_main, checkpointer.group, choose)
