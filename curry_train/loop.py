@@ -113,18 +113,14 @@ def start(
     run.log.print(render_plan(run.plan))
     dog.hint(run.plan.hang_timeout_s)
     run.journal.append("policy", 0, **plan_json(run.plan))
-    c, debug = cfg.checkpoint, launch.debug
     checkpointer = Checkpointer(
-        RunDir(run_dir),
-        c.policy(),
-        run.journal,
-        env.checkpoint_group,
-        env.rank,
-        c.async_save,
-        debug.full_disk,
-        c.direct_io,
-        save_delay_s=debug.save_delay_s,
-        uploader=upload.build(c, run_dir, env.rank, run.journal, debug.upload_stall_at),
+        cfg.checkpoint,
+        store=RunDir(run_dir),
+        journal=run.journal,
+        group=env.checkpoint_group,
+        rank=env.rank,
+        faults=launch.debug,
+        uploader=upload.build(cfg.checkpoint, run_dir, env.rank, run.journal, launch.debug.upload_stall_at),
     )
     preemption = Preemption(run_dir, env.is_main, lambda: (dog.step, dog.phase), run.plan.full_save_seconds)
     return Session(cfg, env, launch, run, dog, corpus, slicing, state, checkpointer, preemption)

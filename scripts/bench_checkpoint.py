@@ -28,6 +28,7 @@ Goals compare these ratios with the targets of the fast-checkpoints issue.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import mmap
 import os
@@ -191,12 +192,11 @@ class IoBench:
         if env.is_main:
             run.mkdir(parents=True, exist_ok=True)
         dist.barrier()
-        policy = cfg.checkpoint.policy()
         journal = Journal(run / "journal.jsonl", enabled=env.is_main)
-        self.ckpt = Checkpointer(RunDir(run), policy, journal, env.checkpoint_group, env.rank, async_save=False)
-        self.ckpt_buffered = Checkpointer(
-            RunDir(run), policy, journal, env.checkpoint_group, env.rank, async_save=False, direct_io=False
-        )
+        where = {"store": RunDir(run), "journal": journal, "group": env.checkpoint_group, "rank": env.rank}
+        sync = dataclasses.replace(cfg.checkpoint, async_save=False)
+        self.ckpt = Checkpointer(sync, **where)
+        self.ckpt_buffered = Checkpointer(dataclasses.replace(sync, direct_io=False), **where)
         self.dcp_dir = scratch / "raw.dcp"
         self.disk_file = scratch / f"disk-{env.rank}.bin"
         self.saved_bytes = 0

@@ -3,6 +3,7 @@ off the load path, and the benchmark's smoke run. Real DCP files on a real (worl
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -88,8 +89,8 @@ def world_of_one(tmp_path: Path) -> Iterator[dict[str, Any]]:
         run = tmp_path / "run"
         run.mkdir()
         journal = Journal(run / "journal.jsonl")
-        policy = cfg.checkpoint.policy()
-        ckpt = Checkpointer(RunDir(run), policy, journal, env.checkpoint_group, env.rank, async_save=True)
+        config = dataclasses.replace(cfg.checkpoint, async_save=True)
+        ckpt = Checkpointer(config, store=RunDir(run), journal=journal, group=env.checkpoint_group, rank=env.rank)
         yield {"ckpt": ckpt, "state": state, "model": model, "optimizer": optimizer, "saved": saved, "run": run}
         journal.close()
     finally:

@@ -21,11 +21,12 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.pending import Durable, ParamsCopy, PendingSave, StepClock
-from curry_train.checkpoint.policy import BestK, Checkpoint, Contents, Policy, Role, retention
+from curry_train.checkpoint.policy import BestK, Checkpoint, Contents, Role, retention
 from curry_train.checkpoint.staging import Snapshot, Stager, to_state_dict
 from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
 from curry_train.checkpoint.upload import Uploader
+from curry_train.config import CheckpointConfig, Faults
 from curry_train.failures import PeerFailure
 from curry_train.journal import Journal
 
@@ -42,29 +43,29 @@ class CommitState(enum.IntEnum):
 class Checkpointer:
     def __init__(
         self,
+        config: CheckpointConfig,
+        *,
         store: RunDir,
-        policy: Policy,
         journal: Journal,
         group: dist.ProcessGroup,
         rank: int,
-        async_save: bool = True,
-        fail_save_at: tuple[int, int] | None = None,
-        direct_io: bool = True,
-        save_delay_s: float = 0.0,
+        faults: Faults | None = None,
         uploader: Uploader | None = None,
     ) -> None:
+        """The checkpointer of the `checkpoint` config block (its policy, save mode and file layer), for this rank."""
+        faults = faults or Faults()
         self.store = store
-        self.save_delay_s = save_delay_s  # +debug.save_delay_s: each save blocks training this much longer
+        self.save_delay_s = faults.save_delay_s  # +debug.save_delay_s: each save blocks training this much longer
         self.uploader = uploader  # checkpoint.remote: committed saves are copied there in the background
-        self.fail_save_at = fail_save_at  # (step, rank): +debug.fail_save_at, a full disk while that save writes
-        self.policy = policy
+        self.fail_save_at = faults.full_disk  # (step, rank): +debug.fail_save_at, a full disk while that save writes
+        self.policy = config.policy()
         self.journal = journal
         self.group = group
         self.rank = rank
         self.is_main = rank == 0
-        self.async_save = async_save
+        self.async_save = config.async_save
         self.stager = Stager()  # one per run: its buffers are reused by every asynchronous save
-        self.writer = io.Writer(direct_io)  # one per run: one save written at a time
+        self.writer = io.Writer(config.direct_io)  # one per run: one save written at a time
         self.writing: PendingSave | None = None  # every rank: bytes being written
         self.committing: PendingSave | None = None  # rank 0: durable bytes being committed
         self.durable: Durable | None = None
@@ -75,7 +76,7 @@ class Checkpointer:
         self.my_files: list[str] = []  # every rank: the files it wrote of the last durable save
         self.my_copy_files: list[str] = []  # and of its best-K parameters copy, if it had one
         self.clock = StepClock()
-        self.best = BestK(policy, self._shared_listing(Role.BEST_K))
+        self.best = BestK(self.policy, self._shared_listing(Role.BEST_K))
 
     def _shared_listing(self, role: Role) -> list[Checkpoint]:
         """Rank 0's view of the committed checkpoints of `role`, given to every rank."""
