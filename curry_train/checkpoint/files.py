@@ -40,8 +40,8 @@ class DirectFile:
     the page cache, and a checksum of them is computed as they pass.
 
     Buffered writes of a checkpoint cost the writer the kernel's copy into the page cache and its allocation of
-    those pages: measured on this project's CPU VMs, 0.9-1.2 s of system CPU for a 342 MB shard, against 0.06 s
-    written directly (the copy into the buffer). That CPU is what an asynchronous save takes from training. The
+    those pages, many times the CPU of a direct write (figures in docs/performance.md). That CPU is what an
+    asynchronous save takes from training. The
     bytes of a checkpoint are not read again soon, so caching them only evicts pages training uses.
 
     Where the filesystem refuses O_DIRECT (EINVAL: tmpfs, some FUSE mounts), or `direct` is off, the same chunks

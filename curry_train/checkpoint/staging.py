@@ -26,8 +26,7 @@ class Snapshot:
     Parameters and optimizer state change only at `optimizer.step()`, so the copies need not hold up training until
     then: on CUDA they are issued at once on a side stream (device-to-host into pinned memory) and the update's
     stream waits for them on the device; on CPU the writer thread makes them (`take`) before it serialises, and
-    the training thread waits for that (`wait`) just before the update. Measured on this project's 2-core CPU VMs
-    the copy of a 342 MB shard took 0.06 s of the training thread's time when made in place.
+    the training thread waits for that (`wait`) just before the update. (What it costs: docs/performance.md.)
     """
 
     def __init__(self, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -68,10 +67,9 @@ class Snapshot:
 class Stager:
     """Host copies of a state dict's tensors, in buffers allocated on the first save and reused by every later one.
 
-    Fresh allocations copy at a fraction of the speed of reused ones (page faults on every new page; 0.7-1.9 GB/s
-    against ~9 GB/s measured on this project's CPU machines), and on CUDA only pinned host memory copies at full
-    speed. A buffer is reallocated only when its tensor changes shape or dtype (e.g. optimizer state created by the
-    first step after a save).
+    Fresh allocations copy at a fraction of the speed of reused ones (a page fault on every new page; figures in
+    docs/performance.md), and on CUDA only pinned host memory copies at full speed. A buffer is reallocated only
+    when its tensor changes shape or dtype (e.g. optimizer state created by the first step after a save).
     """
 
     def __init__(self) -> None:
