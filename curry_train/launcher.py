@@ -254,6 +254,15 @@ def process_tree(root: int) -> list[int]:
     return tree
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` is still running (a zombie, dead but not yet reaped, is not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 def kill_tree(root: int) -> None:
     """SIGKILL `root` and every process below it: a job killed outright, as a node failure would."""
     for pid in process_tree(root):

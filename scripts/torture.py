@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from curry_train.journal import read_journal
-from curry_train.launcher import kill_tree, process_tree
+from curry_train.launcher import alive, kill_tree, process_tree
 from curry_train.metrics import read_metrics
 
 DEFAULTS = [
@@ -156,14 +156,6 @@ def lock_held(run_dir: Path) -> bool:
     return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 # ------------------------------------------------------------------------------------------------ a launch
 
 
@@ -263,9 +255,9 @@ def one_launch(cmd: list[str], run_dir: Path, plan: Plan, rng: random.Random, ar
 def leftover_processes(pids: set[int]) -> list[int]:
     """Processes of a launch still alive after it ended (given 10 s to go), killed here."""
     give_up = time.monotonic() + 10
-    while any(_alive(p) for p in pids) and time.monotonic() < give_up:
+    while any(alive(p) for p in pids) and time.monotonic() < give_up:
         time.sleep(0.2)
-    left = sorted(p for p in pids if _alive(p))
+    left = sorted(p for p in pids if alive(p))
     for pid in left:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -4,10 +4,8 @@ hang timeout (at once where the lost connection is seen), and a relaunch resumes
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -18,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from curry_train.journal import read_journal
+from curry_train.launcher import kill_tree
 from tests.conftest import FAST, _env, assert_replays_bitwise, run_train
 
 HANG_S = 20
@@ -68,28 +67,9 @@ def wait_for_steps(run_dir: Path, count: int, jobs: list[subprocess.Popen], time
         time.sleep(0.1)
 
 
-def descendants(pid: int) -> list[int]:
-    children = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    seen, queue = [], [pid]
-    while queue:
-        for child in children.get(queue.pop(), []):
-            seen.append(child)
-            queue.append(child)
-    return seen
-
-
 def kill_node(job: subprocess.Popen) -> None:
     """SIGKILL the node's launcher and every process under it, as a node that loses power."""
-    for pid in [job.pid, *descendants(job.pid)]:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    kill_tree(job.pid)
     job.wait(timeout=30)
 
 

@@ -250,7 +250,7 @@ def test_ctrl_c_saves_and_stops(tmp_path: Path) -> None:
 def test_workers_die_with_their_launcher(tmp_path: Path) -> None:
     """torchrun starts its workers in sessions of their own: a SIGKILL of torchrun alone must not leave them
     training (they ask the kernel for SIGKILL when their parent dies)."""
-    from curry_train.launcher import process_tree
+    from curry_train.launcher import alive, process_tree
     args = [*FAST, "train.steps=400", "train.eval_every=0", "checkpoint.recovery_every=0", "run.id=orphans"]
     job = popen_train(args, tmp_path, nproc=2)
     try:
@@ -260,21 +260,13 @@ def test_workers_die_with_their_launcher(tmp_path: Path) -> None:
         job.kill()  # torchrun alone, not its process tree
         job.communicate(timeout=60)
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and [pid for pid in workers if _alive(pid)]:
+        while time.monotonic() < deadline and [pid for pid in workers if alive(pid)]:
             time.sleep(0.05)
-        assert not [pid for pid in workers if _alive(pid)], "workers outlived their launcher"
+        assert not [pid for pid in workers if alive(pid)], "workers outlived their launcher"
     finally:
         for pid in process_tree(job.pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 # ------------------------------------------------------------------------------ a run root not shared

@@ -106,8 +106,7 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen | None = N
 
 def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and its workers (torchrun puts them in sessions of their own)."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-    from kill_and_resume import kill_tree as kill
+    from curry_train.launcher import kill_tree as kill
 
     kill(proc.pid)
     proc.wait(timeout=60)
