@@ -12,8 +12,8 @@ from pathlib import Path
 from curry_train import failures
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
-from curry_train.journal import append_from_any_rank, read_journal
-from curry_train.layout import RunFiles
+from curry_train.history import save_costs
+from curry_train.journal import append_from_any_rank
 
 
 class StopNow(KeyboardInterrupt):
@@ -71,7 +71,9 @@ class Preemption:
             raise StopNow(f"{what}: stopped at once during {phase}")
         self.received, self.received_at = signum, time.monotonic()
         if self.is_main:
-            seconds = last_full_save_seconds(self.run_dir) or self.plan_save_seconds
+            # A full save's wall time until committed, as the last one took (the journal), else the plan's.
+            taken = save_costs(self.run_dir, async_save=False) if self.run_dir is not None else []
+            seconds = (taken[-1] if taken else None) or self.plan_save_seconds
             about = f"about {seconds:.0f} s" if seconds is not None else "no save measured yet"
             line = (
                 f"curry-train: {name} received: finishing {phase}, then saving a full checkpoint ({about}) and "
@@ -115,19 +117,6 @@ def ignore_stop_signals() -> None:
     """For a launch that has nothing left to do but exit 0: stop signals are ignored until it has."""
     for sig in Preemption.SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
-
-
-def last_full_save_seconds(run_dir: Path | None) -> float | None:
-    """The seconds of the last full save journaled in `run_dir`, written and committed (None when there is none)."""
-    path = None if run_dir is None else RunFiles(run_dir).journal
-    if path is None or not path.is_file():
-        return None
-    saves = [
-        e
-        for e in read_journal(path)
-        if e["event"] == "save" and e.get("contents") == "full" and "linked_from" not in e and "seconds" in e
-    ]
-    return float(saves[-1]["seconds"]) if saves else None
 
 
 def ensure_full_save(
