@@ -23,6 +23,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from curry_train.config import Config, ModelConfig
+from curry_train.heartbeat import name_ranks
 from curry_train.model import Transformer, build_model, count_params, init_value
 
 
@@ -49,10 +50,7 @@ class Dist:
         if found is None:
             return None
         ranks = [r for r, (_, addr) in enumerate(self.peers) if addr == found[1] and r != self.rank]
-        if len(ranks) != 1:
-            return None
-        host, addr = self.peers[ranks[0]]
-        return f"rank {ranks[0]} on {host} ({addr})"
+        return name_ranks(ranks, self.peers) if len(ranks) == 1 else None
 
 
 def die_with_launcher() -> None:

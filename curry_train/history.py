@@ -61,6 +61,8 @@ def end_unfinished_attempt(journal: Journal, run_dir: Path) -> dict[str, Any] | 
     if errors and errors[0]["event"] == "hang":  # the first rank to give up says why; the rest followed it
         hang = errors[0]
         fields["reason"] = f"hung: rank {hang.get('rank', '?')} made no progress during {hang.get('phase', '?')}"
+        if hang.get("lost_named"):
+            fields["reason"] += f", lost {hang['lost_named']}"
     elif errors:
         fields["reason"] = f"ended after an error: {errors[-1].get('reason', '?')}"
     else:

@@ -177,9 +177,10 @@ def event_fact(event: dict[str, Any]) -> str:
     if kind == "preempt" and event.get("forced"):
         return _forced_stop(event)
     if kind == "hang":
+        lost = f", lost {event['lost_named']}" if event.get("lost_named") else ""
         return (
             f"rank {event.get('rank', '?')} on {event.get('host', '?')} hung during {event.get('phase', '?')}: "
-            f"no progress for {event.get('seconds', '?')} s (stacks in failures.log)"
+            f"no progress for {event.get('seconds', '?')} s{lost} (stacks in failures.log)"
         )
     if kind == "init":
         step = f", step {event['source_step']}" if event.get("source_step") is not None else ""

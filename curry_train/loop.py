@@ -68,7 +68,7 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     def follow(seconds: float) -> None:  # the collective timeout follows an automatic hang timeout that grew
         distributed.set_collective_timeout(seconds, [env.checkpoint_group])
 
-    with watchdog.Watchdog(env.rank, run_dir, cfg.train.hang_timeout_s, on_timeout=follow) as dog:
+    with watchdog.Watchdog(env.rank, run_dir, cfg.train.hang_timeout_s, on_timeout=follow, peers=env.peers) as dog:
         session = start(cfg, run_dir, env, launch or Launch(), dog)
         if isinstance(session, TrainResult):  # the run had already finished
             return session

@@ -24,6 +24,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from curry_train import failures
+from curry_train.heartbeat import Heartbeat, Peers, name_ranks
 from curry_train.journal import append_from_any_rank, read_journal
 from curry_train.layout import RunFiles
 
@@ -65,6 +66,7 @@ class Watchdog:
         run_dir: Path,
         explicit: float | None,
         on_timeout: Callable[[float], None] | None = None,
+        peers: Peers | None = None,
     ) -> None:
         self.rank, self.run_dir, self.explicit = rank, run_dir, explicit
         self.timeout = hang_timeout(explicit)[0]
@@ -75,6 +77,8 @@ class Watchdog:
         self.slowest = 0.0  # the longest completed interval between progress marks since arming
         self.armed = False
         self._stop = threading.Event()
+        # Every rank's heartbeat, read when this watchdog fires to name the rank or node that was lost.
+        self.heartbeat = Heartbeat(rank, peers or [], lambda: (self.step, self.phase), lambda: self.timeout)
         self._thread = threading.Thread(target=self._watch, name="curry-train-watchdog", daemon=True)
         self._thread.start()
 
@@ -105,6 +109,7 @@ class Watchdog:
         # Joined, not left to die with the interpreter: a daemon thread that wakes during finalization is ended
         # by pthread_exit, which has aborted processes here ("terminate called without an active exception").
         self._stop.set()
+        self.heartbeat.stop()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout=10)
 
@@ -123,13 +128,22 @@ class Watchdog:
         """Every thread's stack to failures.log, `hang` to the journal, then end this rank with status 1."""
         idle = time.monotonic() - self.last
         host = socket.gethostname()
+        peers, lost = self.heartbeat.report()
         line = (
             f"rank {self.rank} on {host} hung: no progress for {idle:.0f} s during {self.phase} "
-            f"(hang timeout {self.timeout:.0f} s, train.hang_timeout_s)"
+            f"(hang timeout {self.timeout:.0f} s, train.hang_timeout_s){peers}"
         )
         log = write_stacks(self.run_dir, f"rank {self.rank} pid {os.getpid()} on {host}: {line}")
+        lost_field = {"lost": lost, "lost_named": name_ranks(lost, self.heartbeat.peers)} if lost else {}
         append_from_any_rank(
-            self.run_dir, "hang", self.step, rank=self.rank, host=host, phase=self.phase, seconds=round(idle, 1)
+            self.run_dir,
+            "hang",
+            self.step,
+            rank=self.rank,
+            host=host,
+            phase=self.phase,
+            seconds=round(idle, 1),
+            **lost_field,
         )
         failures.exit_with(line + (f"; stacks of every thread in {log}" if log else ""), failures.EXIT_FAILURE)
 

@@ -52,6 +52,15 @@ def test_an_injected_spike_says_which_step_shows_it() -> None:
     )
 
 
+def test_a_hang_names_the_rank_its_heartbeats_showed_lost() -> None:
+    hang = {"event": "hang", "step": 4, "rank": 0, "host": "a", "phase": "step 5", "seconds": 21.0}
+    lost = {**hang, "lost": [1], "lost_named": "rank 1 on b (10.0.0.2)"}
+    assert event_fact(hang) == "rank 0 on a hung during step 5: no progress for 21.0 s (stacks in failures.log)"
+    assert event_fact(lost) == (
+        "rank 0 on a hung during step 5: no progress for 21.0 s, lost rank 1 on b (10.0.0.2) (stacks in failures.log)"
+    )
+
+
 def test_an_unknown_event_is_shown_in_words_and_cut_only_between_words() -> None:
     reason = "the watchdog saw no collective finish for 1800 seconds on rank 3 while it was waiting in all_reduce " * 3
     event = {"event": "link_flap", "step": 41, "rank": 3, "seconds": 1800.5, "reason": reason, "ranks": [0, 1]}

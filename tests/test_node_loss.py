@@ -165,6 +165,15 @@ def test_cut_off_node_ends_the_survivor_within_the_hang_timeout(tmp_path: Path, 
     output = (tmp_path / "node0.log").read_text()
     assert survivor.returncode == 1 and cut_off.returncode == 1, output[-3000:]
     assert took < HANG_S + 30, f"the survivor took {took:.0f} s to end after the cut"
-    hangs = [e for e in read_journal(run_dir / "journal.jsonl") if e["event"] == "hang"]
-    assert any(e["rank"] == 0 for e in hangs), hangs
-    assert "curry-train: rank 0 on" in output and "hung: no progress for" in output, output[-3000:]
+    hangs = {e["rank"]: e for e in read_journal(run_dir / "journal.jsonl") if e["event"] == "hang"}
+    assert hangs[0]["lost"] == [1], hangs
+    # Each side names the other: rank 0, beside the rendezvous store, sees rank 1's heartbeat stop; rank 1 sees the
+    # store on rank 0's node stop answering.
+    addr_b = h["addr_a"].rsplit(".", 1)[0] + ".2"
+    said_0 = [line for line in output.splitlines() if line.startswith("curry-train: rank 0 on")]
+    assert said_0 and "hung: no progress for" in said_0[0], output[-3000:]
+    assert f"; lost rank 1 on {socket.gethostname()} ({addr_b}): no heartbeat for " in said_0[0], said_0
+    output_1 = (tmp_path / "node1.log").read_text()
+    said_1 = [line for line in output_1.splitlines() if line.startswith("curry-train: rank 1 on")]
+    assert said_1, output_1[-3000:]
+    assert f"; lost rank 0 on {socket.gethostname()} ({h['addr_a']}): the rendezvous store on its node" in said_1[0]

@@ -251,6 +251,7 @@ def test_workers_die_with_their_launcher(tmp_path: Path) -> None:
     """torchrun starts its workers in sessions of their own: a SIGKILL of torchrun alone must not leave them
     training (they ask the kernel for SIGKILL when their parent dies)."""
     from curry_train.launcher import alive, process_tree
+
     args = [*FAST, "train.steps=400", "train.eval_every=0", "checkpoint.recovery_every=0", "run.id=orphans"]
     job = popen_train(args, tmp_path, nproc=2)
     try:

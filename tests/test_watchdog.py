@@ -4,16 +4,20 @@ continues bitwise; a second SIGTERM during a save is journaled, so `status` says
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import subprocess
 import sys
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
+import torch.distributed as dist
 
+from curry_train import heartbeat
+from curry_train.heartbeat import Heartbeat, name_ranks
 from curry_train.journal import read_journal
 from curry_train.watchdog import HANG_FLOOR_S, collective_timeout, hang_timeout
 from tests.conftest import FAST, _env, assert_replays_bitwise, popen_train, run_train
@@ -46,6 +50,43 @@ def test_hang_timeout_explicit_floor_and_measured() -> None:
     assert collective_timeout(20.0) > 20.0 and collective_timeout(1000.0) > 1000.0
 
 
+def test_ranks_are_named_by_node() -> None:
+    peers = [("a", "10.0.0.1")] * 4 + [("b", "10.0.0.2")] * 4
+    assert name_ranks([5], peers) == "rank 5 on b (10.0.0.2)"
+    assert name_ranks([1, 2, 4, 5, 6, 7], peers) == "ranks 1-2 on a (10.0.0.1), ranks 4-7 on b (10.0.0.2)"
+
+
+def test_the_heartbeats_name_a_silent_rank_and_a_rank_doing_something_else(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A real store, as torchrun's agent holds it; rank 0 beats from its thread, the test writes the others' records.
+    master = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=10))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(master.port))
+    peers = [("a", "10.0.0.1"), ("b", "10.0.0.2"), ("c", "10.0.0.3")]
+    beat = Heartbeat(0, peers, lambda: (7, "step 8"), lambda: 20.0)
+    try:
+        deadline = time.monotonic() + 30
+        while not master.check([f"{beat.prefix}0"]):
+            assert time.monotonic() < deadline, "rank 0 never wrote its heartbeat"
+            time.sleep(0.05)
+        assert json.loads(master.get(f"{beat.prefix}0"))["phase"] == "step 8"
+
+        def write(rank: int, age: float, step: int, phase: str) -> None:
+            record = {"time": time.time() - age, "step": step, "phase": phase}
+            master.set(f"{beat.prefix}{rank}", json.dumps(record))
+
+        write(1, 0.0, 7, "step 8")
+        write(2, 0.0, 7, "the save of step 7")
+        line, lost = beat.report()
+        assert lost == [] and "no rank lost: rank 2 on c (10.0.0.3) is alive, 7 steps done, during the save" in line
+        write(2, 0.0, 7, "step 8")
+        assert "every rank's heartbeat is current" in beat.report()[0]
+        write(1, heartbeat.stale_after(20.0) + 30, 7, "step 8")  # cut off 30 s after it would count as lost
+        line, lost = beat.report()
+        assert lost == [1] and "; lost rank 1 on b (10.0.0.2): no heartbeat for " in line, line
+    finally:
+        beat.stop()
+
+
 def test_stalled_rank_ends_the_job_with_its_stack_and_the_relaunch_continues_bitwise(tmp_path: Path) -> None:
     args = [*BASE, "run.id=stall", "+debug.stall_at=5", "+debug.stall_rank=1"]
     proc = run_train(args, tmp_path, nproc=2, check=False, timeout=240)
@@ -65,6 +106,9 @@ def test_stalled_rank_ends_the_job_with_its_stack_and_the_relaunch_continues_bit
     section = next(part for part in re.split(r"^--- ", log, flags=re.M) if part.split("\n")[0].count("rank 1 on"))
     assert "a stall by +debug.stall_at=5" in section and "in stall_forever" in section, log[-3000:]
     assert "rank 1 on" in output and "hung: no progress for" in output, output[-3000:]
+    # From the heartbeats: no rank was lost, and the other rank is waiting in the next step.
+    stalled = next(line for line in output.splitlines() if line.startswith("curry-train: rank 1 on"))
+    assert "; no rank lost: rank 0 on " in stalled and "is alive, 4 steps done, during step 5" in stalled, stalled
     assert "rank 1 on" in cli("status", str(run_dir)), "status does not show the hang"
 
     # The same command again, as a requeue runs it: no second stall, and the replayed steps match bitwise.
