@@ -13,14 +13,13 @@ import contextlib
 import dataclasses
 import io
 import json
-import os
 import pickle
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
+from curry_train.checkpoint.durable import write_json_durably
 from curry_train.config import Config, DataError, Launch
 
 DTYPES = ("uint16", "uint32")
@@ -61,22 +60,9 @@ def vocab_cache_path(path: Path) -> Path:
     return path.with_name(path.name + VOCAB_CACHE_SUFFIX)
 
 
-def _atomic_write_json(path: Path, record: dict) -> None:
-    # A name of its own per writer: every rank may write the same cache at once, and the last rename wins whole.
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_sidecar(path: Path, meta: TokenMeta) -> Path:
     side = sidecar_path(path)
-    _atomic_write_json(side, {"format": SIDECAR_FORMAT, "version": 1, **asdict(meta)})
+    write_json_durably(side, {"format": SIDECAR_FORMAT, "version": 1, **asdict(meta)})
     return side
 
 
@@ -215,7 +201,7 @@ def scanned_vocab_size(path: Path, tokens: np.ndarray, dtype: str) -> tuple[int,
             top = max(top, int(np.asarray(tokens[start : start + _SCAN_CHUNK]).max(initial=0)))
         _SCANNED[memo] = top + 1
         with contextlib.suppress(OSError):
-            _atomic_write_json(cache, {**key, "vocab_size": top + 1})
+            write_json_durably(cache, {**key, "vocab_size": top + 1})
     return _SCANNED[memo], "scan"
 
 

@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,19 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
 
 
 def write_json_durably(path: Path, data: dict[str, Any]) -> None:
-    """Write JSON via tmp + fsync + rename, so a reader sees the old file or the whole new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write JSON via tmp + fsync + rename, so a reader sees the old file or the whole new one. The temporary file
+    has a name of its own per writer: several ranks may write the same file at once, and the last rename wins whole."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def remove(path: Path) -> None:

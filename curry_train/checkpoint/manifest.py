@@ -128,7 +128,9 @@ def data_files(root: Path) -> Iterator[Path]:
     for dirpath, _dirnames, filenames in os.walk(root):
         for fname in filenames:
             p = Path(dirpath, fname)
-            if p.parent == root and fname in (MANIFEST, MANIFEST + ".tmp"):
+            # The manifest, and the temporary file it is written through (durable.write_json_durably).
+            manifest_tmp = fname.startswith(f".{MANIFEST}.") and fname.endswith(".tmp")
+            if p.parent == root and (fname == MANIFEST or manifest_tmp):
                 continue
             if p.is_symlink() or not p.is_file():
                 raise ValueError(f"checkpoint may hold only regular files: {p}")
