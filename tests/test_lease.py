@@ -4,7 +4,11 @@ conditional writes against file:// and moto's S3 server, and launches refused, t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,6 +18,8 @@ from curry_train.checkpoint import lease_store
 from curry_train.checkpoint.lease import Holder, Place, Verdict, judge, refusal, renew_every, stop_after
 from curry_train.checkpoint.remote import RemoteStore, guard
 from curry_train.failures import Refused
+from curry_train.journal import read_journal
+from tests.conftest import FAST, run_train
 
 HERE = Place("node-a", "pid:[1]")
 
@@ -151,3 +157,121 @@ def test_the_guard_stops_remote_writes_of_a_launch_that_lost_its_lease(store: Re
     finally:
         guard(store.url, None)
         lease.stop()
+
+
+# ---------------------------------------------------------------------------------------------- launches
+
+RUN = [
+    *FAST,
+    "train.steps=8",
+    "train.eval_every=0",
+    "checkpoint.best_k=0",
+    "checkpoint.rollback_every=0",
+    "checkpoint.recovery_every=4",
+    "checkpoint.remote=s3://ckpts/runs",
+]
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """`curry-train ARGS` in this process (the store's credentials are in its environment): status, output."""
+    from curry_train.cli import main
+
+    capsys.readouterr()
+    status = main(list(args))
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+def lease_on(moto, run_id: str) -> Holder | None:
+    body = moto.fs().cat_file(f"ckpts/runs/{run_id}/lease")
+    return Holder.from_bytes(body)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory: pytest.TempPathFactory, moto) -> Path:
+    """A run that finds the lease of a launch on another node that stopped renewing 100 s ago (its lease time:
+    5 s), takes it over, trains 8 steps with uploads at 4 and 8, and ends: the lease released."""
+    cwd = tmp_path_factory.mktemp("finished")
+    gone = time.time() - 100
+    stale = Holder("stale", "other-node", "pid:[7]", 999999, 5, taken=gone, renewed=gone, lease_s=5.0)
+    moto.fs().pipe_file("ckpts/runs/leased/lease", stale.to_bytes())
+    run_train([*RUN, "run.id=leased"], cwd)
+    return cwd / "runs" / "leased"
+
+
+def test_an_expired_lease_is_taken_over_and_released_at_the_end(finished: Path, moto) -> None:
+    events = read_journal(finished / "journal.jsonl")
+    taken = [e for e in events if e["event"] == "lease"]
+    assert len(taken) == 1 and taken[0]["how"] == "expired", taken
+    assert taken[0]["previous"] == {"host": "other-node", "pid": 999999, "attempt": 5}
+    assert taken[0]["url"] == "s3://ckpts/runs/leased" and "testing" not in json.dumps(events)
+    assert not any(e["event"] == "lease_lost" for e in events)
+    after = lease_on(moto, "leased")
+    assert after is not None and after.released and after.attempt == 6 and after.host == socket.gethostname()
+
+
+def test_a_dead_holder_on_this_host_is_taken_over_without_waiting(tmp_path: Path) -> None:
+    store = RemoteStore(f"file://{tmp_path}", "run")
+    here, now = Place.here(), time.time()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    crashed = Holder("crashed", here.host, here.pidns, dead.pid, 1, taken=now, renewed=now, lease_s=300.0)
+    lease_store.LocalObject(store.key("lease")).create(crashed.to_bytes())
+    lease, verdict, previous, _ = lease_store.take(store, 0, 300.0, lambda reason: None)
+    lease.stop()
+    assert verdict is Verdict.HOLDER_GONE and previous == crashed and lease.holder.attempt == 2
+
+
+def test_a_live_lease_refuses_a_launch_naming_its_holder(tmp_path: Path, moto) -> None:
+    """Another node's launch holds the lease and renewed it a second ago: a launch of the same run (its own run
+    directory: nodes without a shared filesystem) is refused with status 2 and one line naming the holder; it
+    leaves the lease and the store as they were."""
+    now = time.time()
+    other = Holder("other", "node-7", "pid:[3]", 4242, 2, taken=now - 60, renewed=now - 1, lease_s=300.0)
+    moto.fs().pipe_file("ckpts/runs/busy/lease", other.to_bytes())
+    proc = run_train([*RUN, "run.id=busy"], tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if "in use by another launch" in line]
+    assert len(lines) == 1, proc.stderr[-3000:]
+    assert "s3://ckpts/runs/busy is in use by another launch of this run (host node-7, pid 4242, attempt 2" in lines[0]
+    assert "+resume=latest" in lines[0] and "testing" not in proc.stderr
+    assert lease_on(moto, "busy") == other
+    assert not (tmp_path / "runs").exists()  # a refusal leaves nothing behind
+
+
+def test_ls_verify_status_and_export_of_a_remote_run(
+    finished: Path, moto, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The tools given the run's URL on the remote: `ls` lists committed checkpoints and names a leftover, `status`
+    what the store holds, `export` the same tensors as from the run directory, `verify` names a damaged file."""
+    url = "s3://ckpts/runs/leased"
+    fs = moto.fs()
+    fs.pipe_file("ckpts/runs/leased/recovery/step-00000012.dcp/__0_0.distcp", b"cut short")
+    status, out = cli(capsys, "ls", url)
+    assert status == 0, out
+    assert "recovery/step-00000004.dcp" in out and "recovery/step-00000008.dcp" in out
+    assert "recovery/step-00000008.dcp" in [line.split()[0] for line in out.splitlines() if "<- latest" in line]
+    assert "recovery/step-00000012.dcp: no manifest.json: an upload or deletion cut short" in out
+    status, out = cli(capsys, "status", url)
+    assert status == 0 and "remote: 2 committed checkpoint(s)" in out and "latest -> recovery/step-00000008.dcp" in out
+    assert "lease: released by its last holder" in out, out
+
+    from safetensors.torch import load_file
+
+    status, out = cli(capsys, "export", url, "-o", str(tmp_path / "remote.safetensors"))
+    assert status == 0 and f"exported {url}/recovery/step-00000008.dcp ->" in out, out
+    status, out = cli(capsys, "export", str(finished), "-o", str(tmp_path / "local.safetensors"))
+    remote, local = load_file(tmp_path / "remote.safetensors"), load_file(tmp_path / "local.safetensors")
+    assert remote.keys() == local.keys() and all(remote[k].equal(local[k]) for k in local)
+
+    fs.rm_file("ckpts/runs/leased/recovery/step-00000012.dcp/__0_0.distcp")
+    status, out = cli(capsys, "verify", url)
+    assert status == 0 and out.count(": ok") == 2, out
+    damaged = "ckpts/runs/leased/recovery/step-00000004.dcp/__0_0.distcp"
+    body = fs.cat_file(damaged)
+    fs.pipe_file(damaged, bytes([body[0] ^ 1]) + body[1:])  # one bit flipped, the size unchanged
+    status, out = cli(capsys, "verify", url)
+    assert status == 1 and "recovery/step-00000008.dcp: ok" in out
+    assert "recovery/step-00000004.dcp: __0_0.distcp: xxh3_64 checksum" in out and "(corrupted)" in out, out
+    status, out = cli(capsys, "ls", "s3://ckpts/runs/nothing-here")
+    assert status == 2 and "no run there" in out

@@ -56,11 +56,18 @@ class S3Object:
         self.guaranteed = True
 
     def read(self) -> tuple[bytes | None, Any]:
-        try:
-            with self.fs.open(self.path, "rb") as f:  # s3fs reads with If-Match on the ETag it reports
-                return f.read(), f.details["ETag"]
-        except FileNotFoundError:
-            return None, None
+        for attempt in range(5):
+            try:
+                # s3fs reads with If-Match on the ETag it reports: bytes and version agree, or FileExpired.
+                with self.fs.open(self.path, "rb") as f:
+                    return f.read(), f.details["ETag"]
+            except FileNotFoundError:
+                return None, None
+            except OSError as err:  # s3fs.utils.FileExpired: rewritten between the two requests (a renewal)
+                if type(err).__name__ != "FileExpired" or attempt == 4:
+                    raise
+                self.fs.invalidate_cache(self.path)
+        raise AssertionError("unreachable")
 
     def create(self, body: bytes) -> Any:
         try:
