@@ -280,7 +280,7 @@ class HeldLease:
         """Stop renewing (a failed launch: the lease then expires, or is taken over once this process is gone)."""
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=renew_every(self.holder.lease_s))
+            self._thread.join(timeout=min(5.0, renew_every(self.holder.lease_s)))  # a renewal stuck on the store
 
     def release(self) -> None:
         """A clean end: the next launch may take the lease at once. A release that fails leaves it to expire."""
