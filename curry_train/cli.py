@@ -45,8 +45,32 @@ def _history(path: str) -> RunHistory:
     return read_run(_run_dir(path))
 
 
+def _on_remote(command: str, url: str, show: Callable[..., int]) -> int:
+    """Run `show(remote)` for a run on checkpoint.remote (`<remote>/<run-id>`); a store that cannot be read is one
+    line and status 2."""
+    from curry_train import remote_view
+    from curry_train.checkpoint.remote import RemoteError, describe_error
+
+    try:
+        return show(remote_view.open_run(url))
+    except RemoteError as err:
+        print(f"curry-train {command}: {err}", file=sys.stderr)
+    except Exception as err:
+        print(f"curry-train {command}: {url}: {describe_error(url, err)}", file=sys.stderr)
+    return 2
+
+
+def _print(lines: list[str], status: int = 0) -> int:
+    print("\n".join(lines))
+    return status
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """Summarise a run: progress, resumes, rollbacks, preemptions, errors, and storage against its plan."""
+    from curry_train import remote_view
+
+    if remote_view.is_remote(args.run_dir):
+        return _on_remote("status", args.run_dir, lambda remote: _print(remote_view.status_lines(remote)))
     print(render_status(_history(args.run_dir)))
     return 0
 
@@ -59,6 +83,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 def cmd_ls(args: argparse.Namespace) -> int:
     """List a run's committed checkpoints, with sizes and which one `latest` names, under its summary."""
+    from curry_train import remote_view
+
+    if remote_view.is_remote(args.run_dir):
+        return _on_remote("ls", args.run_dir, lambda remote: _print(remote_view.ls_lines(remote)))
     store = RunDir(_run_dir(args.run_dir))
     print(render_status(read_run(store.path), with_history=False))
     latest = store.latest()
@@ -120,18 +148,34 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export a checkpoint's parameters (default: a run's best best-K) to safetensors or a Hugging Face directory."""
+    from curry_train import remote_view
+    from curry_train.checkpoint.remote import RemoteError, describe_error
     from curry_train.export import ExportError, export
 
     try:
-        result = export(args.checkpoint, args.output, args.format, args.dtype, args.config)
-    except (ExportError, FileNotFoundError) as err:
+        if remote_view.is_remote(args.checkpoint):
+            # Downloaded (each file checked against the manifest) into a temporary run directory, then as a local one.
+            with remote_view.fetched(args.checkpoint) as (local, config, source):
+                result = export(local, args.output, args.format, args.dtype, args.config or config)
+        else:
+            result = export(args.checkpoint, args.output, args.format, args.dtype, args.config)
+            source = str(result.checkpoint)
+    except (ExportError, FileNotFoundError, RemoteError) as err:
         print(f"curry-train export: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"curry-train export: {args.checkpoint}: {describe_error(args.checkpoint, err)}", file=sys.stderr)
+        return 2
     print(
-        f"exported {result.checkpoint} -> {result.output}: {result.tensors} tensors, {result.params:,} parameters, "
+        f"exported {source} -> {result.output}: {result.tensors} tensors, {result.params:,} parameters, "
         f"{human_bytes(result.bytes)}"
     )
     return 0
+
+
+def _bad_is_1(found: tuple[list[str], int]) -> tuple[list[str], int]:
+    lines, bad = found
+    return lines, 1 if bad else 0
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -144,6 +188,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_verify(args: argparse.Namespace) -> int:
     """Re-read every committed checkpoint and compare sizes and checksums with its manifest."""
+    from curry_train import remote_view
+
+    if remote_view.is_remote(args.run_dir):
+        return _on_remote("verify", args.run_dir, lambda remote: _print(*_bad_is_1(remote_view.verify_lines(remote))))
     store = RunDir(_run_dir(args.run_dir))
     bad = 0
     for ckpt in store.list():
@@ -238,7 +286,11 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_export_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a checkpoint directory, or a run directory (its best best-K, else latest)")
+    p.add_argument(
+        "checkpoint",
+        help="a checkpoint directory, or a run directory (its best best-K, else latest); or the same on the remote: "
+        "<checkpoint.remote>/<run-id>[/<role>/<checkpoint>]",
+    )
     p.add_argument("-o", "--output", required=True, help="file (safetensors) or directory (hf) to write")
     p.add_argument("--format", default="safetensors", help="safetensors (default: one file) or hf (a directory)")
     p.add_argument("--dtype", help="cast: float32, bfloat16 (bf16) or float16 (fp16); default: as saved")
@@ -300,7 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "export":
             add_export_arguments(p)
             continue
-        p.add_argument("run_dir", help="a run directory, e.g. runs/tiny-stdlib-1a2b3c4d")
+        where = "a run directory, e.g. runs/tiny-stdlib-1a2b3c4d"
+        if name in ("ls", "status", "verify"):
+            where += "; or a run on checkpoint.remote: <checkpoint.remote>/<run-id>, e.g. s3://bucket/runs/RUN_ID"
+        p.add_argument("run_dir", help=where)
         if name == "journal":
             p.add_argument("--event", action="append", help="only these events (repeatable)")
         if name == "diff":

@@ -173,6 +173,9 @@ class CheckpointConfig:
     remote_rollback_keep: int | None = None  # remote retention; None: the local keep
     remote_recovery_keep: int | None = None
     remote_retry_s: float = 600.0  # a failing upload retries with backoff this long, then is journaled as failed
+    # One writer per run: a launch holds <remote>/<run.id>/lease, renewed every fifth of this; a lease not renewed
+    # for this long is taken over by the next launch (checkpoint/lease.py).
+    remote_lease_s: float = 300.0
 
     def __post_init__(self) -> None:
         _one_of(self.best_k_direction, "checkpoint.best_k_direction", ("minimize", "maximize"))
@@ -185,6 +188,12 @@ class CheckpointConfig:
             keep = getattr(self, key)
             require(keep is None or keep >= 1, f"checkpoint.{key}", f"must be >= 1 (null: the local keep), got {keep}")
         require(self.remote_retry_s > 0, "checkpoint.remote_retry_s", f"must be > 0, got {self.remote_retry_s}")
+        lease = self.remote_lease_s
+        require(
+            not isinstance(lease, bool) and isinstance(lease, (int, float)) and lease >= 3,
+            "checkpoint.remote_lease_s",
+            f"must be a number of seconds >= 3 (renewed every fifth of it; default 300), got {lease!r}",
+        )
         for key in ("rollback_every", "recovery_every", "best_k"):
             value = getattr(self, key)
             number = isinstance(value, int) and not isinstance(value, bool)

@@ -41,6 +41,8 @@ EVENTS: frozenset[str] = frozenset(
         "upload_skipped",  # a commit not uploaded: its role's previous upload was still in flight
         "remote_delete",  # a remote checkpoint removed: remote retention, or an upload a kill cut short
         "remote_fetch",  # a checkpoint downloaded from checkpoint.remote to resume from
+        "lease",  # this launch took the run's lease on checkpoint.remote (how: free, released, expired, holder gone)
+        "lease_lost",  # the lease was taken over or not renewed in time: this launch stopped writing the remote
     }
 )
 _REQUIRED = ("event", "time", "step")

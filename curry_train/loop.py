@@ -8,8 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from curry_train import distributed, faults, spike, warm_start, watchdog
+from curry_train.checkpoint import remote_start, rollback, upload
 from curry_train.checkpoint import resume as resuming
-from curry_train.checkpoint import rollback, upload
 from curry_train.checkpoint.auto_cadence import AutoCadence
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan_text import plan_json, render_plan
@@ -68,7 +68,8 @@ def train(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch | No
     def follow(seconds: float) -> None:  # the collective timeout follows an automatic hang timeout that grew
         distributed.set_collective_timeout(seconds, [env.checkpoint_group])
 
-    with watchdog.Watchdog(env.rank, run_dir, cfg.train.hang_timeout_s, on_timeout=follow, peers=env.peers) as dog:
+    dog = watchdog.Watchdog(env.rank, run_dir, cfg.train.hang_timeout_s, on_timeout=follow, peers=env.peers)
+    with dog, remote_start.lease_scope():  # checkpoint.remote: the run's lease, released at a clean end
         session = start(cfg, run_dir, env, launch or Launch(), dog)
         if isinstance(session, TrainResult):  # the run had already finished
             return session

@@ -198,6 +198,11 @@ def test_resume_from_the_remote_after_a_kill_during_an_upload(tmp_path: Path, mo
     events = journal_of(run_dir)
     deleted = [e["path"] for e in events if e["event"] == "remote_delete"]
     assert "recovery/step-00000008.dcp" in deleted
+    # The killed launch's lease: its rank 0 is gone from this host, so the relaunch takes it over without waiting,
+    # and releases it when it finishes.
+    assert [e["how"] for e in journal_of(straight) if e["event"] == "lease"] == ["free"]
+    assert [e["how"] for e in events if e["event"] == "lease"] == ["holder gone"]
+    assert json.loads(fs.cat_file(f"{BUCKET}/runs/remote/lease"))["released"] is True
     resume = next(e for e in events if e["event"] == "resume")
     assert resume["step"] == 4 and resume["source"] == "remote", resume
     fetch = next(e for e in events if e["event"] == "remote_fetch")

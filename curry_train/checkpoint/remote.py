@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from curry_train.checkpoint import checksum
 from curry_train.checkpoint.manifest import MANIFEST, FileEntry, Manifest, check_file
 from curry_train.checkpoint.policy import Checkpoint, Contents, Role, exact_resume_points, parse_checkpoint_name
 
 LATEST = "latest"
+_BLOCK = 8 << 20  # the read size when verifying a remote file
 
 # What to set when the store says who you are is wrong or missing, by protocol.
 _CREDENTIALS = {
@@ -32,6 +35,19 @@ _CREDENTIALS = {
     "gcs": "GOOGLE_APPLICATION_CREDENTIALS",
 }
 _CREDENTIAL_WORDS = ("credential", "accessdenied", "access denied", "invalidaccesskeyid", "signature", "forbidden")
+
+
+# The launch's check before each remote write, by run URL (`<remote>/<run-id>`): the run's lease (lease_store.py).
+# Kept here, not on a store object, because each part of the launch (start, uploads) opens its own RemoteStore.
+_GUARDS: dict[str, Callable[[], None]] = {}
+
+
+def guard(url: str, check: Callable[[], None] | None) -> None:
+    """Make every RemoteStore of the run at `url` call `check` before it writes (None: no more checks)."""
+    if check is None:
+        _GUARDS.pop(url, None)
+    else:
+        _GUARDS[url] = check
 
 
 class RemoteError(RuntimeError):
@@ -74,8 +90,21 @@ class RemoteStore:
             ) from None
         self.root = self.root.rstrip("/")
 
+    @classmethod
+    def of_run(cls, run_url: str) -> RemoteStore:
+        """The store of the run at `<checkpoint.remote>/<run-id>` (what `curry-train ls` and friends are given)."""
+        base, _, run_id = run_url.rstrip("/").rpartition("/")
+        if not run_id or base.endswith(":/") or base.endswith(":"):
+            raise RemoteError(f"{run_url}: name a run on the remote, <checkpoint.remote>/<run-id>")
+        return cls(base, run_id, quick=True)
+
     def __repr__(self) -> str:
         return f"RemoteStore({self.url!r})"
+
+    def _writing(self) -> None:
+        check = _GUARDS.get(self.url)
+        if check is not None:
+            check()
 
     def key(self, rel: str) -> str:
         return f"{self.root}/{rel}"
@@ -99,6 +128,7 @@ class RemoteStore:
     # -- writing
 
     def put_file(self, local: Path, rel: str) -> None:
+        self._writing()
         self.fs.put_file(str(local), self.key(rel))
 
     def sizes(self, relpath: str) -> dict[str, int]:
@@ -119,13 +149,16 @@ class RemoteStore:
     def put_manifest(self, manifest: Manifest, relpath: str) -> None:
         """The commit: only once `missing` is empty."""
         body = json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode() + b"\n"
+        self._writing()
         self.fs.pipe_file(self.key(f"{relpath}/{MANIFEST}"), body)
 
     def set_latest(self, checkpoint: Checkpoint) -> None:
+        self._writing()
         self.fs.pipe_file(self.key(LATEST), checkpoint.relpath.encode())
 
     def delete(self, relpath: str) -> None:
         """Manifest first (the checkpoint stops existing), then its files."""
+        self._writing()
         manifest = self.key(f"{relpath}/{MANIFEST}")
         if self.fs.exists(manifest):
             self.fs.rm_file(manifest)
@@ -205,3 +238,31 @@ class RemoteStore:
             if (problem := check_file(local_dir, rel, files[rel])) is not None:
                 problems.append(problem)
         return problems
+
+    def check(self, checkpoint: Checkpoint, manifest: Manifest) -> list[str]:
+        """Each file of a committed checkpoint against its manifest's size and checksum, read as a stream (never a
+        whole file in memory); returns the problems (empty: all good)."""
+        there = self.sizes(checkpoint.relpath)
+        problems = []
+        for rel, entry in sorted(manifest.files.items()):
+            if rel not in there:
+                problems.append(f"{rel}: missing")
+                continue
+            if there[rel] != entry.nbytes:
+                size = there[rel]
+                problems.append(f"{rel}: size {size} bytes, manifest says {entry.nbytes} (truncated or overwritten)")
+                continue
+            running = checksum.running(entry.algorithm)
+            with self.fs.open(self.key(f"{checkpoint.relpath}/{rel}"), "rb", block_size=_BLOCK) as f:
+                while block := f.read(_BLOCK):
+                    running.update(block)
+            if (digest := running.hexdigest()) != entry.digest:
+                problems.append(f"{rel}: {entry.algorithm} checksum {digest}, manifest says {entry.digest} (corrupted)")
+        return problems
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """A small object of the run (the journal, the lease), or None when there is none."""
+        try:
+            return self.fs.cat_file(self.key(rel))
+        except FileNotFoundError:
+            return None
