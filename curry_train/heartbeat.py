@@ -19,9 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch.distributed as dist
+if TYPE_CHECKING:
+    import torch.distributed as dist
 
 Peers = list[tuple[str, str]]  # each rank's (host, address), as distributed.Dist.peers holds them
 
@@ -84,6 +85,8 @@ class Heartbeat:
             self._thread.start()
 
     def _connect(self, timeout: float) -> dist.TCPStore:
+        import torch.distributed as dist  # here: the plan reads the hang timeout without importing torch
+
         assert self.store_at is not None
         host, port = self.store_at
         return dist.TCPStore(host, port, is_master=False, timeout=timedelta(seconds=timeout))
