@@ -41,6 +41,8 @@ EVENTS: frozenset[str] = frozenset(
         "upload_skipped",  # a commit not uploaded: its role's previous upload was still in flight
         "remote_delete",  # a remote checkpoint removed: remote retention, or an upload a kill cut short
         "remote_fetch",  # a checkpoint downloaded from checkpoint.remote to resume from
+        "node_local",  # no shared filesystem: each node its own run directory, checkpoints committed on the remote
+        "upload_wait",  # node-local mode: a save waited for its role's previous upload (backpressure)
     }
 )
 _REQUIRED = ("event", "time", "step")

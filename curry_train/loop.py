@@ -121,6 +121,7 @@ def start(
         rank=env.rank,
         faults=launch.debug,
         uploader=upload.build(cfg.checkpoint, run_dir, env.rank, run.journal, launch.debug.upload_stall_at),
+        node_local=run.node is not None,
     )
     preemption = Preemption(run_dir, env.is_main, lambda: (dog.step, dog.phase), run.plan.full_save_seconds)
     return Session(cfg, env, launch, run, dog, corpus, slicing, state, checkpointer, preemption)
