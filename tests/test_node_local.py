@@ -95,6 +95,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
             wait_all(launch(cwds, [*args, "train.steps=12", "+resume=latest"], env), cwds)
             kept["cut"] = [journal(cut[0]), read_metrics(cut[0] / "metrics.jsonl")]
             replayed = assert_replays_bitwise(cut[0])
+            # Once more, finished already: each node fetches step 12 and drops its copy of step 8 fetched before.
+            held = [[c.relpath for c in RunDir(path).list()] for path in cut]
+            wait_all(launch(cwds, [*args, "train.steps=12", "+resume=latest"], env), cwds)
+            kept["copies"] = [held, [[c.relpath for c in RunDir(path).list()] for path in cut], journal(cut[0])]
             for path in cut:
                 shutil.rmtree(path)
             wait_all(launch(cwds, [*args, "train.steps=16", "+resume=latest"], env), cwds)
@@ -133,13 +137,21 @@ def test_a_killed_run_resumes_from_the_remote_bitwise(runs) -> None:
     assert [metrics[s]["loss"] for s in range(1, 13)] == [straight[s]["loss"] for s in range(1, 13)]
 
 
+def test_copies_fetched_before_are_dropped(runs) -> None:
+    before, after, events = runs["kept"]["copies"]
+    assert before == [["recovery/step-00000008.dcp"]] * 2, before
+    assert after == [["recovery/step-00000012.dcp"]] * 2, after
+    dropped = [e["path"] for e in events if e["event"] == "delete" and "node-local" in e["reason"]]
+    assert dropped == ["recovery/step-00000008.dcp"], events
+
+
 def test_deleted_run_directories_resume_from_the_remote_bitwise(runs) -> None:
     _, straight = runs["kept"]["straight"]
     run_dir = runs["cut"][0]
     events = journal(run_dir)
     resume = [e for e in events if e["event"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == 12 and resume[0]["source"] == "remote", events
-    assert events[-1]["event"] == "run_end"
+    assert events[-1]["event"] == "run_end" and events[-1]["checkpoint"] == "recovery/step-00000016.dcp"
     after = read_metrics(run_dir / "metrics.jsonl")
     assert sorted(after) == list(range(13, 17))
     assert [after[s]["loss"] for s in range(13, 17)] == [straight[s]["loss"] for s in range(13, 17)]

@@ -445,6 +445,13 @@ class Checkpointer:
         if self.uploader is not None:
             self.uploader.submit_committed(checkpoints, names, self.store, self.group)
 
+    def latest(self) -> Checkpoint | None:
+        """Rank 0: the newest committed checkpoint with full state (node-local mode: on the remote, where they are
+        committed)."""
+        if self.node_local and self.uploader is not None:
+            return self.uploader.remote.latest()
+        return self.store.latest()
+
     def finish_uploads(self) -> None:
         """At the run's end (every rank): the last save committed, then the uploads finished (`Uploader.finish`)."""
         if self.uploader is not None:

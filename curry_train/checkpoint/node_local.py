@@ -112,7 +112,7 @@ def fetch_everywhere(
     newest = distributed.on_rank0(env.is_main, group, _newest, remote)
     if newest is None:
         return None
-    checkpoint, manifest = newest
+    checkpoint, manifest, on_remote = newest
     started = time.perf_counter()
     needed = not store.is_committed(checkpoint) if node.leader else False
     wanted: list[Any] = [None] * env.world_size
@@ -146,7 +146,11 @@ def fetch_everywhere(
         raise ResumeError(
             f"checkpoint.remote: cannot commit the fetched {checkpoint.relpath} ({next(filter(None, errors))})"
         )
-    nodes = sum(1 for rank, want in enumerate(wanted) if want)
+    if node.leader and store.is_committed(checkpoint):
+        drop_older_copies(store, checkpoint, on_remote, journal if env.is_main else Deferred())
+    nodes = sum(1 for want in wanted if want)
+    if nodes == 0:  # every node had it already
+        return f"{remote.url}/{checkpoint.relpath}"
     journal.append(
         "remote_fetch",
         checkpoint.step,
@@ -159,9 +163,27 @@ def fetch_everywhere(
     return f"{remote.url}/{checkpoint.relpath}"
 
 
-def _newest(remote: RemoteStore) -> tuple[Checkpoint, Manifest] | None:
+def _newest(remote: RemoteStore) -> tuple[Checkpoint, Manifest, list[Checkpoint]] | None:
     newest = remote.latest()
-    return None if newest is None else (newest, remote.manifest(newest))
+    return None if newest is None else (newest, remote.manifest(newest), remote.list())
+
+
+def drop_older_copies(store: RunDir, keep: Checkpoint, on_remote: list[Checkpoint], journal: Any) -> None:
+    """A node leader: local checkpoints fetched at earlier starts, which the remote still holds, are removed (the
+    local disk keeps the one this launch resumes from and the saves waiting for upload)."""
+    current = store.latest()
+    for checkpoint in store.list():
+        if checkpoint in (keep, current) or checkpoint not in on_remote:
+            continue
+        freed = store.delete(checkpoint)
+        journal.append(
+            "delete",
+            checkpoint.step,
+            role=checkpoint.role,
+            path=checkpoint.relpath,
+            bytes=freed,
+            reason="node-local mode: a copy fetched at an earlier start (committed on checkpoint.remote)",
+        )
 
 
 def metadata_problem(staging: Path, reported: set[str]) -> str | None:
