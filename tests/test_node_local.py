@@ -38,6 +38,27 @@ BASE = [
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
+def test_what_node_local_mode_cannot_do_is_refused_naming_the_key() -> None:
+    from omegaconf import OmegaConf
+
+    from curry_train.checkpoint.node_local import refusal
+    from curry_train.config import Config, Launch
+    from tests.conftest import compose_config
+
+    def why(overrides: list[str], launch: Launch | None = None) -> str | None:
+        cfg = OmegaConf.to_object(compose_config([*BASE, *overrides]))
+        assert isinstance(cfg, Config)
+        return refusal(cfg, launch or Launch(resume="latest"))
+
+    assert why([]) is None
+    assert "checkpoint.best_k must be 0" in (why(["checkpoint.best_k=3"]) or "")
+    assert "checkpoint.rollback_every" in (why(["checkpoint.rollback_every=2"]) or "")
+    assert why(["checkpoint.rollback_every=2", "checkpoint.remote_roles=[rollback,recovery]"]) is None
+    assert "spike.enabled" in (why(["spike.enabled=true"]) or "")
+    assert "+resume=PATH" in (why([], Launch(resume="runs/x/recovery/step-00000004.dcp")) or "")
+    assert "+rollback_to" in (why([], Launch(rollback_to="recovery/step-00000004.dcp")) or "")
+
+
 def launch(cwds: list[Path], args: list[str], env: dict[str, str]) -> list[subprocess.Popen]:
     port = free_port()
     return [node(rank, "127.0.0.1", port, args, cwds[rank], env=env) for rank in (0, 1)]
