@@ -43,6 +43,8 @@ EVENTS: frozenset[str] = frozenset(
         "remote_fetch",  # a checkpoint downloaded from checkpoint.remote to resume from
         "lease",  # this launch took the run's lease on checkpoint.remote (how: free, released, expired, holder gone)
         "lease_lost",  # the lease was taken over or not renewed in time: this launch stopped writing the remote
+        "node_local",  # no shared filesystem: each node its own run directory, checkpoints committed on the remote
+        "upload_wait",  # node-local mode: a save waited for its role's previous upload (backpressure)
     }
 )
 _REQUIRED = ("event", "time", "step")

@@ -122,6 +122,7 @@ def start(
         rank=env.rank,
         faults=launch.debug,
         uploader=upload.build(cfg.checkpoint, run_dir, env.rank, run.journal, launch.debug.upload_stall_at),
+        node_local=run.node is not None,
     )
     preemption = Preemption(run_dir, env.is_main, lambda: (dog.step, dog.phase), run.plan.full_save_seconds)
     return Session(cfg, env, launch, run, dog, corpus, slicing, state, checkpointer, preemption)
@@ -216,7 +217,7 @@ def finish(s: Session, first_loss: float | None, last_loss: float | None) -> Tra
     if final_step == steps:
         s.dog.beat(final_step, "the uploads to checkpoint.remote")
         checkpointer.finish_uploads()
-        latest = checkpointer.store.latest() if s.env.is_main else None
+        latest = checkpointer.latest() if s.env.is_main else None
         s.run.journal.append("run_end", final_step, last_loss=last_loss, checkpoint=latest.relpath if latest else None)
     s.preemption.settle()  # saved and journaled: a late stop signal must not turn this end into a failure
     if first_loss is not None:

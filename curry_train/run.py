@@ -16,9 +16,10 @@ import torch.distributed as dist
 import yaml
 
 from curry_train import distributed, failures
-from curry_train.checkpoint import remote_start
+from curry_train.checkpoint import node_local, remote_start
 from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.durable import make_durable_dir
+from curry_train.checkpoint.node_local import NodeLocal
 from curry_train.checkpoint.plan import build_plan, storage_refusal
 from curry_train.checkpoint.plan_text import render_plan
 from curry_train.checkpoint.resume import ResumePoint
@@ -43,6 +44,7 @@ class Run:
     journal: Journal
     log: MetricsLogger
     lock: RunLock | None  # rank 0's, held until the launch ends
+    node: NodeLocal | None = None  # nodes without a shared filesystem: checkpoints committed on the remote only
 
     def close(self) -> None:
         self.log.close()
@@ -66,14 +68,22 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
     journal = Journal(files.journal, enabled=env.is_main)
     found = Deferred()
     try:
-        check_shared(run_dir, env)
+        node = (
+            open_node_local(cfg, launch, run_dir, env, found)
+            if check_shared(run_dir, env, cfg.checkpoint.remote)
+            else None
+        )
         warnings = on_rank0(main, group, resuming.clean_run_dir, store, found)
         for warning in warnings if env.is_main else []:
             print(f"curry-train: WARNING: {warning}", file=sys.stderr, flush=True)
-        fetched = remote_start.start(cfg.checkpoint.remote, store, launch, env, found)
+        fetched = remote_start.start(
+            cfg.checkpoint.remote, store, launch, env, found, lease_s=cfg.checkpoint.remote_lease_s, node=node
+        )
         point = on_rank0(main, group, resuming.find_resume_point, launch, store, config)
         if point is not None and fetched is not None and fetched.endswith(resuming.relpath_in(store, point.path)):
             point.fetched_from = fetched
+        if point is not None and node is not None:
+            point.fallbacks = []  # older local copies are rank 0's node's alone
         if point is not None:
             say = (lambda line: print(line, file=sys.stderr, flush=True)) if env.is_main else (lambda line: None)
             point = resuming.choose_verified(point, group, store, found, say)
@@ -116,7 +126,7 @@ def open_run(cfg: Config, run_dir: Path, env: distributed.Dist, launch: Launch) 
     )
     if env.is_main:
         found.replay(journal)
-    return Run(run_dir, point, plan, journal, log, lock if env.is_main else None)
+    return Run(run_dir, point, plan, journal, log, lock if env.is_main else None, node)
 
 
 def take_run_dir(run_dir: Path, lock: RunLock) -> Path | None:
@@ -134,11 +144,12 @@ def take_run_dir(run_dir: Path, lock: RunLock) -> Path | None:
     return created
 
 
-def check_shared(run_dir: Path, env: distributed.Dist) -> None:
+def check_shared(run_dir: Path, env: distributed.Dist, remote: str | None = None) -> int:
     """Every rank must see the run directory rank 0 writes: checkpoints are committed by rank 0 from what the
-    others wrote there. A `run.root` on each node's local disk would commit checkpoints without their shards."""
+    others wrote there. A `run.root` on each node's local disk would commit checkpoints without their shards; with
+    `checkpoint.remote` the run goes on in node-local mode instead. Returns how many ranks do not see it."""
     if env.world_size == 1:
-        return
+        return 0
     probe = on_rank0(env.is_main, env.checkpoint_group, write_probe, run_dir)
     seen = (run_dir / probe[0]).is_file() and (run_dir / probe[0]).read_text() == probe[1]
     everyone: list[Any] = [None] * env.world_size
@@ -146,12 +157,34 @@ def check_shared(run_dir: Path, env: distributed.Dist) -> None:
     if env.is_main:
         (run_dir / probe[0]).unlink(missing_ok=True)
     blind = [(rank, host) for rank, (ok, host) in enumerate(everyone) if not ok]
-    if blind:
+    if blind and remote is None:
         rank, host = blind[0]
         raise ConfigError(
             f"run.root: rank {rank} on {host} does not see the run directory {run_dir.absolute()} that rank 0 "
-            f"writes ({len(blind)} rank(s) in all): put run.root on a filesystem every node shares"
+            f"writes ({len(blind)} rank(s) in all): put run.root on a filesystem every node shares, or set "
+            "checkpoint.remote (checkpoints are then committed on object storage)"
         )
+    return len(blind)
+
+
+def open_node_local(cfg: Config, launch: Launch, run_dir: Path, env: distributed.Dist, found: Deferred) -> NodeLocal:
+    """Some ranks do not see rank 0's run directory and `checkpoint.remote` is set: each node gets a run directory
+    of its own (rank 0's keeps journal, metrics and config), said once and journaled."""
+    why = node_local.refusal(cfg, launch)
+    if why is not None:
+        raise ConfigError(f"run.root: not every node sees the run directory {run_dir} (no shared filesystem): {why}")
+    node = node_local.probe_nodes(run_dir, env)
+    if node.leader and not env.is_main:  # rank 0's node: rank 0's own tidying
+        node_local.remove_leftovers(RunDir(run_dir))
+    if env.is_main:
+        print(
+            f"curry-train: node-local mode: {node.nodes} run directories (no shared filesystem); checkpoints are "
+            f"committed on {cfg.checkpoint.remote} only",
+            file=sys.stderr,
+            flush=True,
+        )
+        node_local.journal_mode(found, node)
+    return node
 
 
 def write_probe(run_dir: Path) -> tuple[str, str]:

@@ -359,3 +359,18 @@ def test_the_plan_warns_when_a_full_save_outlasts_the_preemption_grace(
     assert "a full save took 50 s in this run, more than checkpoint.preempt_grace_s=30" in text
     assert main(["plan", *args[:-1], "checkpoint.preempt_grace_s=60"]) == 0
     assert "preempt_grace_s" not in capsys.readouterr().out
+
+
+def test_the_plan_counts_the_local_copies_that_wait_for_upload(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With checkpoint.remote, each remote role's upload lane holds one save's files until uploaded."""
+    base = ["plan", "model=7b", "checkpoint=7b_default", "train.steps=100000", "--json"]
+    assert main(base) == 0
+    without = json.loads(capsys.readouterr().out)
+    assert main([*base, "checkpoint.remote=s3://bucket/runs"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    full, params_only = without["bytes_per_checkpoint"]["recovery"], without["bytes_per_checkpoint"]["best_k"]
+    assert without["awaiting_upload_bytes"] == 0
+    assert remote["awaiting_upload_bytes"] == full + params_only  # the default remote roles: recovery and best-K
+    assert remote["committed_bytes"] == without["committed_bytes"] + full + params_only

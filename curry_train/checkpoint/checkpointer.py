@@ -19,13 +19,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
-from curry_train.checkpoint import io
+from curry_train.checkpoint import io, node_local
 from curry_train.checkpoint.pending import Durable, ParamsCopy, PendingSave, StepClock
 from curry_train.checkpoint.policy import BestK, Checkpoint, Contents, Role, retention
 from curry_train.checkpoint.staging import Snapshot, Stager, to_state_dict
 from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
-from curry_train.checkpoint.upload import Uploader
+from curry_train.checkpoint.upload import RemoteCommit, Uploader
 from curry_train.config import CheckpointConfig, Faults
 from curry_train.failures import PeerFailure
 from curry_train.journal import Journal
@@ -51,12 +51,17 @@ class Checkpointer:
         rank: int,
         faults: Faults | None = None,
         uploader: Uploader | None = None,
+        node_local: bool = False,
     ) -> None:
         """The checkpointer of the `checkpoint` config block (its policy, save mode and file layer), for this rank."""
         faults = faults or Faults()
         self.store = store
         self.save_delay_s = faults.save_delay_s  # +debug.save_delay_s: each save blocks training this much longer
         self.uploader = uploader  # checkpoint.remote: committed saves are copied there in the background
+        # No shared filesystem (node_local.py): each rank writes on its own node, and a save is committed only on
+        # the remote, by the uploads; no node commits.
+        self.node_local = node_local
+        assert not node_local or uploader is not None, "node-local mode commits on checkpoint.remote"
         self.fail_save_at = faults.full_disk  # (step, rank): +debug.fail_save_at, a full disk while that save writes
         self.policy = config.policy()
         self.journal = journal
@@ -179,12 +184,15 @@ class Checkpointer:
 
     def _plan(self, checkpoint: Checkpoint, state_dict: dict[str, Any]) -> io.SaveJob:
         """Plan the save of `state_dict` as `checkpoint` on every rank, into a fresh staging directory."""
+        full_disk = self.fail_save_at == (checkpoint.step, self.rank)
+        if self.node_local:  # each rank its own directory, on its own node
+            staging = node_local.staging_of(self.store.path, self.rank, checkpoint)
+            return io.SaveJob.start(state_dict, staging, self.group, self.writer.filesystem(full_disk))
         # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name) before
         # the planning collective lets the other ranks write into it.
-        staging = [str(self.store.staging_dir(checkpoint)) if self.is_main else None]
-        dist.broadcast_object_list(staging, src=0, group=self.group)
-        full_disk = self.fail_save_at == (checkpoint.step, self.rank)
-        return io.SaveJob.start(state_dict, Path(staging[0]), self.group, self.writer.filesystem(full_disk))
+        shared = [str(self.store.staging_dir(checkpoint)) if self.is_main else None]
+        dist.broadcast_object_list(shared, src=0, group=self.group)
+        return io.SaveJob.start(state_dict, Path(shared[0]), self.group, self.writer.filesystem(full_disk))
 
     def _start_params_copy(self, pending: PendingSave, checkpoint: Checkpoint) -> None:
         """`checkpoint` as the parameters-only part of the full save in flight, written by the writer after that save.
@@ -317,6 +325,9 @@ class Checkpointer:
         """Rank 0 commits: inline when the caller waits anyway, else in a thread (fsyncs of directories, the
         manifest, links and retention touch only the filesystem and the journal, no collective). Every rank then
         hears how it went, at the next `poll()` or `wait()`, and a failure stops them all."""
+        if self.node_local:
+            self._commit_on_remote(pending)
+            return
         self.commit_pending = pending.checkpoints[0]
         self.settling = pending
         if not self.is_main:
@@ -418,10 +429,28 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------------ remote
 
+    def _commit_on_remote(self, pending: PendingSave) -> None:
+        """Node-local mode, every rank once all have reported their files durable: hand them to the uploader, rank 0
+        with what makes `.metadata` and the manifest; the manifest's upload commits the save (journaled then)."""
+        assert self.uploader is not None and pending.job is not None
+        assert pending.params_copy is None, "node-local mode has no best-K (node_local.refusal)"
+        commit = None
+        if self.is_main:
+            commit = RemoteCommit(pending.job, pending.written, pending.contents, pending.extra, pending.started)
+        self.uploader.submit_written(pending.checkpoints, pending.job.staging, self.my_files, commit)
+        self.commits += 1
+
     def _upload(self, checkpoints: list[Checkpoint], names: list[str]) -> None:
         """Every rank, once all have heard that `checkpoints` committed: this rank's files of them to the uploader."""
         if self.uploader is not None:
             self.uploader.submit_committed(checkpoints, names, self.store, self.group)
+
+    def latest(self) -> Checkpoint | None:
+        """Rank 0: the newest committed checkpoint with full state (node-local mode: on the remote, where they are
+        committed)."""
+        if self.node_local and self.uploader is not None:
+            return self.uploader.remote.latest()
+        return self.store.latest()
 
     def finish_uploads(self) -> None:
         """At the run's end (every rank): the last save committed, then the uploads finished (`Uploader.finish`)."""
@@ -472,6 +501,8 @@ class Checkpointer:
         """Finish the save in flight (every rank) and end the writer's thread: the launch is done saving."""
         self.wait()
         self.writer.close()
+        if self.node_local and self.uploader is not None:  # nothing else holds its saves: wait for their uploads
+            self.uploader.join()
 
 
 def _params_only(state_dict: dict[str, Any]) -> dict[str, Any]:

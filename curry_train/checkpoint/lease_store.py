@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from curry_train.checkpoint.lease import Holder, Place, Verdict, judge, pid_alive, refusal, renew_every, stop_after
-from curry_train.checkpoint.remote import RemoteStore, describe_error, protocol_of
+from curry_train.checkpoint.remote import LeaseLost, RemoteStore, describe_error, protocol_of
 from curry_train.failures import Refused
 
 LEASE = "lease"
@@ -34,10 +34,6 @@ LEASE = "lease"
 
 class Conflict(Exception):
     """The object exists (create) or changed since it was read (replace)."""
-
-
-class LeaseLost(RuntimeError):
-    """This launch no longer holds the run's lease: it must not write to the remote."""
 
 
 def _precondition_failed(err: BaseException) -> bool:

@@ -30,6 +30,7 @@ from curry_train.checkpoint.sizes import (
     CheckpointSize,
     ModelSize,
     RoleEstimate,
+    awaiting_upload_bytes,
     checkpoint_bytes,
     checkpoint_size,
     committed_bytes,
@@ -108,6 +109,7 @@ class Plan:
     timing: Timing
     cadence: Cadence | None
     preempt_grace_s: float = 30.0
+    awaiting_upload: int = 0  # checkpoint.remote: local copies waiting for their upload (counted in `committed`)
     full_save_seconds: float | None = None  # measured in this run's journal: a whole full save, until committed
     hang_timeout_s: float = 300.0  # the watchdog's timeout at the start (the automatic one grows as the run measures)
     hang_source: str = ""
@@ -183,6 +185,8 @@ def build_plan(
     async_save = cfg.checkpoint.async_save
     steps = cfg.train.steps
     roles = role_estimates(size, policy, world_size, steps, cfg.train.eval_every)
+    remote_roles = set(cfg.checkpoint.remote_roles) if cfg.checkpoint.remote is not None else set()
+    awaiting = awaiting_upload_bytes(roles, remote_roles)
     key = "checkpoint.mtbf_hours" if mtbf_hours is None else "--mtbf-hours"
     prior = cfg.checkpoint.mtbf_hours if mtbf_hours is None else mtbf_hours
     timing = timing_of(run_dir, async_save, prior, key, save_seconds, step_seconds)
@@ -204,7 +208,8 @@ def build_plan(
         params_only=checkpoint_size(size, False, world_size),
         roles=roles,
         in_flight=in_flight_bytes(roles),
-        committed=committed_bytes(roles),
+        committed=committed_bytes(roles) + awaiting,
+        awaiting_upload=awaiting,
         storage=measure_storage(run_dir),
         recommendation=recommend_params_rollback(policy, roles, world_size, size, steps, cfg.train.eval_every),
         crash=None if at_step is None else crash_target(policy, at_step, async_save),

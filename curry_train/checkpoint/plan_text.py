@@ -63,6 +63,14 @@ def _render_storage(plan: Plan) -> list[str]:
     lines += [
         f"  {'in flight':<9} one save being written (the oldest is deleted only after it commits): "
         f"{human_bytes(plan.in_flight)}",
+        *(
+            [
+                f"  {'uploads':<9} one save per remote role, its files kept until uploaded (checkpoint.remote): "
+                f"{human_bytes(plan.awaiting_upload)}"
+            ]
+            if plan.awaiting_upload
+            else []
+        ),
         f"  committed {human_bytes(plan.committed)} (an upper bound: a rollback due at the same step as a recovery "
         "is a hard link to it and adds no bytes)",
         f"  for comparison: {sum(e.kept for e in plan.roles if e.every > 0)} full checkpoints would be "
@@ -217,6 +225,7 @@ def plan_json(plan: Plan) -> dict[str, Any]:
         "steps": plan.steps,
         "warnings": plan.warnings,
         "in_flight_bytes": plan.in_flight,
+        "awaiting_upload_bytes": plan.awaiting_upload,
         "committed_bytes": plan.committed,
         "all_full_bytes": plan.all_full,
         "free_bytes": plan.storage.free_bytes,

@@ -54,6 +54,11 @@ class RemoteError(RuntimeError):
     """The remote store cannot be used; the message names the URL and, for credentials, the variable to set."""
 
 
+class LeaseLost(RuntimeError):
+    """This launch no longer holds the run's lease (a guard's refusal): it must not write to the remote, and retrying
+    will not change that."""
+
+
 def protocol_of(url: str) -> str:
     return url.split("://", 1)[0] if "://" in url else "file"
 

@@ -19,6 +19,7 @@ from curry_train import distributed
 from curry_train.checkpoint import lease_store
 from curry_train.checkpoint.lease import Verdict
 from curry_train.checkpoint.manifest import Manifest
+from curry_train.checkpoint.node_local import NodeLocal, fetch_everywhere
 from curry_train.checkpoint.policy import Checkpoint, Contents
 from curry_train.checkpoint.remote import RemoteError, RemoteStore, guard
 from curry_train.checkpoint.resume import ResumeError
@@ -44,10 +45,11 @@ def start(
     env: distributed.Dist,
     journal: Journal | Deferred,
     lease_s: float = DEFAULT_LEASE_S,
+    node: NodeLocal | None = None,
 ) -> str | None:
     """Probe the store from every rank, take the run's lease, tidy the store (rank 0), and fetch a newer remote
-    checkpoint for +resume=latest or auto; returns the URL of the checkpoint fetched, if any. After the local run
-    directory was tidied."""
+    checkpoint for +resume=latest or auto (`node`, nodes without a shared filesystem: the remote's newest into every
+    node); returns the URL of the checkpoint fetched, if any. After the local run directory was tidied."""
     if url is None:
         return None
     remote = probe_everywhere(url, store, env)
@@ -55,6 +57,8 @@ def start(
     on_rank0(env.is_main, env.checkpoint_group, tidy, remote, store, journal)
     if launch.rollback_to is not None or launch.resume not in ("latest", "auto"):
         return None
+    if node is not None:
+        return fetch_everywhere(remote, store, env, node, journal)
     return fetch_newer(remote, store, env, journal)
 
 

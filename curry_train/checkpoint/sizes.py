@@ -171,6 +171,13 @@ def in_flight_bytes(estimates: list[RoleEstimate]) -> int:
     return max((e.bytes_each for e in estimates if e.committed), default=0)
 
 
+def awaiting_upload_bytes(estimates: list[RoleEstimate], remote_roles: set[str]) -> int:
+    """With `checkpoint.remote`: each remote role's upload lane holds the local files of one save until its upload
+    ends (hard links of a committed checkpoint that local retention may delete meanwhile; on nodes without a shared
+    filesystem, the save's only copy)."""
+    return sum(e.bytes_each for e in estimates if e.role in remote_roles and e.committed)
+
+
 def committed_bytes(estimates: list[RoleEstimate], in_flight: bool = True) -> int:
     """Keep counts times sizes, plus (``in_flight``) one slot for the save being written.
 

@@ -19,19 +19,33 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from curry_train.checkpoint import io
 from curry_train.checkpoint.durable import link_or_copy
-from curry_train.checkpoint.manifest import Manifest
+from curry_train.checkpoint.manifest import Manifest, file_entry
 from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, retention
-from curry_train.checkpoint.remote import RemoteStore, describe_error
+from curry_train.checkpoint.remote import LeaseLost, RemoteStore, describe_error
 from curry_train.checkpoint.store import RunDir
 from curry_train.config import CheckpointConfig
 from curry_train.journal import Journal, append_from_any_rank
 from curry_train.layout import RunFiles
+
+
+@dataclass
+class RemoteCommit:
+    """Rank 0's part of a node-local save (no node commits): `.metadata` from every rank's write results, and the
+    manifests that commit it on the remote."""
+
+    job: io.SaveJob
+    written: list[io.Written]  # every rank's report
+    contents: Contents
+    extra: dict[str, object]
+    started: float
 
 
 @dataclass
@@ -43,6 +57,7 @@ class UploadJob:
     names: list[str]
     manifests: list[Manifest]  # rank 0: the manifest of each checkpoint, uploaded last
     committed_at: float
+    commit: RemoteCommit | None = None  # node-local mode, rank 0: the manifests are made here first
 
     @property
     def lane(self) -> Role:
@@ -142,6 +157,29 @@ class Uploader:
         self.lanes[lane] = thread
         thread.start()
 
+    def submit_written(
+        self, checkpoints: list[Checkpoint], staging: Path, names: list[str], commit: RemoteCommit | None
+    ) -> None:
+        """Node-local mode, every rank once all have reported their files durable: upload this rank's `names` from
+        its `staging` (removed afterwards), rank 0 with `commit`. Nothing else holds the save, so a lane still busy
+        with the previous one is waited for (backpressure on training), never skipped."""
+        lane = checkpoints[0].role
+        previous = self.lanes.get(lane)
+        if previous is not None and previous.is_alive():
+            waited = time.perf_counter()
+            previous.join()
+            self._journal(
+                "upload_wait",
+                checkpoints[0].step,
+                path=checkpoints[0].relpath,
+                seconds=round(time.perf_counter() - waited, 4),
+                reason=f"the previous {lane.value} upload was still in flight (node-local mode: backpressure)",
+            )
+        job = UploadJob(checkpoints, staging, names, [], time.perf_counter(), commit)
+        thread = threading.Thread(target=self._run, args=(job,), name=f"curry-train-upload-{lane.value}", daemon=True)
+        self.lanes[lane] = thread
+        thread.start()
+
     def join(self) -> None:
         for thread in self.lanes.values():
             thread.join()
@@ -152,18 +190,36 @@ class Uploader:
         deadline = time.monotonic() + self.retry_s
         delay = 0.5
         try:
+            if job.commit is not None:
+                try:
+                    job.manifests = self._manifests(job.checkpoints, job.local, job.commit)
+                except Exception as err:
+                    self._journal(
+                        "upload_error",
+                        job.checkpoints[0].step,
+                        path=job.checkpoints[0].relpath,
+                        rank=self.rank,
+                        reason=f"cannot finish the checkpoint's metadata: {err!r}",
+                    )
+                    return
             while True:
                 try:
                     self._upload(job)
                     return
                 except Exception as err:
-                    if time.monotonic() + delay > deadline:
+                    lost = isinstance(err, LeaseLost)  # final: another launch holds the run's remote now
+                    if lost or time.monotonic() + delay > deadline:
+                        said = (
+                            str(err)
+                            if lost
+                            else f"gave up after {self.retry_s:g} s: {describe_error(self.remote.url, err)}"
+                        )
                         self._journal(
                             "upload_error",
                             job.checkpoints[0].step,
                             path=job.checkpoints[0].relpath,
                             rank=self.rank,
-                            reason=f"gave up after {self.retry_s:g} s: {describe_error(self.remote.url, err)}",
+                            reason=said,
                         )
                         return
                     time.sleep(delay)
@@ -193,6 +249,8 @@ class Uploader:
                 if time.perf_counter() - job.committed_at > self.retry_s:
                     raise TimeoutError(f"{len(missing)} file(s) of other ranks never arrived, e.g. {missing[0]}")
             self.remote.put_manifest(manifest, checkpoint.relpath)
+        if job.commit is not None:
+            self._journal_remote_saves(job)
         full = [c for c, m in zip(job.checkpoints, job.manifests, strict=True) if m.contents is Contents.FULL]
         latest = self.remote.latest()
         if full and (latest is None or full[0].step >= latest.step):
@@ -206,6 +264,53 @@ class Uploader:
             seconds=round(time.perf_counter() - job.committed_at, 4),
         )
         self._apply_retention()
+
+    def _manifests(self, checkpoints: list[Checkpoint], staging: Path, commit: RemoteCommit) -> list[Manifest]:
+        """Rank 0, node-local mode: write `.metadata` and make each checkpoint's manifest from what the ranks
+        reported (their files are on their own nodes: only `.metadata` is read here)."""
+        from curry_train.checkpoint.node_local import metadata_problem
+
+        commit.job.finish_metadata([w.results for w in commit.written])
+        files = {name: entry for w in commit.written for name, entry in w.files.items()}
+        problem = metadata_problem(staging, set(files))
+        if problem is not None:
+            raise RuntimeError(problem)
+        files[".metadata"] = file_entry(staging / ".metadata")
+        extra = {"contents": commit.contents.value, "world_size": len(commit.written), **commit.extra}
+        created = datetime.now(UTC).isoformat(timespec="milliseconds")
+        first = checkpoints[0]
+        return [
+            Manifest(
+                c.role,
+                c.step,
+                c.name,
+                created,
+                dict(files),
+                c.metric,
+                c.metric_name,
+                dict(extra),
+                linked_from=None if c == first else first.relpath,
+            )
+            for c in checkpoints
+        ]
+
+    def _journal_remote_saves(self, job: UploadJob) -> None:
+        """Node-local mode: the save is committed now that its manifest is on the remote."""
+        assert job.commit is not None
+        seconds = round(time.perf_counter() - job.commit.started, 4)
+        for checkpoint, manifest in zip(job.checkpoints, job.manifests, strict=True):
+            self._journal(
+                "save",
+                checkpoint.step,
+                role=checkpoint.role,
+                path=checkpoint.relpath,
+                bytes=manifest.total_bytes,
+                contents=job.commit.contents,
+                seconds=seconds,
+                write_seconds=round(max(w.seconds for w in job.commit.written), 4),
+                committed="remote",
+                **({"linked_from": manifest.linked_from} if manifest.linked_from else {}),
+            )
 
     def _apply_retention(self) -> None:
         listing = self.remote.list()
