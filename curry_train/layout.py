@@ -40,6 +40,11 @@ class RunFiles:
         return self.root / CONFIG
 
     @property
+    def history(self) -> tuple[Path, Path, Path]:
+        """Journal, metrics and config: what a remote copy of the run keeps beside its checkpoints."""
+        return self.journal, self.metrics, self.config
+
+    @property
     def failures(self) -> Path:
         """Tracebacks and hang stacks, under a header per event."""
         return self.root / FAILURES

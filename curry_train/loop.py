@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -228,6 +229,10 @@ def finish(s: Session, first_loss: float | None, last_loss: float | None) -> Tra
             f"{first_loss:.4f}, last loss {last_loss:.4f}"
         )
     s.run.close()
+    uploader = checkpointer.uploader
+    if uploader is not None and s.env.is_main and (problem := uploader.put_run_files()) is not None:
+        # After the metrics logger closed (all it wrote is in the file uploaded): straight to stderr.
+        print(f"curry-train: WARNING: checkpoint.remote: run files not uploaded at the end: {problem}", file=sys.stderr)
     return TrainResult(s.run.dir, final_step, first_loss, last_loss)
 
 

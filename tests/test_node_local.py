@@ -171,10 +171,16 @@ def test_deleted_run_directories_resume_from_the_remote_bitwise(runs) -> None:
     run_dir = runs["cut"][0]
     events = journal(run_dir)
     resume = [e for e in events if e["event"] == "resume"]
-    assert len(resume) == 1 and resume[0]["step"] == 12 and resume[0]["source"] == "remote", events
+    assert resume[-1]["step"] == 12 and resume[-1]["source"] == "remote", events
     assert events[-1]["event"] == "run_end" and events[-1]["checkpoint"] == "recovery/step-00000016.dcp"
+    # The journal and metrics came back from the remote: the run's history goes on (4 launches: the killed one, its
+    # relaunch, the one that found it finished, this one), and every step's loss is the straight run's.
+    assert [e["attempt"] for e in events if e["event"] == "run_start"] == [0, 1, 2, 3], events
     after = read_metrics(run_dir / "metrics.jsonl")
-    assert sorted(after) == list(range(13, 17))
-    assert [after[s]["loss"] for s in range(13, 17)] == [straight[s]["loss"] for s in range(13, 17)]
+    assert sorted(after) == list(range(1, 17))
+    assert [after[s]["loss"] for s in range(1, 17)] == [straight[s]["loss"] for s in range(1, 17)]
     fs = runs["fs"]
     assert fs.cat_file(f"{BUCKET}/runs/cut/latest") == b"recovery/step-00000016.dcp"
+    # The finished run's own journal is on the remote too, with its end.
+    remote_journal = fs.cat_file(f"{BUCKET}/runs/straight/journal.jsonl").decode().strip().splitlines()
+    assert json.loads(remote_journal[-1])["event"] == "run_end"

@@ -24,6 +24,7 @@ from typing import Any
 from curry_train.checkpoint import checksum
 from curry_train.checkpoint.manifest import MANIFEST, FileEntry, Manifest, check_file
 from curry_train.checkpoint.policy import Checkpoint, Contents, Role, exact_resume_points, parse_checkpoint_name
+from curry_train.layout import RunFiles
 
 LATEST = "latest"
 _BLOCK = 8 << 20  # the read size when verifying a remote file
@@ -160,6 +161,28 @@ class RemoteStore:
     def set_latest(self, checkpoint: Checkpoint) -> None:
         self._writing()
         self.fs.pipe_file(self.key(LATEST), checkpoint.relpath.encode())
+
+    def put_run_files(self, run_dir: Path) -> None:
+        """The run's journal, metrics and config (rank 0's), beside its checkpoints: `status` of the remote reads
+        them, and a start whose run directory is gone takes them back (`get_run_files`)."""
+        for path in RunFiles(run_dir).history:
+            if path.is_file():
+                self._writing()
+                self.fs.put_file(str(path), self.key(path.name))
+
+    def get_run_files(self, run_dir: Path) -> list[str]:
+        """The run files the remote holds, downloaded into `run_dir`; the names fetched. A line the upload caught
+        half-written is cut off, so that the next line appended starts a line of its own."""
+        fetched = []
+        for path in RunFiles(run_dir).history:
+            if not self.fs.exists(self.key(path.name)):
+                continue
+            data = self.fs.cat_file(self.key(path.name))
+            if path.suffix == ".jsonl":
+                data = data[: data.rfind(b"\n") + 1]
+            path.write_bytes(data)
+            fetched.append(path.name)
+        return fetched
 
     def delete(self, relpath: str) -> None:
         """Manifest first (the checkpoint stops existing), then its files."""

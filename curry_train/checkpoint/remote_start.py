@@ -54,12 +54,22 @@ def start(
         return None
     remote = probe_everywhere(url, store, env)
     take_lease(remote, store.path, lease_s, env, journal)
+    if env.is_main and not RunFiles(store.path).journal.exists():
+        restore_run_files(remote, store)
     on_rank0(env.is_main, env.checkpoint_group, tidy, remote, store, journal)
     if launch.rollback_to is not None or launch.resume not in ("latest", "auto"):
         return None
     if node is not None:
         return fetch_everywhere(remote, store, env, node, journal)
     return fetch_newer(remote, store, env, journal)
+
+
+def restore_run_files(remote: RemoteStore, store: RunDir) -> None:
+    """Rank 0, a run directory without a journal (new nodes, a deleted or purged directory): the remote's journal,
+    metrics and config, so that the run's history and its attempts go on where they were."""
+    fetched = remote.get_run_files(store.path)
+    if fetched:
+        print(f"curry-train: took {', '.join(fetched)} of this run from {remote.url}", file=sys.stderr, flush=True)
 
 
 def probe_everywhere(url: str, store: RunDir, env: distributed.Dist) -> RemoteStore:

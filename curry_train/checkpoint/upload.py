@@ -255,6 +255,7 @@ class Uploader:
         latest = self.remote.latest()
         if full and (latest is None or full[0].step >= latest.step):
             self.remote.set_latest(full[0])
+        self.put_run_files()
         self._journal(
             "upload",
             first.step,
@@ -264,6 +265,15 @@ class Uploader:
             seconds=round(time.perf_counter() - job.committed_at, 4),
         )
         self._apply_retention()
+
+    def put_run_files(self) -> str | None:
+        """Rank 0: the run's journal, metrics and config to the remote (after each remote commit, and at the
+        launch's end); what went wrong, if anything: they go again with the next commit."""
+        try:
+            self.remote.put_run_files(self.run_dir)
+        except Exception as err:
+            return describe_error(self.remote.url, err)
+        return None
 
     def _manifests(self, checkpoints: list[Checkpoint], staging: Path, commit: RemoteCommit) -> list[Manifest]:
         """Rank 0, node-local mode: write `.metadata` and make each checkpoint's manifest from what the ranks
