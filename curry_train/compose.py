@@ -138,6 +138,7 @@ def _launch_of(options: dict) -> Launch:
         "save_delay_s",
         "perturb_resume",
         "upload_stall_at",
+        "kill_writer_at",
     )
     unknown = sorted(set(debug) - set(allowed))
     require(
@@ -145,7 +146,7 @@ def _launch_of(options: dict) -> Launch:
         f"debug.{unknown[0] if unknown else ''}",
         "allowed: +debug.inject_spike_at=STEP, +debug.inject_lr_scale=X, +debug.fail_save_at=STEP, "
         "+debug.fail_save_rank=R, +debug.stall_at=STEP, +debug.stall_rank=R, +debug.save_delay_s=S, "
-        "+debug.perturb_resume=true, +debug.upload_stall_at=STEP",
+        "+debug.perturb_resume=true, +debug.upload_stall_at=STEP, +debug.kill_writer_at=STEP",
     )
     perturb = debug.get("perturb_resume", False)
     require(isinstance(perturb, bool), "debug.perturb_resume", f"must be true or false, got {perturb!r}")
@@ -159,6 +160,7 @@ def _launch_of(options: dict) -> Launch:
         save_delay_s=float(debug.get("save_delay_s", 0.0)),
         perturb_resume=perturb,
         upload_stall_at=None if debug.get("upload_stall_at") is None else int(debug["upload_stall_at"]),
+        kill_writer_at=None if debug.get("kill_writer_at") is None else int(debug["kill_writer_at"]),
     )
     launch = Launch(
         resume=None if options.get("resume") is None else str(options["resume"]),

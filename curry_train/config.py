@@ -156,6 +156,9 @@ class CheckpointConfig:
     rollback_contents: str = "full"  # full: parameters + optimizer + RNG + data position; params: parameters only
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     async_save: bool = True  # written by a background writer from a staged copy; false waits for every save
+    # Who writes an asynchronous save: a writer process of each rank, from shared-memory staging buffers (its
+    # serialisation does not hold the training process's interpreter lock), or a thread of the training process.
+    writer: str = "process"
     direct_io: bool = True  # data files bypass the page cache (O_DIRECT) where the filesystem allows it
     check_storage: bool = True  # refuse to start when the committed storage does not fit the free space
     save_final: bool = True  # the last step is always saved with full state, so run_end names a checkpoint
@@ -182,6 +185,7 @@ class CheckpointConfig:
         # Only metrics every rank computes identically may rank best-K: the save it triggers is collective.
         _one_of(self.best_k_metric, "checkpoint.best_k_metric", ("dev_loss",))
         _one_of(self.rollback_contents, "checkpoint.rollback_contents", ("full", "params"))
+        _one_of(self.writer, "checkpoint.writer", ("process", "thread"))
         for role in self.remote_roles:
             _one_of(role, "checkpoint.remote_roles", ("rollback", "recovery", "best_k"))
         for key in ("remote_rollback_keep", "remote_recovery_keep"):
@@ -482,6 +486,7 @@ class Faults:
     stall_at: int | None = None  # +debug.stall_at=STEP: stop making progress before that step, once in the run
     stall_rank: int = 0  # +debug.stall_rank=R: on this rank
     save_delay_s: float = 0.0  # +debug.save_delay_s=S: every save blocks training S seconds longer (a slow disk)
+    kill_writer_at: int | None = None  # +debug.kill_writer_at=STEP: SIGKILL the writer process (on fail_save_rank)
     upload_stall_at: int | None = None  # +debug.upload_stall_at=STEP: uploads from that step on stall after a file
     perturb_resume: bool = False  # +debug.perturb_resume=true: a deliberately inexact resume (`curry-train rehearse`)
 
@@ -489,6 +494,11 @@ class Faults:
     def full_disk(self) -> tuple[int, int] | None:
         """(step, rank) of the save that runs out of space, if any."""
         return None if self.fail_save_at is None else (self.fail_save_at, self.fail_save_rank)
+
+    @property
+    def killed_writer(self) -> tuple[int, int] | None:
+        """(step, rank) of the save whose writer process is killed while it writes, if any."""
+        return None if self.kill_writer_at is None else (self.kill_writer_at, self.fail_save_rank)
 
 
 @dataclass(frozen=True)

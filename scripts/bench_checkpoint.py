@@ -16,10 +16,12 @@ shared machine cancels; a figure is the median over repetitions, the slowest ran
   resume load         curry-train's resume load (DCP load plus the fidelity check)
   resume verified     what +resume=latest does: check every file against the manifest, then the resume load
   ... warm            dcp.load and the resume load with the files in the page cache: the harness's own overhead
-  loop off/async/sync `loop.train` for --loop-steps steps, a full save every --save-every steps (none for off;
-                      async_buffered: direct_io=false); the extra wall time of the steps after each save over the
-                      other steps of the same run (`save_extras`; for off, the noise of that measure), and the
-                      window of each run (first to last step's metrics line) against off
+  loop off/async/     `loop.train` for --loop-steps steps, a full save every --save-every steps (none for off;
+  async_thread/sync   async: the writer process, async_thread: the writer thread, async_buffered: the writer
+                      process with direct_io=false); the extra wall time of the steps after each save over the
+                      other steps of the same run (`save_extras`; for off, the noise of that measure), its stall
+                      (that extra minus off's at the same positions), and the window of each run (first to last
+                      step's metrics line) against off; each run's directory is removed once measured
   plain / harness     one optimizer step: a minimal hand-written FSDP2 loop against the harness (bench_step.py)
   policy off/default  `loop.train` at the `default` checkpoint cadences against checkpointing off
 Goals compare these ratios with the targets of the fast-checkpoints issue.
@@ -373,7 +375,8 @@ def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) ->
     common = [f"train.steps={args.loop_steps}", "train.eval_every=0", "checkpoint.check_storage=false"]
     variants = {
         "off": config(args, *common, *CHECKPOINT_OFF),
-        "async": config(args, *common, *saving, "checkpoint.async_save=true"),
+        "async": config(args, *common, *saving, "checkpoint.async_save=true", "checkpoint.writer=process"),
+        "async_thread": config(args, *common, *saving, "checkpoint.async_save=true", "checkpoint.writer=thread"),
         "sync": config(args, *common, *saving, "checkpoint.async_save=false"),
         "async_buffered": config(args, *common, *saving, "checkpoint.async_save=true", "checkpoint.direct_io=false"),
     }
@@ -391,6 +394,8 @@ def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) ->
                 extras[name] += save_extras(run_dir, args.save_every, args.loop_steps)
                 if name == "async":
                     costs += journal_costs(run_dir)[:saves]
+                shutil.rmtree(run_dir)  # measured: 685 MB a save of model=small fills a disk fast
+            dist.barrier()
     return {"windows": windows, "extras": extras, "saves": saves, "journal_costs": costs}
 
 
@@ -462,9 +467,15 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
             }
         journal = statistics.fmean(loops["journal_costs"]) if loops["journal_costs"] else float("nan")
         rows["async_journal_cost"] = {"seconds": journal}
-        async_extra, sync_extra = rows["loop_async"]["extra_per_save_s"], rows["loop_sync"]["extra_per_save_s"]
+        # A save's stall: its extra over the same positions of the run without saves (the measure's own offset).
+        noise = rows["loop_off"]["extra_per_save_s"]
+        for mode in loops["extras"]:
+            rows[f"loop_{mode}"]["stall_s"] = rows[f"loop_{mode}"]["extra_per_save_s"] - noise
+        async_extra, sync_extra = rows["loop_async"]["stall_s"], rows["loop_sync"]["stall_s"]
         ratios["async_stall_vs_sync"] = async_extra / sync_extra if sync_extra > 0 else float("nan")
-        buffered_extra = rows["loop_async_buffered"]["extra_per_save_s"]
+        thread_extra = rows["loop_async_thread"]["stall_s"]
+        ratios["async_thread_stall_vs_sync"] = thread_extra / sync_extra if sync_extra > 0 else float("nan")
+        buffered_extra = rows["loop_async_buffered"]["stall_s"]
         ratios["async_buffered_vs_direct_stall"] = buffered_extra / async_extra if async_extra > 0 else float("nan")
         ratios["journal_cost_vs_outside"] = journal / async_extra if async_extra > 0 else float("nan")
     if steps:
@@ -490,12 +501,13 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['machine']}")
-    print(f"{'row':<28}{'seconds':>10}{'MB/s':>10}{'extra/save s':>14}{'+-':>8}")
+    print(f"{'row':<28}{'seconds':>10}{'MB/s':>10}{'extra/save s':>14}{'+-':>8}{'stall s':>9}")
     for name, row in result["rows"].items():
         mbs = f"{row['mb_per_s']:.0f}" if "mb_per_s" in row else ""
         extra = f"{row['extra_per_save_s']:.3f}" if "extra_per_save_s" in row else ""
         err = f"{row['extra_stderr_s']:.3f}" if "extra_stderr_s" in row else ""
-        print(f"{name:<28}{row['seconds']:>10.3f}{mbs:>10}{extra:>14}{err:>8}")
+        stall = f"{row['stall_s']:.3f}" if "stall_s" in row else ""
+        print(f"{name:<28}{row['seconds']:>10.3f}{mbs:>10}{extra:>14}{err:>8}{stall:>9}")
     print("ratios:")
     for name, value in result["ratios"].items():
         goal = result["goals"].get(name)

@@ -69,6 +69,7 @@ def test_wrong_type_fails_composition() -> None:
     [
         ("checkpoint.best_k_direction=upwards", "checkpoint.best_k_direction"),
         ("checkpoint.rollback_contents=everything", "checkpoint.rollback_contents"),
+        ("checkpoint.writer=fork", "checkpoint.writer"),
         ("checkpoint.rollback_every=-1", "checkpoint.rollback_every"),
         ("logger.wandb.mode=cloud", "logger.wandb.mode"),
         ("model.n_heads=5", "model.dim"),

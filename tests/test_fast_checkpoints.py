@@ -226,7 +226,7 @@ def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     rows = {"disk_write", "disk_read", "dcp_save", "dcp_load", "sync_save", "resume_load", "loop_off", "loop_async"}
     rows |= {"loop_sync", "async_journal_cost", "plain_step", "harness_step", "policy_off", "policy_default"}
-    rows |= {"disk_write_direct", "sync_save_buffered", "resume_verified", "loop_async_buffered"}
+    rows |= {"disk_write_direct", "sync_save_buffered", "resume_verified", "loop_async_buffered", "loop_async_thread"}
     rows |= {"policy_default_journal_cost", "dcp_load_warm", "resume_load_warm"}
     assert set(result["rows"]) == rows
     journal_rows = {"async_journal_cost", "policy_default_journal_cost"}  # zero when no save fell in the window

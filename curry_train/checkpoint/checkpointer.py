@@ -7,6 +7,8 @@ Every rank calls `save` (DCP is collective); only rank 0 touches the run directo
 from __future__ import annotations
 
 import enum
+import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -26,6 +28,7 @@ from curry_train.checkpoint.staging import Snapshot, Stager, to_state_dict
 from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
 from curry_train.checkpoint.upload import RemoteCommit, Uploader
+from curry_train.checkpoint.writer_process import ProcessWriter, WriterDied
 from curry_train.config import CheckpointConfig, Faults
 from curry_train.failures import PeerFailure
 from curry_train.journal import Journal
@@ -69,8 +72,14 @@ class Checkpointer:
         self.rank = rank
         self.is_main = rank == 0
         self.async_save = config.async_save
-        self.stager = Stager()  # one per run: its buffers are reused by every asynchronous save
-        self.writer = io.Writer(config.direct_io)  # one per run: one save written at a time
+        self.kill_writer_at = faults.killed_writer  # (step, rank): +debug.kill_writer_at
+        # One stager and one writer per run: the buffers are reused by every asynchronous save, one save is written
+        # at a time. An asynchronous save's writer is a process of this rank (checkpoint.writer=process), fed
+        # through shared staging buffers, or a thread of this process; a synchronous save's is this thread.
+        in_process = config.async_save and config.writer == "process"
+        self.stager = Stager(shared=in_process)
+        self.writer = ProcessWriter(self.stager, config.direct_io) if in_process else io.Writer(config.direct_io)
+        self.plans = io.PlanCache()  # DCP's save plans, reused while the state's structure stays the same
         self.writing: PendingSave | None = None  # every rank: bytes being written
         self.committing: PendingSave | None = None  # rank 0: durable bytes being committed
         self.durable: Durable | None = None
@@ -187,12 +196,15 @@ class Checkpointer:
         full_disk = self.fail_save_at == (checkpoint.step, self.rank)
         if self.node_local:  # each rank its own directory, on its own node
             staging = node_local.staging_of(self.store.path, self.rank, checkpoint)
-            return io.SaveJob.start(state_dict, staging, self.group, self.writer.filesystem(full_disk))
-        # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name) before
-        # the planning collective lets the other ranks write into it.
-        shared = [str(self.store.staging_dir(checkpoint)) if self.is_main else None]
-        dist.broadcast_object_list(shared, src=0, group=self.group)
-        return io.SaveJob.start(state_dict, Path(shared[0]), self.group, self.writer.filesystem(full_disk))
+        else:
+            # Rank 0 prepares the staging directory (removing any leftover of a crashed save of the same name) before
+            # the planning collective lets the other ranks write into it.
+            shared = [str(self.store.staging_dir(checkpoint)) if self.is_main else None]
+            dist.broadcast_object_list(shared, src=0, group=self.group)
+            staging = Path(shared[0])
+        job = io.SaveJob.start(state_dict, staging, self.group, self.writer.filesystem(full_disk), self.plans)
+        job.kill_writer = self.kill_writer_at == (checkpoint.step, self.rank)
+        return job
 
     def _start_params_copy(self, pending: PendingSave, checkpoint: Checkpoint) -> None:
         """`checkpoint` as the parameters-only part of the full save in flight, written by the writer after that save.
@@ -238,8 +250,7 @@ class Checkpointer:
         flags = torch.tensor([int(still_writing), self._commit_state()], dtype=torch.int32)
         dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
         self._settle_commit(CommitState(int(flags[1])))
-        if pending is not None and not flags[0]:
-            self._collect(pending)
+        if pending is not None and not flags[0] and self._collect(pending):
             self._begin_commit(pending, inline=False)
 
     def wait(self) -> None:
@@ -249,8 +260,8 @@ class Checkpointer:
         if pending is not None:
             pending.waiting_since = started
             futures_wait([_future(job) for _, job in pending.parts()])
-            self._collect(pending)
-            self._begin_commit(pending, inline=True)
+            if self._collect(pending):
+                self._begin_commit(pending, inline=True)
         if self.commit_pending is not None:
             if self.is_main and self.committing is not None and self.committing.committer is not None:
                 self.committing.committer.join()
@@ -282,9 +293,10 @@ class Checkpointer:
             raise PeerFailure(f"rank 0 could not commit {failed.relpath} (its message says why)")
         self.commits += 1
 
-    def _collect(self, pending: PendingSave) -> None:
+    def _collect(self, pending: PendingSave) -> bool:
         """Every rank's report of its durable files, on every rank: a failed write anywhere fails the save
-        everywhere, and rank 0 gets the checksums each rank computed of its own files."""
+        everywhere, and rank 0 gets the checksums each rank computed of its own files. False: the save is lost
+        because a writer process died (`_drop`); training goes on."""
         self.writing = None
         parts = pending.parts()
         errors = [_future(job).exception() for _, job in parts]
@@ -294,6 +306,10 @@ class Checkpointer:
         ]
         reports: list[Any] = [None] * dist.get_world_size(self.group)
         dist.all_gather_object(reports, mine, group=self.group)
+        failures = [r for report in reports for r in report if isinstance(r, str)]
+        if failures and all(f"{WriterDied.__name__}(" in f for f in failures):
+            self._drop(parts, failures, [e for e in errors if e is not None])
+            return False
         for i, (checkpoint, _) in enumerate(parts):
             failed = [r[i] for r in reports if isinstance(r[i], str)]
             if not failed:
@@ -320,6 +336,26 @@ class Checkpointer:
             pending.step, pending.checkpoints[0], pending.contents, _params_only(pending.job.staged), pending.extra
         )
         pending.baseline = self.clock.baseline()
+        return True
+
+    def _drop(self, parts: list[tuple[Checkpoint, io.SaveJob]], failures: list[str], mine: list[BaseException]) -> None:
+        """A writer process died while it wrote this save: the save is lost (journaled, its staging directory
+        removed), the committed checkpoints are intact, and training goes on; the next save starts a new writer."""
+        for checkpoint, job in parts:
+            self._journal_error(
+                checkpoint,
+                f"save failed: {'; '.join(sorted(set(failures)))}; the next save starts a new writer process; "
+                "earlier checkpoints are intact",
+            )
+            if self.is_main:
+                shutil.rmtree(job.staging, ignore_errors=True)
+        if mine:
+            print(
+                f"curry-train: rank {self.rank}: {mine[0]}: {parts[0][0].relpath} is not saved (the checkpoints "
+                "committed before it are intact); training goes on and the next save starts a new writer process",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _begin_commit(self, pending: PendingSave, inline: bool) -> None:
         """Rank 0 commits: inline when the caller waits anyway, else in a thread (fsyncs of directories, the

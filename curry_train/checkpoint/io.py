@@ -18,6 +18,7 @@ The files are ordinary DCP files: PyTorch's own tools read them.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
@@ -33,6 +35,7 @@ from torch.distributed.checkpoint.metadata import Metadata
 from torch.distributed.checkpoint.planner import SavePlan, WriteItem, WriteItemType
 from torch.distributed.checkpoint.stateful import Stateful
 from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.tensor import DTensor
 
 from curry_train.checkpoint.files import ChecksummingFileSystem, WriteBuffer, without_zip_crc
 from curry_train.checkpoint.manifest import FileEntry
@@ -55,6 +58,56 @@ class _Planner(DefaultSavePlanner):
         return super().transform_object(write_item, object)
 
 
+@dataclass(frozen=True)
+class _CachedPlan:
+    local: SavePlan  # this rank's local plan, as DCP's storage writer prepared it
+    plan: SavePlan  # this rank's final plan
+    metadata: Metadata | None  # rank 0's global metadata (its storage data is filled in by each save's `finish`)
+
+
+class PlanCache:
+    """DCP's save plans by the structure of the state they were made for: every key, and each tensor's dtype,
+    shape, stride and sharding (the values of other entries do not enter a plan). A save whose structure every
+    rank has planned before takes that plan; one all-reduce tells whether all of them have."""
+
+    def __init__(self, size: int = 4) -> None:
+        self.size = size  # a full save and its parameters-only best-K are two structures; a rollback may add one
+        self.plans: dict[tuple, _CachedPlan] = {}
+        self.hits = 0
+        self.misses = 0
+
+    def lookup(self, flat: dict[str, Any], group: dist.ProcessGroup) -> _CachedPlan | None:
+        """The cached plan for the flattened state `flat`, if every rank of `group` has one (a collective)."""
+        cached = self.plans.get(_structure(flat))
+        missing = torch.tensor([int(cached is None)], dtype=torch.int32)
+        dist.all_reduce(missing, op=dist.ReduceOp.MAX, group=group)
+        if missing.item():
+            self.misses += 1
+            return None
+        self.hits += 1
+        return cached
+
+    def store(self, flat: dict[str, Any], cached: _CachedPlan) -> None:
+        if len(self.plans) >= self.size:
+            self.plans.pop(next(iter(self.plans)))
+        self.plans[_structure(flat)] = cached
+
+
+def _structure(flat: dict[str, Any]) -> tuple:
+    """What DCP's plan of a flattened state dict depends on (its planner flattens it as it plans)."""
+    out = []
+    for fqn, value in flat.items():
+        if isinstance(value, DTensor):
+            local = value.to_local()
+            spec = (tuple(value.shape), str(value.placements), tuple(value.device_mesh.mesh.shape))
+            out.append((fqn, "D", value.dtype, tuple(local.shape), local.stride(), spec))
+        elif isinstance(value, torch.Tensor):
+            out.append((fqn, "T", value.dtype, tuple(value.shape), value.stride(), value.requires_grad))
+        else:
+            out.append((fqn, "O"))
+    return tuple(out)
+
+
 @dataclass
 class Written:
     """What one rank's writer reports: DCP's write results and the size and checksum of each file it wrote
@@ -63,8 +116,9 @@ class Written:
     results: list[WriteResult]
     files: dict[str, FileEntry]
     seconds: float
-    cpu_seconds: float  # the writer thread's CPU time (user and system): what it can take from training
+    cpu_seconds: float  # the writer's CPU time (user and system), in the training process and in a writer process
     direct: bool  # every file bypassed the page cache (O_DIRECT)
+    process_cpu_seconds: float = 0.0  # the part of cpu_seconds a writer process spent (off the training process)
 
 
 @dataclass
@@ -78,6 +132,7 @@ class SaveJob:
     metadata: Metadata | None  # rank 0's, from the global plan
     future: Future[Written] | None = None
     snapshot: Snapshot | None = None  # an asynchronous save's copies, completed first thing on the writer thread
+    kill_writer: bool = False  # +debug.kill_writer_at: the writer process is killed while it writes this job
 
     @property
     def staged(self) -> dict[str, Any]:
@@ -87,10 +142,16 @@ class SaveJob:
 
     @classmethod
     def start(
-        cls, state_dict: dict[str, Any], staging: Path, group: dist.ProcessGroup, fs: ChecksummingFileSystem
+        cls,
+        state_dict: dict[str, Any],
+        staging: Path,
+        group: dist.ProcessGroup,
+        fs: ChecksummingFileSystem,
+        cache: PlanCache | None = None,
     ) -> SaveJob:
         """Plan the save of `state_dict` (already staged, or live for a synchronous save) on every rank; `fs`
-        (from `Writer.filesystem`) writes the files."""
+        (from `Writer.filesystem`) writes the files. With a `cache`, a state whose structure every rank saved before
+        reuses that save's plan: one tiny all-reduce instead of DCP's planning and its two object collectives."""
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         writer = FileSystemWriter(staging, sync_files=True, single_file_per_rank=True, thread_count=1)
         writer.fs = fs
@@ -100,6 +161,12 @@ class SaveJob:
             writer.set_up_storage_writer(rank == 0, rank=rank, use_collectives=True)
         else:
             writer.set_up_storage_writer(rank == 0)
+        if cache is not None:
+            cached = cache.lookup(planner.state_dict, group)
+            if cached is not None:
+                writer.prepare_local_plan(cached.local)  # creates the staging directory
+                metadata = copy.copy(cached.metadata)  # `finish` fills in this save's storage data
+                return cls(staging, writer, planner, planner.finish_plan(cached.plan), metadata)
         local = writer.prepare_local_plan(planner.create_local_plan())
         plans: list[Any] = [None] * world if rank == 0 else []
         dist.gather_object(local, plans if rank == 0 else None, dst=0, group=group)
@@ -114,7 +181,11 @@ class SaveJob:
         dist.scatter_object_list(scattered, out if rank == 0 else None, src=0, group=group)
         if isinstance(scattered[0], Exception):
             raise scattered[0]
-        return cls(staging, writer, planner, planner.finish_plan(scattered[0]), metadata)
+        plan = planner.finish_plan(scattered[0])
+        if cache is not None:
+            cache.store(planner.state_dict, _CachedPlan(local, plan, metadata))
+            metadata = copy.copy(metadata)
+        return cls(staging, writer, planner, plan, metadata)
 
     def write(self) -> Written:
         """This rank's files, each fsynced by DCP's writer before this returns (runs on the writer thread)."""

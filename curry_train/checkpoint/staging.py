@@ -7,7 +7,12 @@ next forward and backward run, and completed before the next `optimizer.step()`.
 from __future__ import annotations
 
 import copy
+import itertools
+import mmap
+import os
 import threading
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -64,24 +69,107 @@ class Snapshot:
             self.taken.wait()
 
 
+@dataclass(frozen=True)
+class Location:
+    """Where a staging buffer's storage lies in shared memory: its segment and byte range (what the writer process
+    maps to see the same bytes)."""
+
+    segment: int
+    offset: int
+    nbytes: int
+
+
+class SharedSegment:
+    """One shared-memory segment (a memfd) that holds staging buffers, so that a writer process can map the bytes
+    the snapshot copies into: no copy crosses processes. Its descriptor stays open while any buffer in it lives, to
+    be sent again to a writer process that replaces a dead one. On CUDA it is registered as pinned memory (what
+    `pin_memory=True` gives a private buffer), so that device-to-host copies into it run at full speed."""
+
+    _ids = itertools.count()
+
+    def __init__(self, nbytes: int, pin: bool) -> None:
+        self.id = next(self._ids)
+        self.nbytes = max(nbytes, 1)
+        self.fd = os.memfd_create(f"curry-train-staging-{self.id}", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, self.nbytes)
+        self.map = mmap.mmap(self.fd, self.nbytes)
+        weakref.finalize(self, os.close, self.fd)
+        if pin:
+            base = torch.frombuffer(self.map, dtype=torch.uint8)
+            cudart = torch.cuda.cudart()
+            cudart.cudaHostRegister(base.data_ptr(), self.nbytes, 0)
+            weakref.finalize(self, cudart.cudaHostUnregister, base.data_ptr())
+
+    def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: Any, stride: Any) -> torch.Tensor:
+        """A tensor whose storage is exactly `nbytes` at `offset` of this segment (not a view of a larger storage:
+        DCP's writer would copy such a view before serialising it)."""
+        count = nbytes // dtype.itemsize
+        return torch.frombuffer(self.map, dtype=dtype, count=count, offset=offset).as_strided(shape, stride)
+
+
 class Stager:
     """Host copies of a state dict's tensors, in buffers allocated on the first save and reused by every later one.
 
     Fresh allocations copy at a fraction of the speed of reused ones (a page fault on every new page; figures in
     docs/performance.md), and on CUDA only pinned host memory copies at full speed. A buffer is reallocated only
     when its tensor changes shape or dtype (e.g. optimizer state created by the first step after a save).
+
+    `shared`: the buffers a save allocates lie together in one shared-memory segment (`SharedSegment`), so that
+    the writer process (`checkpoint.writer=process`) writes from the same bytes; `locate` says where a tensor is.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, shared: bool = False) -> None:
+        self.shared = shared
         self.buffers: dict[str, torch.Tensor] = {}
         self.allocations = 0  # buffers allocated so far: stays put across saves of the same state
+        self.segments: dict[int, SharedSegment] = {}  # the segments some buffer still lies in
+        self._where: dict[int, Location] = {}  # a shared buffer's storage address -> its location
+        self._segment_of: dict[str, int] = {}  # buffer path -> segment id
 
     def stage(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Snapshot]:
         """A copy of `state_dict` that later training steps cannot change once its snapshot is taken: containers
         rebuilt and other values copied now, each tensor's copy into its buffer left to the returned snapshot."""
+        if self.shared:
+            self._allocate_shared(state_dict)
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         staged = self._copy(state_dict, "", copies)
         return staged, Snapshot(copies)
+
+    def locate(self, tensor: torch.Tensor) -> Location | None:
+        """Where `tensor`'s storage lies in shared memory (None: not a shared staging buffer)."""
+        return self._where.get(tensor.untyped_storage().data_ptr())
+
+    def _allocate_shared(self, state_dict: dict[str, Any]) -> None:
+        """The buffers this state needs and lacks, together in one new segment (one descriptor a save at most)."""
+        needed = [(p, t) for p, t in _tensors(state_dict, "") if not self._fits(p, t) and t.numel() > 0]
+        if not needed:
+            return
+        spans, offset = [], 0
+        for _, t in needed:
+            nbytes = _storage_span(t) * t.element_size()
+            spans.append((offset, nbytes))
+            offset += -(-nbytes // 4096) * 4096  # page-aligned: each buffer starts where a copy runs fastest
+        segment = SharedSegment(offset, pin=needed[0][1].is_cuda)
+        for (path, t), (start, nbytes) in zip(needed, spans, strict=True):
+            buf = segment.tensor(start, nbytes, t.dtype, t.shape, t.stride())
+            self.buffers[path] = buf
+            self.allocations += 1
+            self._segment_of[path] = segment.id
+            self._where[buf.untyped_storage().data_ptr()] = Location(segment.id, start, nbytes)
+        self.segments[segment.id] = segment
+        live = set(self._segment_of.values())
+        for gone in set(self.segments) - live:  # every buffer in it was replaced: free it
+            del self.segments[gone]
+        self._where = {ptr: loc for ptr, loc in self._where.items() if loc.segment in live}
+
+    def _fits(self, path: str, tensor: torch.Tensor) -> bool:
+        buf = self.buffers.get(path)
+        return (
+            buf is not None
+            and buf.shape == tensor.shape
+            and buf.dtype == tensor.dtype
+            and (buf.stride() == tensor.stride())
+        )
 
     def _copy(self, obj: Any, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         if isinstance(obj, DTensor):
@@ -106,14 +194,36 @@ class Stager:
 
     def _tensor(self, tensor: torch.Tensor, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         tensor = tensor.detach()
-        buf = self.buffers.get(path)
-        if buf is None or buf.shape != tensor.shape or buf.dtype != tensor.dtype or buf.stride() != tensor.stride():
+        if not self._fits(path, tensor):  # (shared buffers were allocated by _allocate_shared; empty ones here)
             pin = tensor.is_cuda
             buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=pin)
             self.buffers[path] = buf
+            self._segment_of.pop(path, None)
             self.allocations += 1
+        buf = self.buffers[path]
         copies.append((buf, tensor))
         return buf
+
+
+def _tensors(obj: Any, path: str) -> Any:
+    """(path, local tensor) for every tensor `Stager._copy` stages, under the same paths."""
+    if isinstance(obj, DTensor):
+        yield path, obj.to_local().detach()
+    elif isinstance(obj, torch.Tensor):
+        yield path, obj.detach()
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _tensors(v, f"{path}/{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            yield from _tensors(v, f"{path}/{i}")
+
+
+def _storage_span(tensor: torch.Tensor) -> int:
+    """Elements of storage a tensor of this shape and stride spans (offset 0)."""
+    if tensor.numel() == 0:
+        return 0
+    return 1 + sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
 
 
 def to_state_dict(state: dict[str, Stateful | Any]) -> dict[str, Any]:
