@@ -16,6 +16,7 @@ from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan_text import plan_json, render_plan
 from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
+from curry_train.checkpoint.remote import RemoteStore
 from curry_train.checkpoint.resume import ResumeError
 from curry_train.checkpoint.rollback import SpikeError
 from curry_train.checkpoint.state import Progress, TrainState
@@ -97,6 +98,8 @@ def start(
             said = f"already finished ({point.step} of {t.steps} steps); nothing to do"
             run.log.print(f"curry-train: run {run_dir} {said}")
             run.close()
+            if cfg.checkpoint.remote is not None and env.is_main:  # this launch's lines in the remote's journal too
+                upload.put_run_files(RemoteStore(cfg.checkpoint.remote, run_dir.name), run_dir)
             return TrainResult(run_dir, point.step, None, None)
 
     corpus = load_checked_corpus(cfg.data, cfg.model.vocab_size)

@@ -267,13 +267,8 @@ class Uploader:
         self._apply_retention()
 
     def put_run_files(self) -> str | None:
-        """Rank 0: the run's journal, metrics and config to the remote (after each remote commit, and at the
-        launch's end); what went wrong, if anything: they go again with the next commit."""
-        try:
-            self.remote.put_run_files(self.run_dir)
-        except Exception as err:
-            return describe_error(self.remote.url, err)
-        return None
+        """Rank 0, after each remote commit and at the launch's end: `put_run_files`."""
+        return put_run_files(self.remote, self.run_dir)
 
     def _manifests(self, checkpoints: list[Checkpoint], staging: Path, commit: RemoteCommit) -> list[Manifest]:
         """Rank 0, node-local mode: write `.metadata` and make each checkpoint's manifest from what the ranks
@@ -338,6 +333,16 @@ class Uploader:
             self.journal.append(event, step, **fields)
         elif event == "upload_error":
             append_from_any_rank(self.run_dir, event, step, **fields)
+
+
+def put_run_files(remote: RemoteStore, run_dir: Path) -> str | None:
+    """The run's journal, metrics and config to the remote; what went wrong, if anything (they go again with the next
+    commit or launch)."""
+    try:
+        remote.put_run_files(run_dir)
+    except Exception as err:
+        return describe_error(remote.url, err)
+    return None
 
 
 def remote_policy(policy: Policy, rollback_keep: int | None, recovery_keep: int | None) -> Policy:
