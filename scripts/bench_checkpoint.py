@@ -64,6 +64,7 @@ from curry_train.optim import build_optimizer
 
 SCRIPTS = Path(__file__).resolve().parent
 SECTIONS = ["io", "loop", "step", "policy"]
+LOOPS = ["off", "async", "async_thread", "sync", "async_buffered"]
 CHECKPOINT_OFF = ["checkpoint.rollback_every=0", "checkpoint.recovery_every=0", "checkpoint.best_k=0"]
 GOALS = {  # name: (target, "max" or "min" or "band")
     "async_stall_vs_sync": (0.10, "max"),
@@ -91,6 +92,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--step-rounds", type=int, default=3, help="bench_step rounds (plain against harness)")
     p.add_argument("--step-steps", type=int, default=10, help="bench_step timed steps per round and variant")
     p.add_argument("--policy-steps", type=int, default=110, help="steps of each default-policy run (0: skip)")
+    p.add_argument(
+        "--loops", nargs="*", default=LOOPS, choices=LOOPS, help="loop variants to run (off is always run: the noise)"
+    )
     p.add_argument("--only", nargs="*", default=SECTIONS, choices=SECTIONS, help="sections to run (a rerun)")
     return p.parse_args()
 
@@ -380,6 +384,7 @@ def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) ->
         "sync": config(args, *common, *saving, "checkpoint.async_save=false"),
         "async_buffered": config(args, *common, *saving, "checkpoint.async_save=true", "checkpoint.direct_io=false"),
     }
+    variants = {name: cfg for name, cfg in variants.items() if name == "off" or name in args.loops}
     # Saves inside the window only: a save in the last steps would be waited for at exit, outside it.
     saves = len([s for s in range(1, args.loop_steps + 1) if s % args.save_every == 0 and s < args.loop_steps])
     windows: dict[str, list[float]] = {name: [] for name in variants}
@@ -471,13 +476,17 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
         noise = rows["loop_off"]["extra_per_save_s"]
         for mode in loops["extras"]:
             rows[f"loop_{mode}"]["stall_s"] = rows[f"loop_{mode}"]["extra_per_save_s"] - noise
-        async_extra, sync_extra = rows["loop_async"]["stall_s"], rows["loop_sync"]["stall_s"]
-        ratios["async_stall_vs_sync"] = async_extra / sync_extra if sync_extra > 0 else float("nan")
-        thread_extra = rows["loop_async_thread"]["stall_s"]
-        ratios["async_thread_stall_vs_sync"] = thread_extra / sync_extra if sync_extra > 0 else float("nan")
-        buffered_extra = rows["loop_async_buffered"]["stall_s"]
-        ratios["async_buffered_vs_direct_stall"] = buffered_extra / async_extra if async_extra > 0 else float("nan")
-        ratios["journal_cost_vs_outside"] = journal / async_extra if async_extra > 0 else float("nan")
+        stall = {mode: rows[f"loop_{mode}"]["stall_s"] for mode in loops["extras"]}
+
+        def ratio(name: str, mode: str, against: str) -> None:  # only for the variants that ran
+            if mode in stall and against in stall:
+                ratios[name] = stall[mode] / stall[against] if stall[against] > 0 else float("nan")
+
+        ratio("async_stall_vs_sync", "async", "sync")
+        ratio("async_thread_stall_vs_sync", "async_thread", "sync")
+        ratio("async_buffered_vs_direct_stall", "async_buffered", "async")
+        if "async" in stall:
+            ratios["journal_cost_vs_outside"] = journal / stall["async"] if stall["async"] > 0 else float("nan")
     if steps:
         rows["plain_step"] = {"seconds": steps["plain"]}
         rows["harness_step"] = {"seconds": steps["harness"]}
@@ -519,7 +528,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main() -> None:
     args = parse_args()
-    if "RANK" not in os.environ and args.nproc > 1:
+    if "RANK" not in os.environ:  # under torchrun even for one rank: one intra-op thread a rank, as in training
         relaunch(args)
     env = distributed.init_distributed(args.device)
     scratch = args.dir.resolve()

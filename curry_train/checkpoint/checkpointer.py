@@ -22,8 +22,9 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.stateful import Stateful
 
 from curry_train.checkpoint import io, node_local
+from curry_train.checkpoint.commit import Committer
 from curry_train.checkpoint.pending import Durable, ParamsCopy, PendingSave, StepClock
-from curry_train.checkpoint.policy import BestK, Checkpoint, Contents, Role, retention
+from curry_train.checkpoint.policy import BestK, Checkpoint, Contents, Role
 from curry_train.checkpoint.staging import Snapshot, Stager, to_state_dict
 from curry_train.checkpoint.state import PARAMS_ONLY_KEYS, DataLoaderState
 from curry_train.checkpoint.store import RunDir
@@ -90,6 +91,8 @@ class Checkpointer:
         self.my_files: list[str] = []  # every rank: the files it wrote of the last durable save
         self.my_copy_files: list[str] = []  # and of its best-K parameters copy, if it had one
         self.clock = StepClock()
+        mode = "async" if config.async_save else "sync"
+        self.committer = Committer(store, journal, dist.get_world_size(group), mode)  # rank 0's part
         self.best = BestK(self.policy, self._shared_listing(Role.BEST_K))
 
     def _shared_listing(self, role: Role) -> list[Checkpoint]:
@@ -263,8 +266,8 @@ class Checkpointer:
             if self._collect(pending):
                 self._begin_commit(pending, inline=True)
         if self.commit_pending is not None:
-            if self.is_main and self.committing is not None and self.committing.committer is not None:
-                self.committing.committer.join()
+            if self.is_main and self.committing is not None and self.committing.commit_thread is not None:
+                self.committing.commit_thread.join()
             flags = torch.tensor([self._commit_state()], dtype=torch.int32)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.group)
             self._settle_commit(CommitState(int(flags[0])))
@@ -272,7 +275,8 @@ class Checkpointer:
     def _commit_state(self) -> CommitState:
         """Rank 0's commit of the pending save: running, committed or failed (other ranks say running)."""
         committing = self.committing
-        if not self.is_main or committing is None or committing.committer is None or committing.committer.is_alive():
+        thread = committing.commit_thread if committing is not None else None
+        if not self.is_main or committing is None or thread is None or thread.is_alive():
             return CommitState.RUNNING
         return CommitState.FAILED if committing.commit_error is not None else CommitState.COMMITTED
 
@@ -371,73 +375,16 @@ class Checkpointer:
 
         def commit() -> None:
             try:
-                self._commit(pending)
+                self.committer.commit(pending, self.policy)
             except Exception as err:
                 pending.commit_error = err
                 self._journal_error(pending.checkpoints[0], f"commit failed: {err!r}; earlier checkpoints are intact")
 
         self.committing = pending
-        pending.committer = threading.Thread(target=commit, name="curry-train-commit")
-        pending.committer.start()
+        pending.commit_thread = threading.Thread(target=commit, name="curry-train-commit")
+        pending.commit_thread.start()
         if inline:
-            pending.committer.join()
-
-    def _commit_written(
-        self,
-        checkpoint: Checkpoint,
-        job: io.SaveJob,
-        written: list[io.Written],
-        contents: Contents,
-        extra: dict[str, Any],
-    ) -> int:
-        """Rank 0: `.metadata`, the checks of what the ranks reported, and the store's commit; the bytes committed."""
-        job.finish_metadata([w.results for w in written])
-        known = {name: entry for w in written for name, entry in w.files.items()}
-        io.check_reported(job.staging, known)
-        # What a resume needs to know before loading: how much the checkpoint holds, and how many ranks wrote it.
-        extra = {"contents": contents.value, "world_size": dist.get_world_size(self.group), **extra}
-        # Every data file was fsynced by its rank's writer before that rank reported it, and `.metadata` by
-        # FileSystemWriter.finish (sync_files=True): the commit fsyncs only directories and the manifest.
-        durable = frozenset(known) | {".metadata"}
-        return self.store.commit(checkpoint, job.staging, extra=extra, known=known, durable=durable).total_bytes
-
-    def _commit(self, pending: PendingSave) -> None:
-        first = pending.checkpoints[0]
-        assert pending.job is not None
-        nbytes = self._commit_written(first, pending.job, pending.written, pending.contents, pending.extra)
-        blocking, cost = pending.costs(time.perf_counter())
-        self._journal_save(
-            first,
-            nbytes,
-            pending.contents,
-            seconds=round(time.perf_counter() - pending.started, 4),
-            blocking_seconds=round(blocking, 4),
-            cost_seconds=None if cost is None else round(cost, 4),
-            stage_seconds=round(pending.stage_seconds, 4),
-            snapshot_wait_seconds=round(pending.snapshot_wait_seconds, 4),
-            write_seconds=round(max(w.seconds for w in pending.written), 4),
-            write_cpu_seconds=round(max(w.cpu_seconds for w in pending.written), 4),
-            direct_io=all(w.direct for w in pending.written),
-            mode="async" if self.async_save else "sync",
-        )
-        for checkpoint in pending.checkpoints[1:]:
-            linked = self.store.link(first, checkpoint)
-            self._journal_save(checkpoint, linked.total_bytes, pending.contents, seconds=0.0, linked_from=first.relpath)
-        if pending.contents is Contents.FULL:
-            self.store.set_latest(first)
-        copy = pending.params_copy
-        if copy is not None:
-            nbytes = self._commit_written(copy.checkpoint, copy.job, copy.written, Contents.PARAMS, pending.extra)
-            self._journal_save(
-                copy.checkpoint,
-                nbytes,
-                Contents.PARAMS,
-                seconds=round(time.perf_counter() - pending.started, 4),
-                write_seconds=round(max(w.seconds for w in copy.written), 4),
-                mode="async" if self.async_save else "sync",
-                params_of=first.relpath,  # the save it shares a staged copy (and a step) with
-            )
-        self._apply_retention(first.step)
+            pending.commit_thread.join()
 
     def _link_committed(self, source: Checkpoint, checkpoint: Checkpoint) -> None:
         """`checkpoint` as hard links of the durable save `source` (rank 0, once its commit is done); every rank learns
@@ -446,15 +393,7 @@ class Checkpointer:
         self.wait()  # the source's commit, heard by every rank
         if self.is_main:
             try:
-                linked = self.store.link(source, checkpoint)
-                self._journal_save(
-                    checkpoint,
-                    linked.total_bytes,
-                    linked.contents or Contents.PARAMS,  # a save's manifest always names it
-                    seconds=0.0,
-                    linked_from=source.relpath,
-                )
-                self._apply_retention(checkpoint.step)
+                self.committer.link(source, checkpoint, self.policy)
             except Exception as err:
                 outcome = err
         failure = [outcome]
@@ -496,47 +435,13 @@ class Checkpointer:
 
     def _journal_error(self, checkpoint: Checkpoint, reason: str) -> None:
         if self.is_main:
-            self.journal.append("error", checkpoint.step, role=checkpoint.role, path=checkpoint.relpath, reason=reason)
-
-    def _journal_save(self, checkpoint: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
-        self.journal.append(
-            "save",
-            checkpoint.step,
-            role=checkpoint.role,
-            path=checkpoint.relpath,
-            bytes=nbytes,
-            contents=contents,
-            **fields,
-        )
-
-    def _apply_retention(self, step: int) -> None:
-        latest = self.store.latest()
-        protected = {latest.relpath} if latest else set()
-        for deletion in retention(self.policy, self.store.list(), protected):
-            freed = self.store.delete(deletion.checkpoint)
-            self.journal.append(
-                "delete",
-                deletion.checkpoint.step,
-                role=deletion.checkpoint.role,
-                path=deletion.checkpoint.relpath,
-                bytes=freed,
-                reason=deletion.reason,
-            )
-        abandoned = self.store.abandoned()
-        for item in abandoned[: max(0, len(abandoned) - self.policy.abandoned_keep)]:
-            self.journal.append(
-                "delete",
-                step,
-                role=item.role,
-                path=item.relpath,
-                bytes=self.store.remove_abandoned(item),
-                reason=f"abandoned_keep={self.policy.abandoned_keep} exceeded (set aside by a rollback)",
-            )
+            self.committer.journal_error(checkpoint, reason)
 
     def close(self) -> None:
         """Finish the save in flight (every rank) and end the writer's thread: the launch is done saving."""
         self.wait()
         self.writer.close()
+        self.committer.close()
         if self.node_local and self.uploader is not None:  # nothing else holds its saves: wait for their uploads
             self.uploader.join()
 

@@ -43,7 +43,7 @@ class PendingSave:
     waiting_since: float | None = None  # when wait() began blocking on it (a synchronous save: right after start)
     baseline: float | None = None  # the step time without a save, when its bytes were durable
     written: list[io.Written] = field(default_factory=list)  # every rank's report, once all are durable
-    committer: threading.Thread | None = None  # rank 0's commit while training goes on
+    commit_thread: threading.Thread | None = None  # rank 0's commit while training goes on
     commit_error: Exception | None = None
 
     @property

@@ -22,7 +22,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -332,15 +332,16 @@ class RunDir:
 
     # -- deletion and cleanup
 
-    def delete(self, checkpoint: Checkpoint) -> int:
-        """Delete a committed checkpoint (never the one ``latest`` points to); returns its manifest bytes."""
+    def delete(self, checkpoint: Checkpoint, remove: Callable[[Path], None] = shutil.rmtree) -> int:
+        """Delete a committed checkpoint (never the one ``latest`` points to); returns its manifest bytes. It is gone
+        once renamed to a `.trash-` directory (durably): `remove` then frees its bytes, at once by default."""
         current = self.latest()
         if current is not None and current.relpath == checkpoint.relpath:
             raise ValueError(f"refusing to delete the checkpoint latest points to: {checkpoint.relpath}")
         freed = self.manifest(checkpoint).total_bytes
         trash = self._move_to_trash(self.path_of(checkpoint))
-        shutil.rmtree(trash)
         fsync_dir(trash.parent)
+        remove(trash)
         return freed
 
     def roll_back(self, target: Checkpoint, abandoned: list[Checkpoint]) -> list[Path]:

@@ -7,8 +7,9 @@ the interpreter lock for the copy), then sends a small message: the plan (once p
 each tensor item's bytes lie, the other values of the state (small objects; a deferred value such as the fidelity
 digest is resolved in the writer process, from the shared buffers) and the staging directory. The writer process
 runs DCP's `FileSystemWriter.write_data` on that plan through the same file layer (`ChecksummingFileSystem`:
-O_DIRECT, xxh3 as the bytes pass, fsync), so its files are byte for byte what the writer thread writes, and
-answers with the same `io.Written`.
+O_DIRECT, xxh3 as the bytes pass, fsync), so its files have the writer thread's layout and every tensor's bytes at
+the same offsets (pickled values may differ where torch.save records a memory address, as two saves of the thread
+writer do), and answers with the same `io.Written`.
 
 A writer process that dies fails the save it was writing (`WriterDied`), never hangs it; the next save starts a new
 one. It dies with the training process (PR_SET_PDEATHSIG, and it stops when its socket closes), and it ignores the
