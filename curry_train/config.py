@@ -158,7 +158,7 @@ class CheckpointConfig:
     async_save: bool = True  # written by a background writer from a staged copy; false waits for every save
     # Who writes an asynchronous save: a writer process of each rank, from shared-memory staging buffers (its
     # serialisation does not hold the training process's interpreter lock), or a thread of the training process.
-    writer: str = "process"
+    writer: str = "thread"
     direct_io: bool = True  # data files bypass the page cache (O_DIRECT) where the filesystem allows it
     check_storage: bool = True  # refuse to start when the committed storage does not fit the free space
     save_final: bool = True  # the last step is always saved with full state, so run_end names a checkpoint
