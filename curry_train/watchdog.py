@@ -128,12 +128,15 @@ class Watchdog:
         """Every thread's stack to failures.log, `hang` to the journal, then end this rank with status 1."""
         idle = time.monotonic() - self.last
         host = socket.gethostname()
-        peers, lost = self.heartbeat.report()
         line = (
             f"rank {self.rank} on {host} hung: no progress for {idle:.0f} s during {self.phase} "
-            f"(hang timeout {self.timeout:.0f} s, train.hang_timeout_s){peers}"
+            f"(hang timeout {self.timeout:.0f} s, train.hang_timeout_s)"
         )
+        # The stacks first: a peer that fires a moment sooner ends the job, and this rank's stacks are the evidence
+        # of what it was doing; asking the store about the peers takes a round trip or more.
         log = write_stacks(self.run_dir, f"rank {self.rank} pid {os.getpid()} on {host}: {line}")
+        peers, lost = self.heartbeat.report()
+        line += peers
         lost_field = {"lost": lost, "lost_named": name_ranks(lost, self.heartbeat.peers)} if lost else {}
         append_from_any_rank(
             self.run_dir,

@@ -103,7 +103,8 @@ def test_stalled_rank_ends_the_job_with_its_stack_and_the_relaunch_continues_bit
     assert 1 in hangs and hangs[1]["phase"].startswith("a stall by +debug.stall_at=5"), journal
     # The stalled rank's own stack, under a header naming it, its host and what it was doing.
     log = (run_dir / "failures.log").read_text()
-    section = next(part for part in re.split(r"^--- ", log, flags=re.M) if part.split("\n")[0].count("rank 1 on"))
+    # The section rank 1 wrote (its header starts "TIME rank 1 pid"; rank 0's names rank 1 too, from the heartbeats).
+    section = next(part for part in re.split(r"^--- ", log, flags=re.M) if re.match(r"\S+ rank 1 pid ", part))
     assert "a stall by +debug.stall_at=5" in section and "in stall_forever" in section, log[-3000:]
     assert "rank 1 on" in output and "hung: no progress for" in output, output[-3000:]
     # From the heartbeats: no rank was lost, and the other rank is waiting in the next step.
