@@ -77,21 +77,10 @@ def test_a_bad_lease_time_is_refused() -> None:
 
 @pytest.fixture(scope="module")
 def moto():
-    from tests.test_remote import MotoServer
+    from tests.test_remote import moto_serving
 
-    server = MotoServer()
-    with pytest.MonkeyPatch.context() as mp:
-        # Credentials moto accepts, for this process and the launches (conftest's _env copies os.environ).
-        for key, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": server.url,
-        }.items():
-            mp.setenv(key, value)
-        server.start()
+    with pytest.MonkeyPatch.context() as patch, moto_serving(patch) as server:
         yield server
-        server.stop()
 
 
 @pytest.fixture(params=["file", "s3"])

@@ -24,7 +24,7 @@ from tests.test_node_loss import node
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-from tests.test_remote import BUCKET, MotoServer, free_port  # noqa: E402 (after the skips: it needs moto)
+from tests.test_remote import BUCKET, free_port, moto_serving  # noqa: E402 (after the skips: it needs moto)
 
 BASE = [
     *FAST,
@@ -35,7 +35,6 @@ BASE = [
     f"checkpoint.remote=s3://{BUCKET}/runs",
     "scheduler.name=constant",  # the lr does not depend on train.steps: the relaunch runs more steps
 ]
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 def test_what_node_local_mode_cannot_do_is_refused_naming_the_key() -> None:
@@ -91,41 +90,34 @@ def runs(tmp_path_factory: pytest.TempPathFactory):
     cwds = [root / "n0", root / "n1"]
     for cwd in cwds:
         cwd.mkdir()
-    server = MotoServer()
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": server.url}.items():
-            patch.setenv(key, value)
+    with pytest.MonkeyPatch.context() as patch, moto_serving(patch) as server:
         env = _env()
-        server.start()
-        try:
-            wait_all(launch(cwds, [*BASE, "train.steps=16", "run.id=straight"], env), cwds)
-            straight = [cwd / "runs" / "straight" for cwd in cwds]
-            kept = {"straight": [journal(straight[0]), read_metrics(straight[0] / "metrics.jsonl")]}
+        wait_all(launch(cwds, [*BASE, "train.steps=16", "run.id=straight"], env), cwds)
+        straight = [cwd / "runs" / "straight" for cwd in cwds]
+        kept = {"straight": [journal(straight[0]), read_metrics(straight[0] / "metrics.jsonl")]}
 
-            args = [*BASE, "run.id=cut"]
-            cut = [cwd / "runs" / "cut" for cwd in cwds]
-            jobs = launch(cwds, [*args, "train.steps=12"], env)
-            committed = lambda: any(e["event"] == "save" and e["step"] == 8 for e in journal(cut[0]))  # noqa: E731
-            deadline = time.monotonic() + 240
-            while not committed():
-                assert all(j.poll() is None for j in jobs) and time.monotonic() < deadline, "no step-8 save"
-                time.sleep(0.1)
-            for job in jobs:
-                kill_tree(job.pid)
-                job.wait(timeout=30)
-            wait_all(launch(cwds, [*args, "train.steps=12", "+resume=latest"], env), cwds)
-            kept["cut"] = [journal(cut[0]), read_metrics(cut[0] / "metrics.jsonl")]
-            replayed = assert_replays_bitwise(cut[0])
-            # Once more, finished already: each node fetches step 12 and drops its copy of step 8 fetched before.
-            held = [[c.relpath for c in RunDir(path).list()] for path in cut]
-            wait_all(launch(cwds, [*args, "train.steps=12", "+resume=latest"], env), cwds)
-            kept["copies"] = [held, [[c.relpath for c in RunDir(path).list()] for path in cut], journal(cut[0])]
-            for path in cut:
-                shutil.rmtree(path)
-            wait_all(launch(cwds, [*args, "train.steps=16", "+resume=latest"], env), cwds)
-            yield {"root": root, "cwds": cwds, "kept": kept, "replayed": replayed, "cut": cut, "fs": server.fs()}
-        finally:
-            server.stop()
+        args = [*BASE, "run.id=cut"]
+        cut = [cwd / "runs" / "cut" for cwd in cwds]
+        jobs = launch(cwds, [*args, "train.steps=12"], env)
+        committed = lambda: any(e["event"] == "save" and e["step"] == 8 for e in journal(cut[0]))  # noqa: E731
+        deadline = time.monotonic() + 240
+        while not committed():
+            assert all(j.poll() is None for j in jobs) and time.monotonic() < deadline, "no step-8 save"
+            time.sleep(0.1)
+        for job in jobs:
+            kill_tree(job.pid)
+            job.wait(timeout=30)
+        wait_all(launch(cwds, [*args, "train.steps=12", "+resume=latest"], env), cwds)
+        kept["cut"] = [journal(cut[0]), read_metrics(cut[0] / "metrics.jsonl")]
+        replayed = assert_replays_bitwise(cut[0])
+        # Once more, finished already: each node fetches step 12 and drops its copy of step 8 fetched before.
+        held = [[c.relpath for c in RunDir(path).list()] for path in cut]
+        wait_all(launch(cwds, [*args, "train.steps=12", "+resume=latest"], env), cwds)
+        kept["copies"] = [held, [[c.relpath for c in RunDir(path).list()] for path in cut], journal(cut[0])]
+        for path in cut:
+            shutil.rmtree(path)
+        wait_all(launch(cwds, [*args, "train.steps=16", "+resume=latest"], env), cwds)
+        yield {"root": root, "cwds": cwds, "kept": kept, "replayed": replayed, "cut": cut, "fs": server.fs()}
 
 
 def test_checkpoints_are_committed_on_the_remote_only(runs) -> None:

@@ -3,6 +3,7 @@ here as s3fs's own tests do), the manifest as the remote commit, resume from the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -69,20 +71,28 @@ class MotoServer:
         return s3fs.S3FileSystem(endpoint_url=self.url, skip_instance_cache=True)
 
 
+# Credentials moto accepts.
+CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@contextlib.contextmanager
+def moto_serving(patch: pytest.MonkeyPatch) -> Iterator[MotoServer]:
+    """moto's server, running, with its credentials and endpoint in this process's environment (conftest's _env
+    copies it for the launches)."""
+    server = MotoServer()
+    for key, value in {**CREDENTIALS, "AWS_ENDPOINT_URL": server.url}.items():
+        patch.setenv(key, value)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.fixture
 def moto(monkeypatch: pytest.MonkeyPatch):
-    server = MotoServer()
-    # Credentials moto accepts, for this process and the launches (conftest's _env copies os.environ).
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": server.url,
-    }.items():
-        monkeypatch.setenv(key, value)
-    server.start()
-    yield server
-    server.stop()
+    with moto_serving(monkeypatch) as server:
+        yield server
 
 
 def journal_of(run_dir: Path) -> list[dict]:

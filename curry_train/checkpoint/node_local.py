@@ -100,6 +100,27 @@ def remove_leftovers(store: RunDir) -> None:
     store.clean_leftovers()
 
 
+def fetch_share(
+    remote: RemoteStore,
+    checkpoint: Checkpoint,
+    share: list[str],
+    staging: Path,
+    manifest: Manifest,
+    group: dist.ProcessGroup,
+) -> None:
+    """Every rank: download its `share` of a remote checkpoint's files into `staging`, each checked against the
+    manifest; a problem on any rank raises ResumeError on every rank, naming the first."""
+    from curry_train.checkpoint.resume import ResumeError  # resume imports the checkpointer, which imports this
+
+    mine = remote.fetch(checkpoint, share, staging, manifest.files) if share else []
+    everyone: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(everyone, mine, group=group)
+    problems = [p for part in everyone for p in part]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ResumeError(f"checkpoint.remote: {remote.url}/{checkpoint.relpath}: {problems[0]}{more}")
+
+
 def fetch_everywhere(
     remote: RemoteStore, store: RunDir, env: distributed.Dist, node: NodeLocal, journal: Any
 ) -> str | None:
@@ -122,16 +143,8 @@ def fetch_everywhere(
     if fetching and node.leader:
         store.staging_dir(checkpoint)
     dist.barrier(group=group)  # the leaders' staging directories exist before their peers write into them
-    problems: list[str] = []
-    if fetching:
-        share = sorted(manifest.files)[node.peers.index(env.rank) :: len(node.peers)]
-        problems = remote.fetch(checkpoint, share, staging, manifest.files)
-    everyone: list[Any] = [None] * env.world_size
-    dist.all_gather_object(everyone, problems, group=group)
-    found = [p for part in everyone for p in part]
-    if found:
-        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-        raise ResumeError(f"checkpoint.remote: {remote.url}/{checkpoint.relpath}: {found[0]}{more}")
+    share = sorted(manifest.files)[node.peers.index(env.rank) :: len(node.peers)] if fetching else []
+    fetch_share(remote, checkpoint, share, staging, manifest, group)
     error: Exception | None = None
     if fetching and node.leader:
         try:

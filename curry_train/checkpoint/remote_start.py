@@ -19,7 +19,7 @@ from curry_train import distributed
 from curry_train.checkpoint import lease_store
 from curry_train.checkpoint.lease import Verdict
 from curry_train.checkpoint.manifest import Manifest
-from curry_train.checkpoint.node_local import NodeLocal, fetch_everywhere
+from curry_train.checkpoint.node_local import NodeLocal, fetch_everywhere, fetch_share
 from curry_train.checkpoint.policy import Checkpoint, Contents
 from curry_train.checkpoint.remote import RemoteError, RemoteStore, guard
 from curry_train.checkpoint.resume import ResumeError
@@ -124,14 +124,7 @@ def fetch_newer(remote: RemoteStore, store: RunDir, env: distributed.Dist, journ
     checkpoint, manifest = newer
     started = time.perf_counter()
     staging = on_rank0(env.is_main, group, store.staging_dir, checkpoint)
-    names = sorted(manifest.files)[env.rank :: env.world_size]
-    mine = remote.fetch(checkpoint, names, staging, manifest.files)
-    everyone: list[Any] = [None] * env.world_size
-    dist.all_gather_object(everyone, mine, group=group)
-    problems = [p for part in everyone for p in part]
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        raise ResumeError(f"checkpoint.remote: {remote.url}/{checkpoint.relpath}: {problems[0]}{more}")
+    fetch_share(remote, checkpoint, sorted(manifest.files)[env.rank :: env.world_size], staging, manifest, group)
     on_rank0(env.is_main, group, commit_fetched, store, checkpoint, staging, manifest)
     journal.append(
         "remote_fetch",
