@@ -15,7 +15,7 @@ from curry_train.checkpoint import io
 from curry_train.checkpoint.pending import PendingSave
 from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, retention
 from curry_train.checkpoint.store import RunDir
-from curry_train.journal import Journal
+from curry_train.journal import Deferred, Journal
 
 
 class Committer:
@@ -120,15 +120,7 @@ class Committer:
         self.journal.append("error", checkpoint.step, role=checkpoint.role, path=checkpoint.relpath, reason=reason)
 
     def journal_save(self, checkpoint: Checkpoint, nbytes: int, contents: Contents, **fields: Any) -> None:
-        self.journal.append(
-            "save",
-            checkpoint.step,
-            role=checkpoint.role,
-            path=checkpoint.relpath,
-            bytes=nbytes,
-            contents=contents,
-            **fields,
-        )
+        journal_save(self.journal, checkpoint, nbytes, contents, **fields)
 
     def apply_retention(self, step: int, policy: Policy) -> None:
         """Delete what the policy no longer keeps (never `latest`), and the oldest checkpoints a rollback set aside
@@ -155,3 +147,19 @@ class Committer:
                 bytes=self.store.remove_abandoned(item),
                 reason=f"abandoned_keep={policy.abandoned_keep} exceeded (set aside by a rollback)",
             )
+
+
+def journal_save(
+    journal: Journal | Deferred, checkpoint: Checkpoint, nbytes: int, contents: Contents | None, **fields: Any
+) -> None:
+    """The `save` line of a committed checkpoint (in the run directory, or on the remote in node-local mode, or found
+    at a start without its line): its role, path, bytes and contents, and what else the writer knows."""
+    journal.append(
+        "save",
+        checkpoint.step,
+        role=checkpoint.role,
+        path=checkpoint.relpath,
+        bytes=nbytes,
+        contents=contents,
+        **fields,
+    )

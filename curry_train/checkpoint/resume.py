@@ -16,6 +16,7 @@ import torch.distributed as dist
 
 from curry_train.checkpoint import io
 from curry_train.checkpoint.checkpointer import Checkpointer
+from curry_train.checkpoint.commit import journal_save
 from curry_train.checkpoint.manifest import MANIFEST, Manifest, check_file
 from curry_train.checkpoint.policy import Checkpoint, Role, exact_resume_points
 from curry_train.checkpoint.state import (
@@ -65,13 +66,11 @@ def _journal_unrecorded_saves(store: RunDir, journal: Journal | Deferred) -> Non
         manifest = store.manifest(checkpoint)
         journaled = newest_save.get(checkpoint.relpath)
         if journaled is None or journaled < manifest.created:
-            journal.append(
-                "save",
-                checkpoint.step,
-                role=checkpoint.role,
-                path=checkpoint.relpath,
-                bytes=manifest.total_bytes,
-                contents=manifest.contents,
+            journal_save(
+                journal,
+                checkpoint,
+                manifest.total_bytes,
+                manifest.contents,
                 reason="committed before a crash cut its journal line short (recorded at the next start)",
             )
 

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from curry_train.checkpoint import io
+from curry_train.checkpoint.commit import journal_save
 from curry_train.checkpoint.durable import link_or_copy
 from curry_train.checkpoint.manifest import Manifest, file_entry
 from curry_train.checkpoint.policy import Checkpoint, Contents, Policy, Role, retention
@@ -304,13 +305,11 @@ class Uploader:
         assert job.commit is not None
         seconds = round(time.perf_counter() - job.commit.started, 4)
         for checkpoint, manifest in zip(job.checkpoints, job.manifests, strict=True):
-            self._journal(
-                "save",
-                checkpoint.step,
-                role=checkpoint.role,
-                path=checkpoint.relpath,
-                bytes=manifest.total_bytes,
-                contents=job.commit.contents,
+            journal_save(
+                self.journal,  # rank 0's: only rank 0 holds a commit
+                checkpoint,
+                manifest.total_bytes,
+                job.commit.contents,
                 seconds=seconds,
                 write_seconds=round(max(w.seconds for w in job.commit.written), 4),
                 committed="remote",
