@@ -28,6 +28,22 @@ def compose_config(overrides: list[str] | None = None):
         return compose("config", overrides=overrides or [])
 
 
+def tiny_model_after_one_step(env):
+    """`model=tiny` sharded on `env` (a world-of-one gloo group does) and its AdamW optimizer after one step, with the
+    resolved config they come from: a state with optimizer moments to checkpoint."""
+    import torch
+
+    from curry_train import distributed
+    from curry_train.compose import resolve
+
+    cfg, _ = resolve(compose_config(["model=tiny", "train.device=cpu", "data.seq_len=32", "data.max_bytes=200000"]))
+    model, _ = distributed.build_sharded_model(cfg, env)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randint(0, 256, (2, 32))).sum().backward()
+    optimizer.step()
+    return cfg, model, optimizer
+
+
 def _env() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("CUDA_VISIBLE_DEVICES", None)

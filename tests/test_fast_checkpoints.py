@@ -26,9 +26,8 @@ from curry_train.checkpoint.policy import Checkpoint, Role
 from curry_train.checkpoint.staging import Stager
 from curry_train.checkpoint.state import Contents, Progress, app_state, param_digest
 from curry_train.checkpoint.store import RunDir
-from curry_train.compose import resolve
 from curry_train.journal import Journal, read_journal
-from tests.conftest import _env, compose_config
+from tests.conftest import _env, tiny_model_after_one_step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,13 +71,9 @@ def test_snapshot_copies_are_made_by_take_and_waited_for_before_the_update() -> 
 @pytest.fixture
 def world_of_one(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A tiny FSDP2 model, its optimizer after one step, and a Checkpointer on a world-of-one gloo group."""
-    cfg, _ = resolve(compose_config(["model=tiny", "train.device=cpu", "data.seq_len=32", "data.max_bytes=200000"]))
     env = distributed.init_distributed("cpu")
     try:
-        model, _ = distributed.build_sharded_model(cfg, env)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        model(torch.randint(0, 256, (2, 32))).sum().backward()
-        optimizer.step()
+        cfg, model, optimizer = tiny_model_after_one_step(env)
         progress = Progress(step=1, cursor=8)
         saved: dict[str, Any] = {}
 

@@ -31,10 +31,9 @@ from curry_train.checkpoint.policy import Checkpoint, Role
 from curry_train.checkpoint.state import Contents, Progress, app_state
 from curry_train.checkpoint.store import RunDir
 from curry_train.checkpoint.writer_process import ProcessWriter
-from curry_train.compose import resolve
 from curry_train.journal import Journal, read_journal
 from curry_train.metrics import read_metrics
-from tests.conftest import FAST, _env, compose_config, run_train
+from tests.conftest import FAST, _env, run_train, tiny_model_after_one_step
 
 
 def _alive(pid: int) -> bool:
@@ -49,14 +48,10 @@ def _alive(pid: int) -> bool:
 def two_writers(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A tiny FSDP2 model after one step and two asynchronous checkpointers on a world-of-one gloo group: one with
     the writer process, one with the writer thread."""
-    cfg, _ = resolve(compose_config(["model=tiny", "train.device=cpu", "data.seq_len=32", "data.max_bytes=200000"]))
     env = distributed.init_distributed("cpu")
     ckpts: dict[str, Checkpointer] = {}
     try:
-        model, _ = distributed.build_sharded_model(cfg, env)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        model(torch.randint(0, 256, (2, 32))).sum().backward()
-        optimizer.step()
+        cfg, model, optimizer = tiny_model_after_one_step(env)
         progress = Progress(step=1, cursor=8)
 
         def state(contents: Contents) -> dict:
