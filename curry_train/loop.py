@@ -14,7 +14,7 @@ from curry_train.checkpoint import resume as resuming
 from curry_train.checkpoint.auto_cadence import AutoCadence
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.plan_text import plan_json, render_plan
-from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save
+from curry_train.checkpoint.policy import Contents, Policy, SaveReason, decide_save, largest_save
 from curry_train.checkpoint.preemption import Preemption, ensure_full_save, save_on_preemption
 from curry_train.checkpoint.remote import RemoteStore
 from curry_train.checkpoint.resume import ResumeError
@@ -201,6 +201,9 @@ def run_steps(s: Session, batches: Iterator[dict]) -> tuple[float | None, float 
         dog.beat(done, f"the save of step {done}")
         checkpointer.poll()  # commits a save in flight once every rank's bytes are durable
         save_checkpoint(checkpointer, policy, done, values, s.state)
+        if first_loss is None:  # the launch's first step: the state has its final structure (optimizer state too)
+            if (largest := largest_save(policy)) is not None:
+                checkpointer.prepare(s.state.state(largest))  # staging allocated and faulted in ahead of the save
         policy = auto.follow(done)
         first_loss = values["loss"] if first_loss is None else first_loss
         last_loss = values["loss"]

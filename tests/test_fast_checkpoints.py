@@ -23,7 +23,7 @@ from curry_train.checkpoint import io
 from curry_train.checkpoint import state as state_module
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Checkpoint, Role
-from curry_train.checkpoint.staging import Stager
+from curry_train.checkpoint.staging import Segment, Stager
 from curry_train.checkpoint.state import Contents, Progress, app_state, param_digest
 from curry_train.checkpoint.store import RunDir
 from curry_train.journal import Journal, read_journal
@@ -66,6 +66,37 @@ def test_snapshot_copies_are_made_by_take_and_waited_for_before_the_update() -> 
     snapshot.take()
     waiter.join(5)
     assert waited.is_set() and torch.equal(staged["w"], torch.ones(1000))
+
+
+def _resident_bytes() -> int:
+    """This process's resident memory, shared pages included (what a page fault adds to)."""
+    fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]) * 1024
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private", "shared"])
+def test_a_segment_populated_ahead_is_resident_before_any_copy_touches_it(shared: bool) -> None:
+    """What `Stager.reserve` relies on: once populated, the first snapshot copy into the buffers faults in nothing
+    (a fault in a thread of the training process takes the memory map's lock that the training thread needs)."""
+    nbytes = 64 << 20
+    segment = Segment(nbytes, shared=shared, pin=False)
+    before = _resident_bytes()
+    segment.populate()
+    assert _resident_bytes() - before >= 0.9 * nbytes, "populate left the segment's pages to the first copy"
+
+
+def test_prepare_allocates_and_faults_in_the_first_saves_buffers_ahead_of_it(world_of_one: dict[str, Any]) -> None:
+    ckpt, state, model = world_of_one["ckpt"], world_of_one["state"], world_of_one["model"]
+    ckpt.prepare(state(Contents.FULL))
+    ckpt.stager.wait_populated()
+    allocated, ptrs = ckpt.stager.allocations, {k: b.data_ptr() for k, b in ckpt.stager.buffers.items()}
+    # Each parameter, its two Adam moments and its Adam step counter (a tensor too).
+    assert allocated == 4 * len(list(model.parameters())), "not every tensor of the state has its buffer"
+    ckpt.save(1, [Role.RECOVERY], Contents.FULL, state(Contents.FULL))
+    ckpt.wait()
+    assert ckpt.stager.allocations == allocated, "the first save allocated staging buffers although prepared"
+    assert {k: b.data_ptr() for k, b in ckpt.stager.buffers.items()} == ptrs
+    assert ckpt.store.verify(Checkpoint(Role.RECOVERY, 1)) == []
 
 
 @pytest.fixture

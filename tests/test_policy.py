@@ -19,6 +19,7 @@ from curry_train.checkpoint.policy import (
     decide_save,
     exact_resume_points,
     is_better,
+    largest_save,
     parse_checkpoint_name,
     rank_best_k,
     retention,
@@ -424,6 +425,14 @@ def test_final_and_preemption_need_a_full_save_unless_the_cadence_makes_one(reas
     assert decide_save(Policy(rollback_every=0, recovery_every=0), 13, reason) == SaveDecision(
         (Role.RECOVERY,), Contents.FULL
     )
+
+
+def test_staging_is_prepared_for_the_largest_save_the_cadence_makes() -> None:
+    assert largest_save(Policy()) is Contents.FULL
+    assert largest_save(Policy(recovery_every=0, rollback_every=10)) is Contents.FULL  # full rollback by default
+    assert largest_save(Policy(recovery_every=0, rollback_contents="params")) is Contents.PARAMS
+    assert largest_save(Policy(recovery_every=0, rollback_every=0, best_k=2)) is Contents.PARAMS
+    assert largest_save(Policy(recovery_every=0, rollback_every=0, best_k=0)) is None
 
 
 def test_resave_repeats_the_target_roles_without_best_k() -> None:

@@ -116,6 +116,14 @@ class Checkpointer:
         if not self.async_save:
             self.wait()
 
+    def prepare(self, state: dict[str, Stateful]) -> None:
+        """Ahead of the first asynchronous save (once the state has its final structure: after the first step made
+        the optimizer state), allocate the staging buffers for `state` and fault them in while training goes on, so
+        that the first save costs training what every later one does."""
+        if self.async_save:
+            self.stager.reserve(to_state_dict(state))
+            self.writer.prepare()
+
     def consider_best_k(self, step: int, value: float, state_factory: Callable[[], dict[str, Stateful]]) -> bool:
         """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k.
 

@@ -241,6 +241,9 @@ class Writer:
         job.future = self._pool.submit(job.write)
         return job.future
 
+    def prepare(self) -> None:
+        """Nothing to do ahead of the first save (`ProcessWriter.prepare` maps the staging segments)."""
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
 

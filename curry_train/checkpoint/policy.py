@@ -193,6 +193,15 @@ def contents_of(policy: Policy, roles: tuple[Role, ...] | list[Role]) -> Content
     return Contents.PARAMS
 
 
+def largest_save(policy: Policy) -> Contents | None:
+    """What the largest save the cadence makes holds (None: it saves nothing): what staging is prepared for."""
+    cadence = {Role.ROLLBACK: policy.rollback_every, Role.RECOVERY: policy.recovery_every}
+    roles = [role for role, every in cadence.items() if every]
+    if roles:
+        return contents_of(policy, roles)
+    return Contents.PARAMS if policy.best_k else None
+
+
 def decide_save(
     policy: Policy, step: int, reason: SaveReason, roles_at_step: tuple[Role, ...] = ()
 ) -> SaveDecision | None:

@@ -6,10 +6,13 @@ next forward and backward run, and completed before the next `optimizer.step()`.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import ctypes
 import itertools
 import mmap
 import os
+import sys
 import threading
 import weakref
 from dataclasses import dataclass
@@ -71,34 +74,43 @@ class Snapshot:
 
 @dataclass(frozen=True)
 class Location:
-    """Where a staging buffer's storage lies in shared memory: its segment and byte range (what the writer process
-    maps to see the same bytes)."""
+    """Where a staging buffer's storage lies: its segment and byte range (what the writer process maps to see the
+    same bytes)."""
 
     segment: int
     offset: int
     nbytes: int
 
 
-class SharedSegment:
-    """One shared-memory segment (a memfd) that holds staging buffers, so that a writer process can map the bytes
-    the snapshot copies into: no copy crosses processes. Its descriptor stays open while any buffer in it lives, to
-    be sent again to a writer process that replaces a dead one. On CUDA it is registered as pinned memory (what
+class Segment:
+    """Page-aligned host memory that holds staging buffers.
+
+    Shared (`checkpoint.writer=process`): a memfd, so that the writer process maps the bytes the snapshot copies
+    into and no copy crosses processes; its descriptor stays open while any buffer in it lives, to be sent again to
+    a writer process that replaces a dead one. Private: an anonymous mapping, advised to use huge pages, so that
+    faulting it in costs a 512th of the page faults. On CUDA it is registered as pinned memory (what
     `pin_memory=True` gives a private buffer), so that device-to-host copies into it run at full speed."""
 
     _ids = itertools.count()
 
-    def __init__(self, nbytes: int, pin: bool) -> None:
+    def __init__(self, nbytes: int, shared: bool, pin: bool) -> None:
         self.id = next(self._ids)
         self.nbytes = max(nbytes, 1)
-        self.fd = os.memfd_create(f"curry-train-staging-{self.id}", os.MFD_CLOEXEC)
-        os.ftruncate(self.fd, self.nbytes)
-        self.map = mmap.mmap(self.fd, self.nbytes)
-        weakref.finalize(self, os.close, self.fd)
+        self.fd: int | None = None
+        if shared:
+            self.fd = os.memfd_create(f"curry-train-staging-{self.id}", os.MFD_CLOEXEC)
+            os.ftruncate(self.fd, self.nbytes)
+            self.map = mmap.mmap(self.fd, self.nbytes)
+            weakref.finalize(self, os.close, self.fd)
+        else:
+            self.map = mmap.mmap(-1, self.nbytes)
+            with contextlib.suppress(AttributeError, OSError):  # huge pages are an optimisation, never required
+                self.map.madvise(mmap.MADV_HUGEPAGE)
+        self.address = torch.frombuffer(self.map, dtype=torch.uint8).data_ptr()
         if pin:
-            base = torch.frombuffer(self.map, dtype=torch.uint8)
             cudart = torch.cuda.cudart()
-            cudart.cudaHostRegister(base.data_ptr(), self.nbytes, 0)
-            weakref.finalize(self, cudart.cudaHostUnregister, base.data_ptr())
+            cudart.cudaHostRegister(self.address, self.nbytes, 0)
+            weakref.finalize(self, cudart.cudaHostUnregister, self.address)
 
     def tensor(self, offset: int, nbytes: int, dtype: torch.dtype, shape: Any, stride: Any) -> torch.Tensor:
         """A tensor whose storage is exactly `nbytes` at `offset` of this segment (not a view of a larger storage:
@@ -106,50 +118,96 @@ class SharedSegment:
         count = nbytes // dtype.itemsize
         return torch.frombuffer(self.map, dtype=dtype, count=count, offset=offset).as_strided(shape, stride)
 
+    def populate(self) -> None:
+        """Fault every page in now, so that the first snapshot copy into it does not: page faults in a thread of the
+        training process take the memory map's lock that the training thread's allocations need too."""
+        populate(self.map, self.address, self.nbytes)
+
+
+def populate(buffer: mmap.mmap, address: int, nbytes: int, chunk: int = 32 << 20) -> None:
+    """Fault in the pages of a mapping for writing, a chunk at a time (each madvise holds the memory map's lock in
+    read mode while it runs), with the interpreter lock released: MADV_POPULATE_WRITE (Linux >= 5.14), else one
+    write per page."""
+    for start in range(0, nbytes, chunk):
+        n = min(chunk, nbytes - start)
+        if _LIBC is None or _LIBC.madvise(ctypes.c_void_p(address + start), ctypes.c_size_t(n), _MADV_POPULATE_WRITE):
+            pages = torch.frombuffer(buffer, dtype=torch.uint8, count=n, offset=start)
+            pages[:: mmap.PAGESIZE].zero_()  # the buffer's values do not matter before its first copy
+
+
+_MADV_POPULATE_WRITE = 23  # <linux/mman.h>; the mmap module of Python 3.11 does not name it
+_LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
+
 
 class Stager:
-    """Host copies of a state dict's tensors, in buffers allocated on the first save and reused by every later one.
+    """Host copies of a state dict's tensors, in buffers allocated on the first save (or by `reserve`, before it)
+    and reused by every later one.
 
     Fresh allocations copy at a fraction of the speed of reused ones (a page fault on every new page; figures in
     docs/performance.md), and on CUDA only pinned host memory copies at full speed. A buffer is reallocated only
     when its tensor changes shape or dtype (e.g. optimizer state created by the first step after a save).
 
-    `shared`: the buffers a save allocates lie together in one shared-memory segment (`SharedSegment`), so that
-    the writer process (`checkpoint.writer=process`) writes from the same bytes; `locate` says where a tensor is.
+    The buffers a save allocates lie together in one `Segment` (on CUDA without `shared`: each its own pinned
+    allocation). `shared`: the segments are shared memory, so that the writer process (`checkpoint.writer=process`)
+    writes from the same bytes; `locate` says where a tensor is.
     """
 
     def __init__(self, shared: bool = False) -> None:
         self.shared = shared
         self.buffers: dict[str, torch.Tensor] = {}
         self.allocations = 0  # buffers allocated so far: stays put across saves of the same state
-        self.segments: dict[int, SharedSegment] = {}  # the segments some buffer still lies in
-        self._where: dict[int, Location] = {}  # a shared buffer's storage address -> its location
+        self.segments: dict[int, Segment] = {}  # the segments some buffer still lies in
+        self._where: dict[int, Location] = {}  # a buffer's storage address -> its location in a segment
         self._segment_of: dict[str, int] = {}  # buffer path -> segment id
+        self._wrappers: dict[str, tuple[Any, DTensor]] = {}  # buffer path -> (its source's spec, the staged DTensor)
+        self._populating: threading.Thread | None = None
+
+    def reserve(self, state_dict: dict[str, Any]) -> int:
+        """Allocate the buffers `state_dict` needs before its first save, and fault them in on a thread of their
+        own while training goes on (the first `stage` waits for that). Returns the bytes allocated."""
+        fresh = self._allocate(state_dict)
+        if fresh:
+            self._populating = threading.Thread(
+                target=lambda: [segment.populate() for segment in fresh], name="curry-train-staging", daemon=True
+            )
+            self._populating.start()
+        return sum(segment.nbytes for segment in fresh)
 
     def stage(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Snapshot]:
         """A copy of `state_dict` that later training steps cannot change once its snapshot is taken: containers
         rebuilt and other values copied now, each tensor's copy into its buffer left to the returned snapshot."""
-        if self.shared:
-            self._allocate_shared(state_dict)
+        self.wait_populated()
+        self._allocate(state_dict)
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-        staged = self._copy(state_dict, "", copies)
+        with torch.no_grad():  # (to_local without autograd's bookkeeping)
+            staged = self._copy(state_dict, "", copies)
         return staged, Snapshot(copies)
 
+    def wait_populated(self) -> None:
+        """Until the buffers `reserve` allocated are faulted in."""
+        if self._populating is not None:
+            self._populating.join()
+            self._populating = None
+
     def locate(self, tensor: torch.Tensor) -> Location | None:
-        """Where `tensor`'s storage lies in shared memory (None: not a shared staging buffer)."""
+        """Where `tensor`'s storage lies in a segment (None: not a staging buffer in one)."""
         return self._where.get(tensor.untyped_storage().data_ptr())
 
-    def _allocate_shared(self, state_dict: dict[str, Any]) -> None:
-        """The buffers this state needs and lacks, together in one new segment (one descriptor a save at most)."""
-        needed = [(p, t) for p, t in _tensors(state_dict, "") if not self._fits(p, t) and t.numel() > 0]
+    def _allocate(self, state_dict: dict[str, Any]) -> list[Segment]:
+        """The buffers this state needs and lacks, together in one new segment (one a save at most)."""
+        with torch.no_grad():
+            tensors = list(_tensors(state_dict, ""))
+        needed = [
+            (p, t) for p, t in tensors if not self._fits(p, t) and t.numel() > 0 and (self.shared or not t.is_cuda)
+        ]
         if not needed:
-            return
+            return []
         spans, offset = [], 0
         for _, t in needed:
             nbytes = _storage_span(t) * t.element_size()
             spans.append((offset, nbytes))
             offset += -(-nbytes // 4096) * 4096  # page-aligned: each buffer starts where a copy runs fastest
-        segment = SharedSegment(offset, pin=needed[0][1].is_cuda)
+        segment = Segment(offset, self.shared, pin=needed[0][1].is_cuda)
         for (path, t), (start, nbytes) in zip(needed, spans, strict=True):
             buf = segment.tensor(start, nbytes, t.dtype, t.shape, t.stride())
             self.buffers[path] = buf
@@ -161,6 +219,7 @@ class Stager:
         for gone in set(self.segments) - live:  # every buffer in it was replaced: free it
             del self.segments[gone]
         self._where = {ptr: loc for ptr, loc in self._where.items() if loc.segment in live}
+        return [segment]
 
     def _fits(self, path: str, tensor: torch.Tensor) -> bool:
         buf = self.buffers.get(path)
@@ -174,13 +233,14 @@ class Stager:
     def _copy(self, obj: Any, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
         if isinstance(obj, DTensor):
             local = self._tensor(obj.to_local(), path, copies)
-            if obj.device_mesh.device_type == "cpu":
-                return DTensor.from_local(
-                    local, obj.device_mesh, obj.placements, run_check=False, shape=obj.shape, stride=obj.stride()
-                )
-            # from_local would move the host copy back to the mesh's device: keep the spec, wrap the host copy (as
-            # torch's own staging does); DCP plans from the spec and writes the local tensor.
-            return DTensor(local, obj._spec, requires_grad=False)
+            # The host copy under the source's spec (what DCP plans from), made once per buffer: from_local would
+            # run an autograd function per tensor per save, and on CUDA would move the copy back to the device.
+            spec = obj._spec
+            cached = self._wrappers.get(path)
+            if cached is None or cached[0] != spec or cached[1]._local_tensor is not local:
+                cached = (spec, DTensor(local, spec, requires_grad=False))
+                self._wrappers[path] = cached
+            return cached[1]
         if isinstance(obj, torch.Tensor):
             return self._tensor(obj, path, copies)
         if isinstance(obj, dict):
@@ -194,7 +254,7 @@ class Stager:
 
     def _tensor(self, tensor: torch.Tensor, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         tensor = tensor.detach()
-        if not self._fits(path, tensor):  # (shared buffers were allocated by _allocate_shared; empty ones here)
+        if not self._fits(path, tensor):  # (buffers in segments were allocated by _allocate: CUDA or empty ones here)
             pin = tensor.is_cuda
             buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=pin)
             self.buffers[path] = buf

@@ -1,7 +1,7 @@
 """The asynchronous save's writer in a process of its own (`checkpoint.writer=process`), so that serialising and
 writing a checkpoint does not hold the training process's interpreter lock.
 
-The staging buffers lie in shared memory (`staging.SharedSegment`); the writer process maps each segment once. Per
+The staging buffers lie in shared memory (`staging.Segment`); the writer process maps each segment once. Per
 save, a thread of the training process completes the snapshot copies into those buffers (on CPU: `copy_` releases
 the interpreter lock for the copy), then sends a small message: the plan (once per plan, then its number), where
 each tensor item's bytes lie, the other values of the state (small objects; a deferred value such as the fidelity
@@ -122,6 +122,19 @@ class ProcessWriter:
     def submit(self, job: SaveJob) -> Future[Written]:
         job.future = self._pool.submit(self._write, job)
         return job.future
+
+    def prepare(self) -> None:
+        """The staging segments `Stager.reserve` allocated, sent to the writer process once they are faulted in (it
+        maps them with their page tables filled: its first save does not fault them in either), from the writer's
+        thread."""
+        self._pool.submit(self._prepare)
+
+    def _prepare(self) -> None:
+        self.stager.wait_populated()
+        if self._proc is None or self._proc.poll() is not None:
+            return  # the next save starts a writer process and sends it every segment
+        with contextlib.suppress(WriterDied):  # (the next save finds it dead too, and says so)
+            self._send_segments()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -294,8 +307,8 @@ class _Mapped:
     """A shared segment as the writer process maps it."""
 
     def __init__(self, fd: int, nbytes: int) -> None:
-        try:
-            self.map = mmap.mmap(fd, nbytes)
+        try:  # page tables filled at once (the pages are the training process's, already faulted in)
+            self.map = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
         finally:
             os.close(fd)
 
