@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.distributed.checkpoint.filesystem import FileSystem
 
 from curry_train.checkpoint import checksum
@@ -33,6 +34,7 @@ class WriteBuffer:
         assert nbytes % _ALIGN == 0
         self._map = mmap.mmap(-1, nbytes)  # anonymous mappings are page-aligned
         self.view = memoryview(self._map)
+        self.array = np.frombuffer(self._map, dtype=np.uint8)  # what copies into it go through
 
 
 class DirectFile:
@@ -58,6 +60,7 @@ class DirectFile:
             self.direct = False
             self.fd = os.open(path, flags, 0o644)
         self.buffer = buffer.view
+        self.array = buffer.array
         self.filled = 0  # bytes in the buffer not yet written
         self.nbytes = 0  # bytes written through this file
         self.digest = checksum.running()
@@ -66,10 +69,14 @@ class DirectFile:
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         self.digest.update(view)
+        # numpy copies without the interpreter lock (a memoryview's slice assignment holds it): the writer thread's
+        # copy of a checkpoint's bytes into the buffer does not hold up the training thread, which needs the lock
+        # between its operations.
+        source = np.frombuffer(view, dtype=np.uint8)
         size, done = len(self.buffer), 0
         while done < len(view):
             n = min(size - self.filled, len(view) - done)
-            self.buffer[self.filled : self.filled + n] = view[done : done + n]
+            np.copyto(self.array[self.filled : self.filled + n], source[done : done + n])
             self.filled += n
             done += n
             if self.filled == size:
