@@ -251,5 +251,12 @@ def resolve(raw: DictConfig, overrides: list[str] | tuple[str, ...] = ()) -> tup
         raw.run.id = default_run_id(raw)
     cfg = OmegaConf.to_object(raw)
     assert isinstance(cfg, Config)
+    ckpt = cfg.checkpoint
+    require(
+        launch.debug.kill_writer_at is None or (ckpt.async_save and ckpt.writer == "process"),
+        "debug.kill_writer_at",
+        "kills the writer process, which only asynchronous saves with checkpoint.writer=process have "
+        f"(got checkpoint.writer={ckpt.writer}, checkpoint.async_save={str(ckpt.async_save).lower()})",
+    )
     note = injection_note(cfg, launch)
     return cfg, dataclasses.replace(launch, given=given_keys(overrides), notes=(note,) if note else ())

@@ -85,6 +85,15 @@ def test_disallowed_values_name_the_key_and_the_allowed_values(override: str, ke
         resolve(compose_config([override]))
 
 
+@pytest.mark.parametrize(
+    "modes", [["checkpoint.writer=thread"], ["checkpoint.writer=process", "checkpoint.async_save=false"]]
+)
+def test_killing_the_writer_process_is_refused_where_there_is_none(modes: list[str]) -> None:
+    with pytest.raises(ConfigError, match=r"debug\.kill_writer_at: .*checkpoint\.writer=process"):
+        resolve(compose_config([*modes, "+debug.kill_writer_at=3"]))
+    resolve(compose_config(["checkpoint.writer=process", "+debug.kill_writer_at=3"]))
+
+
 def test_validate_checks_batch_divisibility_against_world_size() -> None:
     cfg, _ = resolve(compose_config(["train.batch_size=6", "train.grad_accum=2"]))
     validate(cfg, world_size=1)
