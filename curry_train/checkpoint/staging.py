@@ -118,21 +118,17 @@ class Segment:
         count = nbytes // dtype.itemsize
         return torch.frombuffer(self.map, dtype=dtype, count=count, offset=offset).as_strided(shape, stride)
 
-    def populate(self) -> None:
+    def populate(self, chunk: int = 32 << 20) -> None:
         """Fault every page in now, so that the first snapshot copy into it does not: page faults in a thread of the
-        training process take the memory map's lock that the training thread's allocations need too."""
-        populate(self.map, self.address, self.nbytes)
-
-
-def populate(buffer: mmap.mmap, address: int, nbytes: int, chunk: int = 32 << 20) -> None:
-    """Fault in the pages of a mapping for writing, a chunk at a time (each madvise holds the memory map's lock in
-    read mode while it runs), with the interpreter lock released: MADV_POPULATE_WRITE (Linux >= 5.14), else one
-    write per page."""
-    for start in range(0, nbytes, chunk):
-        n = min(chunk, nbytes - start)
-        if _LIBC is None or _LIBC.madvise(ctypes.c_void_p(address + start), ctypes.c_size_t(n), _MADV_POPULATE_WRITE):
-            pages = torch.frombuffer(buffer, dtype=torch.uint8, count=n, offset=start)
-            pages[:: mmap.PAGESIZE].zero_()  # the buffer's values do not matter before its first copy
+        training process take the memory map's lock that the training thread's allocations need too. A chunk at a
+        time (each madvise holds that lock in read mode while it runs), with the interpreter lock released:
+        MADV_POPULATE_WRITE (Linux >= 5.14), else one write per page."""
+        for start in range(0, self.nbytes, chunk):
+            n = min(chunk, self.nbytes - start)
+            advice = _MADV_POPULATE_WRITE
+            if _LIBC is None or _LIBC.madvise(ctypes.c_void_p(self.address + start), ctypes.c_size_t(n), advice):
+                pages = torch.frombuffer(self.map, dtype=torch.uint8, count=n, offset=start)
+                pages[:: mmap.PAGESIZE].zero_()  # the buffer's values do not matter before its first copy
 
 
 _MADV_POPULATE_WRITE = 23  # <linux/mman.h>; the mmap module of Python 3.11 does not name it
@@ -162,16 +158,13 @@ class Stager:
         self._wrappers: dict[str, tuple[Any, DTensor]] = {}  # buffer path -> (its source's spec, the staged DTensor)
         self._populating: threading.Thread | None = None
 
-    def reserve(self, state_dict: dict[str, Any]) -> int:
+    def reserve(self, state_dict: dict[str, Any]) -> None:
         """Allocate the buffers `state_dict` needs before its first save, and fault them in on a thread of their
-        own while training goes on (the first `stage` waits for that). Returns the bytes allocated."""
-        fresh = self._allocate(state_dict)
-        if fresh:
-            self._populating = threading.Thread(
-                target=lambda: [segment.populate() for segment in fresh], name="curry-train-staging", daemon=True
-            )
+        own while training goes on (the first `stage` waits for that)."""
+        segment = self._allocate(state_dict)
+        if segment is not None:
+            self._populating = threading.Thread(target=segment.populate, name="curry-train-staging", daemon=True)
             self._populating.start()
-        return sum(segment.nbytes for segment in fresh)
 
     def stage(self, state_dict: dict[str, Any]) -> tuple[dict[str, Any], Snapshot]:
         """A copy of `state_dict` that later training steps cannot change once its snapshot is taken: containers
@@ -193,15 +186,15 @@ class Stager:
         """Where `tensor`'s storage lies in a segment (None: not a staging buffer in one)."""
         return self._where.get(tensor.untyped_storage().data_ptr())
 
-    def _allocate(self, state_dict: dict[str, Any]) -> list[Segment]:
-        """The buffers this state needs and lacks, together in one new segment (one a save at most)."""
+    def _allocate(self, state_dict: dict[str, Any]) -> Segment | None:
+        """The buffers this state needs and lacks, together in one new segment (None: it lacks none)."""
         with torch.no_grad():
             tensors = list(_tensors(state_dict, ""))
         needed = [
             (p, t) for p, t in tensors if not self._fits(p, t) and t.numel() > 0 and (self.shared or not t.is_cuda)
         ]
         if not needed:
-            return []
+            return None
         spans, offset = [], 0
         for _, t in needed:
             nbytes = _storage_span(t) * t.element_size()
@@ -219,7 +212,7 @@ class Stager:
         for gone in set(self.segments) - live:  # every buffer in it was replaced: free it
             del self.segments[gone]
         self._where = {ptr: loc for ptr, loc in self._where.items() if loc.segment in live}
-        return [segment]
+        return segment
 
     def _fits(self, path: str, tensor: torch.Tensor) -> bool:
         buf = self.buffers.get(path)
