@@ -16,12 +16,15 @@ shared machine cancels; a figure is the median over repetitions, the slowest ran
   resume load         curry-train's resume load (DCP load plus the fidelity check)
   resume verified     what +resume=latest does: check every file against the manifest, then the resume load
   ... warm            dcp.load and the resume load with the files in the page cache: the harness's own overhead
-  loop off/async/     `loop.train` for --loop-steps steps, a full save every --save-every steps (none for off;
+  loop off/async/     a training run of --loop-steps steps, a full save every --save-every steps (none for off;
   async_thread/sync   async: the writer process, async_thread: the writer thread, async_buffered: the writer
-                      process with direct_io=false); the extra wall time of the steps after each save over the
-                      other steps of the same run (`save_extras`; for off, the noise of that measure), its stall
-                      (that extra minus off's at the same positions), and the window of each run (first to last
-                      step's metrics line) against off; each run's directory is removed once measured
+                      process with direct_io=false), each launched by torchrun as a user launches one (a fresh
+                      process per run: run one after another in one process, a run's first save cost 0.1-0.3 s
+                      more than its others, in every mode, which no launch of its own shows); the extra wall
+                      time of the steps after each save over the other steps of the same run (`save_extras`; for
+                      off, the noise of that measure), its stall (that extra minus off's at the same positions),
+                      and the window of each run (first to last step's metrics line) against off; each run's
+                      directory is removed once measured
   plain / harness     one optimizer step: a minimal hand-written FSDP2 loop against the harness (bench_step.py)
   policy off/default  `loop.train` at the `default` checkpoint cadences against checkpointing off
 Goals compare these ratios with the targets of the fast-checkpoints issue.
@@ -96,13 +99,12 @@ def parse_args() -> argparse.Namespace:
         "--loops", nargs="*", default=LOOPS, choices=LOOPS, help="loop variants to run (off is always run: the noise)"
     )
     p.add_argument("--only", nargs="*", default=SECTIONS, choices=SECTIONS, help="sections to run (a rerun)")
+    p.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)  # where the torchrun part reports
     return p.parse_args()
 
 
-def relaunch(args: argparse.Namespace) -> None:
-    """Not under torchrun yet: run this script under it with --nproc ranks."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+def relaunch(args: argparse.Namespace, sections: list[str], partial: Path) -> dict[str, Any]:
+    """Not under torchrun: run `sections` of this script under it with --nproc ranks; their raw figures."""
     # torchrun's parser would take --nproc for its own --nproc-per-node (a prefix): leave it out, it is said above.
     forwarded, skip = [], False
     for arg in sys.argv[1:]:
@@ -112,11 +114,24 @@ def relaunch(args: argparse.Namespace) -> None:
         skip = arg == "--nproc"
         if not skip:
             forwarded.append(arg)
-    raise SystemExit(subprocess.run([*cmd, __file__, *forwarded], env=env).returncode)
+    cmd = [*torchrun(args.nproc), __file__, *forwarded, "--only", *sections, "--partial", str(partial)]
+    returncode = subprocess.run(cmd, env=one_thread()).returncode
+    if returncode != 0:
+        raise SystemExit(returncode)
+    return json.loads(partial.read_text())
 
 
-def config(args: argparse.Namespace, *overrides: str) -> Config:
-    base = [
+def torchrun(nproc: int) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+
+
+def one_thread() -> dict[str, str]:
+    """One intra-op thread a rank, as in training."""
+    return {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+
+
+def overrides(args: argparse.Namespace, *extra: str) -> list[str]:
+    return [
         f"model={args.model}",
         f"data.seq_len={args.seq_len}",
         "data.max_bytes=2000000",
@@ -125,8 +140,12 @@ def config(args: argparse.Namespace, *overrides: str) -> Config:
         "logger.wandb.mode=disabled",
         "logger.progress_bar=false",
         "logger.console_every=100000",
+        *extra,
     ]
-    cfg, _ = resolve(compose([*base, *overrides]))
+
+
+def config(args: argparse.Namespace, *extra: str) -> Config:
+    cfg, _ = resolve(compose(overrides(args, *extra)))
     return cfg
 
 
@@ -374,17 +393,29 @@ def journal_costs(run_dir: Path) -> list[float]:
     return [e["cost_seconds"] for e in events if e["event"] == "save" and e.get("cost_seconds") is not None]
 
 
-def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> dict[str, Any]:
+def launch_loop(args: argparse.Namespace, extra: list[str], run_dir: Path) -> Path:
+    """One training run of `curry_train.train`, launched by torchrun as a user launches one: a fresh process per
+    run, so nothing of an earlier run (its memory, its writer, its collector's state) is left in the one measured."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cmd = [*torchrun(args.nproc), "-m", "curry_train.train", *overrides(args, *extra)]
+    cmd += [f"run.root={run_dir.parent}", f"run.id={run_dir.name}"]
+    done = subprocess.run(cmd, env=one_thread(), capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"loop run {run_dir.name} failed (status {done.returncode}):\n{done.stderr[-3000:]}")
+    return run_dir
+
+
+def loop_rows(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     saving = [f"checkpoint.rollback_every={args.save_every}", "checkpoint.recovery_every=0", "checkpoint.best_k=0"]
     common = [f"train.steps={args.loop_steps}", "train.eval_every=0", "checkpoint.check_storage=false"]
     variants = {
-        "off": config(args, *common, *CHECKPOINT_OFF),
-        "async": config(args, *common, *saving, "checkpoint.async_save=true", "checkpoint.writer=process"),
-        "async_thread": config(args, *common, *saving, "checkpoint.async_save=true", "checkpoint.writer=thread"),
-        "sync": config(args, *common, *saving, "checkpoint.async_save=false"),
-        "async_buffered": config(args, *common, *saving, "checkpoint.async_save=true", "checkpoint.direct_io=false"),
+        "off": [*common, *CHECKPOINT_OFF],
+        "async": [*common, *saving, "checkpoint.async_save=true", "checkpoint.writer=process"],
+        "async_thread": [*common, *saving, "checkpoint.async_save=true", "checkpoint.writer=thread"],
+        "sync": [*common, *saving, "checkpoint.async_save=false"],
+        "async_buffered": [*common, *saving, "checkpoint.async_save=true", "checkpoint.direct_io=false"],
     }
-    variants = {name: cfg for name, cfg in variants.items() if name == "off" or name in args.loops}
+    variants = {name: extra for name, extra in variants.items() if name == "off" or name in args.loops}
     # Saves inside the window only: a save in the last steps would be waited for at exit, outside it.
     saves = len([s for s in range(1, args.loop_steps + 1) if s % args.save_every == 0 and s < args.loop_steps])
     windows: dict[str, list[float]] = {name: [] for name in variants}
@@ -393,14 +424,15 @@ def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) ->
     names = list(variants)
     for rep in range(args.reps):
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
-            run_dir = run_loop(variants[name], env, scratch / f"loop-{name}")
-            if env.is_main:
-                windows[name].append(window(run_dir, 1, args.loop_steps))
-                extras[name] += save_extras(run_dir, args.save_every, args.loop_steps)
-                if name == "async":
-                    costs += journal_costs(run_dir)[:saves]
-                shutil.rmtree(run_dir)  # measured: 685 MB a save of model=small fills a disk fast
-            dist.barrier()
+            run_dir = launch_loop(args, variants[name], scratch / f"loop-{name}")
+            windows[name].append(window(run_dir, 1, args.loop_steps))
+            extras[name] += save_extras(run_dir, args.save_every, args.loop_steps)
+            if name == "async":
+                costs += journal_costs(run_dir)[:saves]
+            shutil.rmtree(run_dir)  # measured: 685 MB a save of model=small fills a disk fast
+            if saves:  # progress: a loop section runs for many minutes
+                mean = statistics.fmean(extras[name][-saves:])
+                print(f"loop {rep + 1}/{args.reps} {name}: {mean:+.3f} s a save over the other steps", flush=True)
     return {"windows": windows, "extras": extras, "saves": saves, "journal_costs": costs}
 
 
@@ -528,8 +560,39 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main() -> None:
     args = parse_args()
-    if "RANK" not in os.environ:  # under torchrun even for one rank: one intra-op thread a rank, as in training
-        relaunch(args)
+    if "RANK" in os.environ:  # the sections that run under torchrun: figures to the parent
+        inner(args)
+        return
+    scratch = args.dir.resolve()
+    load_before = os.getloadavg()
+    sections = [s for s in args.only if s != "loop"]
+    partial = args.dir.resolve().with_name(f"{args.dir.name}-partial.json")
+    raw = relaunch(args, sections, partial) if sections else {}
+    partial.unlink(missing_ok=True)
+    loops: dict[str, Any] = {}
+    if "loop" in args.only:  # each run launched as a user launches one
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        try:
+            loops = loop_rows(args, scratch)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    io, nbytes = raw.get("io", {}), raw.get("nbytes", 0)
+    result = summarize(io, nbytes, loops, raw.get("steps", {}), raw.get("policy", {}))
+    result["machine"] = (
+        f"torch {torch.__version__}, {args.nproc} ranks on {args.device}, {os.cpu_count()} CPUs, model {args.model}, "
+        f"{args.batch_size} x {args.seq_len} tokens a step, checkpoint {nbytes / 1e6:.0f} MB (I/O rows), "
+        f"load average {load_before[0]:.2f} before and {os.getloadavg()[0]:.2f} after"
+    )
+    result["raw"] = {"io": io, "loops": loops, "steps": raw.get("steps", {}), "policy": raw.get("policy", {})}
+    result["args"] = {k: str(v) for k, v in vars(args).items()}
+    print_table(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def inner(args: argparse.Namespace) -> None:
+    """Under torchrun: the I/O, step and policy sections, their raw figures written to `--partial` by rank 0."""
     env = distributed.init_distributed(args.device)
     scratch = args.dir.resolve()
     try:
@@ -537,23 +600,12 @@ def main() -> None:
             shutil.rmtree(scratch, ignore_errors=True)
             scratch.mkdir(parents=True)
         dist.barrier()
-        load_before = os.getloadavg()
         io, nbytes = io_rows(args, env, scratch) if "io" in args.only else ({}, 0)
-        loops = loop_rows(args, env, scratch) if "loop" in args.only else {}
         steps = step_rows(args, env) if "step" in args.only else {}
         policy = policy_rows(args, env, scratch) if args.policy_steps > 0 and "policy" in args.only else {}
         if env.is_main:
-            result = summarize(io, nbytes, loops, steps, policy)
-            result["machine"] = (
-                f"torch {torch.__version__}, {env.world_size} ranks on {args.device}, {os.cpu_count()} CPUs, "
-                f"model {args.model}, {args.batch_size} x {args.seq_len} tokens a step, checkpoint {nbytes / 1e6:.0f} "
-                f"MB, load average {load_before[0]:.2f} before and {os.getloadavg()[0]:.2f} after"
-            )
-            result["raw"] = {"io": io, "loops": loops, "steps": steps, "policy": policy}
-            result["args"] = {k: str(v) for k, v in vars(args).items()}
-            print_table(result)
-            if args.json:
-                args.json.write_text(json.dumps(result, indent=2) + "\n")
+            raw = {"io": io, "nbytes": nbytes, "steps": steps, "policy": policy}
+            args.partial.write_text(json.dumps(raw) + "\n")
     finally:
         if env.is_main:
             shutil.rmtree(scratch, ignore_errors=True)
