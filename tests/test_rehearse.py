@@ -71,9 +71,17 @@ def _processes_in(folder: Path, but: int) -> list[int]:
     return pids
 
 
+def _sigint_as_at_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_kills_the_job_and_removes_the_rehearsal(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "curry_train.cli", "rehearse", "--nproc-per-node=2", *FAST]
-    proc = subprocess.Popen(command, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True)
+    # Ctrl-C as a terminal sends it: a suite started in the background by a shell without job control inherits
+    # SIGINT ignored (POSIX), and the rehearsal, like any program, would keep it ignored.
+    proc = subprocess.Popen(
+        command, cwd=tmp_path, env=_env(), stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_as_at_a_terminal
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(_processes_in(tmp_path, but=proc.pid)) < 3:
         time.sleep(0.2)  # until torchrun and its two workers run
