@@ -566,7 +566,7 @@ def main() -> None:
     scratch = args.dir.resolve()
     load_before = os.getloadavg()
     sections = [s for s in args.only if s != "loop"]
-    partial = args.dir.resolve().with_name(f"{args.dir.name}-partial.json")
+    partial = scratch.with_name(f"{scratch.name}-partial.json")
     raw = relaunch(args, sections, partial) if sections else {}
     partial.unlink(missing_ok=True)
     loops: dict[str, Any] = {}
