@@ -238,8 +238,9 @@ def children() -> dict[int, list[int]]:
 
 
 def worker_pids(parent: int) -> list[int]:
-    """The processes whose parent is `parent` (torchrun's workers)."""
-    return children().get(parent, [])
+    """The living processes whose parent is `parent` (torchrun's workers; one that ended and that torchrun has not
+    reaped yet is not one)."""
+    return [pid for pid in children().get(parent, []) if alive(pid)]
 
 
 def process_tree(root: int) -> list[int]:
@@ -272,16 +273,21 @@ def kill_tree(root: int) -> None:
 
 class Forwarder:
     """The launcher's signal handling: the first and second stop signal go to the workers (save and stop; stop
-    at once), a third kills torchrun and, through their parent-death signal, its workers."""
+    at once), a third kills torchrun and, through their parent-death signal, its workers. A signal that comes
+    after the workers ended (they left their statuses in `folder`) changes nothing: torchrun is only exiting."""
 
-    def __init__(self, agent: subprocess.Popen, names: list[str]) -> None:
-        self.agent = agent
+    def __init__(self, agent: subprocess.Popen, names: list[str], folder: Path) -> None:
+        self.agent, self.folder = agent, folder
         self.received = 0
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.Signals[n] for n in names)}
+        self.signals = [signal.Signals[n] for n in names]
+        for sig in self.signals:
+            signal.signal(sig, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        self.received += 1
         workers = worker_pids(self.agent.pid)
+        if not workers and read_records(self.folder):
+            return
+        self.received += 1
         name = signal.Signals(signum).name
         if self.received >= 3 or not workers:
             why = "a third stop signal" if workers else "before the workers started"
@@ -293,9 +299,11 @@ class Forwarder:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
 
-    def uninstall(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    def retire(self) -> None:
+        """torchrun has ended: from now on the stop signals are ignored. The default action instead would let a
+        late second signal end the launcher by that signal while it reports the run's status."""
+        for sig in self.signals:
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def forwarded_signals(options: dict[str, str | None]) -> list[str]:
@@ -314,14 +322,15 @@ def start(options: dict[str, str | None], overrides: list[str], folder: Path, **
 
 
 def launch(options: dict[str, str | None], overrides: list[str], run_dir: Path | None) -> int:
-    """Run torchrun with the workers; returns the run's exit status."""
+    """Run torchrun with the workers; returns the run's exit status. For the launcher's own process: it takes over
+    the stop signals for good."""
     with tempfile.TemporaryDirectory(prefix="curry-train-run-") as folder:
         agent = start(options, overrides, Path(folder))
-        forwarder = Forwarder(agent, forwarded_signals(options))
+        forwarder = Forwarder(agent, forwarded_signals(options), Path(folder))
         try:
             code = agent.wait()
         finally:
-            forwarder.uninstall()
+            forwarder.retire()
         status, line = run_status(read_records(Path(folder)), read_failed(Path(folder)), code)
         if line:
             print(f"curry-train: {line}", file=sys.stderr, flush=True)
@@ -428,8 +437,7 @@ def run_torchrun(argv: list[str]) -> int:
     for name in forwarded:
         # A handler that does nothing, not SIG_IGN: the workers torchrun starts must not inherit an ignored signal.
         signal.signal(signal.Signals[name], lambda signum, frame: None)
-    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import parse_args, run
+    from torch.distributed.run import parse_args
 
     handler = logging.FileHandler(folder / TORCHRUN_LOG)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
@@ -442,6 +450,20 @@ def run_torchrun(argv: list[str]) -> int:
     handled = ",".join(s for s in ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT") if s not in forwarded)
     args.signals_to_handle = handled  # torch 2.13; older versions read only the environment
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = handled
+    try:
+        return run_and_report(args, folder)
+    finally:
+        # The workers are gone. Python puts back the default action of every signal it handled as its interpreter
+        # exits, so a stop signal meant for them (a second SIGTERM to the job) would end torchrun with -15 there.
+        for name in forwarded:
+            signal.signal(signal.Signals[name], signal.SIG_IGN)
+
+
+def run_and_report(args: Any, folder: Path) -> int:
+    """torchrun's run; the ranks it saw fail go to the status folder."""
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import run
+
     try:
         run(args)
     except ChildFailedError as err:

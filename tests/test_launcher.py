@@ -6,6 +6,8 @@ starts no torchrun is seen from outside through `--log-dir`: torchrun creates it
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -15,7 +17,15 @@ from pathlib import Path
 import pytest
 
 from curry_train.journal import read_journal
-from curry_train.launcher import LaunchError, parse_options, run_status, torchrun_arguments
+from curry_train.launcher import (
+    LaunchError,
+    alive,
+    parse_options,
+    process_tree,
+    run_status,
+    torchrun_arguments,
+    worker_pids,
+)
 from curry_train.metrics import read_metrics
 from tests.conftest import FAST, _env
 
@@ -179,7 +189,7 @@ def test_a_spike_that_cannot_roll_back_is_3(root: Path) -> None:
     assert "stopped on a loss spike" in proc.stderr and quiet_about_torchrun(proc.stderr), said(proc)
 
 
-def test_a_busy_run_directory_is_2_and_sigusr1_saves_and_exits_0(root: Path) -> None:
+def test_a_busy_run_directory_is_2_and_sigusr1_saves_and_exits_0_whatever_signal_comes_after(root: Path) -> None:
     args = ["--nproc-per-node=2", *BASE, "train.steps=400", "run.id=busy"]
     job = subprocess.Popen(
         launcher(args), cwd=root, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
@@ -196,6 +206,19 @@ def test_a_busy_run_directory_is_2_and_sigusr1_saves_and_exits_0(root: Path) -> 
         assert "invalid config" not in second.stderr
         # SIGUSR1 (SLURM's warning) reaches the workers as a preemption: a save, then status 0.
         job.send_signal(signal.SIGUSR1)
+        # A second stop signal after the workers ended (a scheduler's SIGTERM to the whole job, a second Ctrl-C)
+        # changes nothing while torchrun and the launcher exit: Python would put the default action back there.
+        workers = set(process_tree(job.pid)) - {job.pid, *worker_pids(job.pid)}
+        while any(alive(pid) for pid in workers):
+            assert job.poll() is None and time.monotonic() < deadline, "the workers did not end"
+            time.sleep(0.005)
+        late = 0
+        while job.poll() is None:
+            for pid in process_tree(job.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+                    late += 1
+            time.sleep(0.002)
         out, err = job.communicate(timeout=240)
     finally:
         if job.poll() is None:
@@ -205,3 +228,4 @@ def test_a_busy_run_directory_is_2_and_sigusr1_saves_and_exits_0(root: Path) -> 
     preempt = [e for e in read_journal(root / "runs" / "busy" / "journal.jsonl") if e["event"] == "preempt"]
     assert len(preempt) == 1 and preempt[0]["signal"] == "SIGUSR1"
     assert "SIGUSR1 received: saved step" in out and quiet_about_torchrun(err), err[-3000:]
+    assert late > 0
