@@ -28,11 +28,12 @@ PIECES = [
     b"",
     _rand.randbytes(8192 - 1),
     _rand.randbytes(123),
+    _rand.randbytes(700_001),  # several of the pieces the writer copies and checksums at a time
 ]
 
 
-def write_pieces(path: Path, direct: bool) -> DirectFile:
-    f = DirectFile(path, WriteBuffer(8192), direct)  # a small buffer: pieces straddle and span whole buffers
+def write_pieces(path: Path, direct: bool, nbytes: int = 8192) -> DirectFile:
+    f = DirectFile(path, WriteBuffer(nbytes), direct)  # a small buffer: pieces straddle and span whole buffers
     for piece in PIECES:
         assert f.write(piece) == len(piece)
         f.flush()  # DCP flushes after every item: that must not write a partial (unaligned) block
@@ -42,10 +43,11 @@ def write_pieces(path: Path, direct: bool) -> DirectFile:
     return f
 
 
+@pytest.mark.parametrize("nbytes", [8192, 1 << 20], ids=["8KiB-buffer", "1MiB-buffer"])
 @pytest.mark.parametrize("direct", [True, False], ids=["O_DIRECT", "buffered"])
-def test_direct_file_writes_the_bytes_exactly_and_checksums_them(tmp_path: Path, direct: bool) -> None:
+def test_direct_file_writes_the_bytes_exactly_and_checksums_them(tmp_path: Path, direct: bool, nbytes: int) -> None:
     path = tmp_path / "__0_0.distcp"
-    f = write_pieces(path, direct)
+    f = write_pieces(path, direct, nbytes)
     assert path.read_bytes() == b"".join(PIECES), "padding of the last block left in the file, or bytes lost"
     assert f.direct is direct  # the test's filesystem (the checkout's disk) accepts O_DIRECT
     assert f.digest.hexdigest() == checksum.of_file(path) == xxh3(b"".join(PIECES))

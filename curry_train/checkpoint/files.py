@@ -25,6 +25,7 @@ from curry_train.checkpoint.manifest import FileEntry
 # (512 bytes or 4 KiB); a page-aligned buffer whose size is a multiple of 4 KiB meets all three.
 _ALIGN = 4096
 CHUNK_BYTES = 32 << 20
+_PIECE = 256 << 10  # copied and checksummed while it is in the core's cache (2 MiB of L2 here)
 
 
 class WriteBuffer:
@@ -68,16 +69,18 @@ class DirectFile:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self.digest.update(view)
         # numpy copies without the interpreter lock (a memoryview's slice assignment holds it): the writer thread's
         # copy of a checkpoint's bytes into the buffer does not hold up the training thread, which needs the lock
-        # between its operations.
+        # between its operations. Each piece is checksummed just after its copy, from the cache: the source is read
+        # from memory once, not twice (0.034 s against 0.049 s of CPU for 685 MB; docs/performance.md).
         source = np.frombuffer(view, dtype=np.uint8)
         size, done = len(self.buffer), 0
         while done < len(view):
-            n = min(size - self.filled, len(view) - done)
-            np.copyto(self.array[self.filled : self.filled + n], source[done : done + n])
-            self.filled += n
+            n = min(size - self.filled, len(view) - done, _PIECE)
+            end = self.filled + n
+            np.copyto(self.array[self.filled : end], source[done : done + n])
+            self.digest.update(self.buffer[self.filled : end])
+            self.filled = end
             done += n
             if self.filled == size:
                 self._drain(size)
