@@ -28,6 +28,7 @@ from curry_train.checkpoint.state import Contents, Progress, app_state, param_di
 from curry_train.checkpoint.store import RunDir
 from curry_train.journal import Journal, read_journal
 from tests.conftest import _env, tiny_model_after_one_step
+from tests.test_writer_process import assert_same_items
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -85,7 +86,7 @@ def test_a_segment_populated_ahead_is_resident_before_any_copy_touches_it(shared
     assert _resident_bytes() - before >= 0.9 * nbytes, "populate left the segment's pages to the first copy"
 
 
-def test_prepare_allocates_and_faults_in_the_first_saves_buffers_ahead_of_it(world_of_one: dict[str, Any]) -> None:
+def test_prepare_plans_and_faults_in_the_first_saves_buffers_ahead_of_it(world_of_one: dict[str, Any]) -> None:
     ckpt, state, model = world_of_one["ckpt"], world_of_one["state"], world_of_one["model"]
     ckpt.prepare(state(Contents.FULL))
     ckpt.stager.wait_populated()
@@ -97,6 +98,14 @@ def test_prepare_allocates_and_faults_in_the_first_saves_buffers_ahead_of_it(wor
     assert ckpt.stager.allocations == allocated, "the first save allocated staging buffers although prepared"
     assert {k: b.data_ptr() for k, b in ckpt.stager.buffers.items()} == ptrs
     assert ckpt.store.verify(Checkpoint(Role.RECOVERY, 1)) == []
+    # Planned ahead too: the first save took that plan, and wrote what a save planned on the spot writes.
+    assert (ckpt.plans.misses, ckpt.plans.hits) == (0, 1), "the first save planned although prepared"
+    ckpt.plans.plans.clear()
+    ckpt.save(2, [Role.RECOVERY], Contents.FULL, state(Contents.FULL))
+    ckpt.wait()
+    assert ckpt.plans.misses == 1
+    paths = [ckpt.store.path_of(Checkpoint(Role.RECOVERY, step)) for step in (1, 2)]
+    assert_same_items(*paths)
 
 
 @pytest.fixture

@@ -117,12 +117,15 @@ class Checkpointer:
             self.wait()
 
     def prepare(self, state: dict[str, Stateful]) -> None:
-        """Ahead of the first asynchronous save (once the state has its final structure: after the first step made
-        the optimizer state), allocate the staging buffers for `state` and fault them in while training goes on, so
-        that the first save costs training what every later one does."""
+        """Ahead of the first save (once the state has its final structure: after the first step made the optimizer
+        state), plan a save of `state`, and for asynchronous saves allocate its staging buffers and fault them in while
+        training goes on, so that the first save costs training what every later one does. On every rank."""
+        state_dict = to_state_dict(state)
         if self.async_save:
-            self.stager.reserve(to_state_dict(state))
+            self.stager.reserve(state_dict)
+            state_dict = self.stager.layout(state_dict)
             self.writer.prepare()
+        io.plan_ahead(state_dict, self.group, self.plans)
 
     def consider_best_k(self, step: int, value: float, state_factory: Callable[[], dict[str, Stateful]]) -> bool:
         """Save a parameters-only best-K checkpoint when `value` ranks in the top best_k.

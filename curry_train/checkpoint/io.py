@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -110,6 +111,46 @@ def _structure(flat: dict[str, Any]) -> tuple:
     return tuple(out)
 
 
+def plan_ahead(state_dict: dict[str, Any], group: dist.ProcessGroup, cache: PlanCache) -> None:
+    """Plan a save of `state_dict` (as it will be staged) into `cache` on every rank before the first save, so that
+    the first save's blocking part is what every later one's is (0.030 against 0.012 s for model=small)."""
+    with tempfile.TemporaryDirectory(prefix="curry-train-plan-") as scratch:  # DCP's writer makes its directory
+        writer, planner = _set_up(state_dict, Path(scratch), group)
+        cache.store(planner.state_dict, _plan(writer, planner, group))
+
+
+def _set_up(state_dict: dict[str, Any], staging: Path, group: dist.ProcessGroup) -> tuple[FileSystemWriter, _Planner]:
+    rank = dist.get_rank(group)
+    writer = FileSystemWriter(staging, sync_files=True, single_file_per_rank=True, thread_count=1)
+    planner = _Planner(state_dict)
+    planner.set_up_planner(state_dict=state_dict, storage_meta=writer.storage_meta(), is_coordinator=rank == 0)
+    if "kwargs" in inspect.signature(writer.set_up_storage_writer).parameters:
+        writer.set_up_storage_writer(rank == 0, rank=rank, use_collectives=True)
+    else:
+        writer.set_up_storage_writer(rank == 0)
+    return writer, planner
+
+
+def _plan(writer: FileSystemWriter, planner: _Planner, group: dist.ProcessGroup) -> _CachedPlan:
+    """DCP's planning: every rank's local plan to rank 0, which makes the global plan and scatters each its part."""
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    local = writer.prepare_local_plan(planner.create_local_plan())
+    plans: list[Any] = [None] * world if rank == 0 else []
+    dist.gather_object(local, plans if rank == 0 else None, dst=0, group=group)
+    metadata = None
+    scattered: list[Any] = [None]
+    if rank == 0:
+        try:
+            global_plans, metadata = planner.create_global_plan(plans)
+            out: list[Any] = writer.prepare_global_plan(global_plans)
+        except Exception as err:  # every rank must leave the scatter: give them the error
+            out = [err] * world
+    dist.scatter_object_list(scattered, out if rank == 0 else None, src=0, group=group)
+    if isinstance(scattered[0], Exception):
+        raise scattered[0]
+    return _CachedPlan(local, planner.finish_plan(scattered[0]), metadata)
+
+
 @dataclass
 class Written:
     """What one rank's writer reports: DCP's write results and the size and checksum of each file it wrote
@@ -153,41 +194,21 @@ class SaveJob:
     ) -> SaveJob:
         """Plan the save of `state_dict` (already staged, or live for a synchronous save) on every rank; `fs`
         (from `Writer.filesystem`) writes the files. With a `cache`, a state whose structure every rank saved before
-        reuses that save's plan: one tiny all-reduce instead of DCP's planning and its two object collectives."""
-        rank, world = dist.get_rank(group), dist.get_world_size(group)
-        writer = FileSystemWriter(staging, sync_files=True, single_file_per_rank=True, thread_count=1)
+        (or planned ahead: `plan_ahead`) reuses that plan: one tiny all-reduce instead of DCP's planning and its two
+        object collectives."""
+        writer, planner = _set_up(state_dict, staging, group)
         writer.fs = fs
-        planner = _Planner(state_dict)
-        planner.set_up_planner(state_dict=state_dict, storage_meta=writer.storage_meta(), is_coordinator=rank == 0)
-        if "kwargs" in inspect.signature(writer.set_up_storage_writer).parameters:
-            writer.set_up_storage_writer(rank == 0, rank=rank, use_collectives=True)
-        else:
-            writer.set_up_storage_writer(rank == 0)
         if cache is not None:
             cached = cache.lookup(planner.state_dict, group)
             if cached is not None:
                 writer.prepare_local_plan(cached.local)  # creates the staging directory
                 metadata = copy.copy(cached.metadata)  # `finish` fills in this save's storage data
                 return cls(staging, writer, planner, planner.finish_plan(cached.plan), metadata)
-        local = writer.prepare_local_plan(planner.create_local_plan())
-        plans: list[Any] = [None] * world if rank == 0 else []
-        dist.gather_object(local, plans if rank == 0 else None, dst=0, group=group)
-        metadata = None
-        scattered: list[Any] = [None]
-        if rank == 0:
-            try:
-                global_plans, metadata = planner.create_global_plan(plans)
-                out: list[Any] = writer.prepare_global_plan(global_plans)
-            except Exception as err:  # every rank must leave the scatter: give them the error
-                out = [err] * world
-        dist.scatter_object_list(scattered, out if rank == 0 else None, src=0, group=group)
-        if isinstance(scattered[0], Exception):
-            raise scattered[0]
-        plan = planner.finish_plan(scattered[0])
-        if cache is not None:
-            cache.store(planner.state_dict, _CachedPlan(local, plan, metadata))
-            metadata = copy.copy(metadata)
-        return cls(staging, writer, planner, plan, metadata)
+        planned = _plan(writer, planner, group)
+        if cache is None:
+            return cls(staging, writer, planner, planned.plan, planned.metadata)
+        cache.store(planner.state_dict, planned)
+        return cls(staging, writer, planner, planned.plan, copy.copy(planned.metadata))
 
     def write(self) -> Written:
         """This rank's files, each fsynced by DCP's writer before this returns (runs on the writer thread)."""

@@ -176,6 +176,11 @@ class Stager:
             staged = self._copy(state_dict, "", copies)
         return staged, Snapshot(copies)
 
+    def layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        """What `stage` will return for `state_dict`, without its copies: what a save of it is planned from."""
+        with torch.no_grad():
+            return self._copy(state_dict, "", [])
+
     def wait_populated(self) -> None:
         """Until the buffers `reserve` allocated are faulted in."""
         if self._populating is not None:
