@@ -250,7 +250,8 @@ def test_sync_saves_commit_the_same_checkpoints(tmp_path: Path, two_rank_run: Pa
         for e in read_journal(run_dir / "journal.jsonl")
         if e["event"] == "save" and "linked_from" not in e and "params_of" not in e
     ]
-    assert saves and all(e["mode"] == "sync" and 0 <= e["blocking_seconds"] <= e["seconds"] for e in saves)
+    assert saves and all(e["mode"] == "sync" and e["writer"] == "thread" for e in saves)
+    assert all(0 <= e["blocking_seconds"] <= e["seconds"] for e in saves)
     # A synchronous save costs training exactly the time it blocks.
     assert all(e["cost_seconds"] == e["blocking_seconds"] for e in saves)
     assert not [p for p in run_dir.rglob(".tmp-*")]

@@ -97,7 +97,9 @@ def test_the_writer_process_writes_the_writer_threads_files_same_items_and_reuse
     assert process.writer.starts == 1 and process.writer._next_plan == 1
     assert process.writer.by_value == 0
     [save] = [e for e in read_journal(two_writers["runs"]["process"] / "journal.jsonl") if e["event"] == "save"][-1:]
-    assert save["mode"] == "async" and save["write_cpu_seconds"] > 0
+    assert save["mode"] == "async" and save["writer"] == "process" and save["write_cpu_seconds"] > 0
+    [save] = [e for e in read_journal(two_writers["runs"]["thread"] / "journal.jsonl") if e["event"] == "save"][-1:]
+    assert save["mode"] == "async" and save["writer"] == "thread"
 
 
 def assert_same_items(a: Path, b: Path) -> None:

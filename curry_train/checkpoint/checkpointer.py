@@ -92,7 +92,8 @@ class Checkpointer:
         self.my_copy_files: list[str] = []  # and of its best-K parameters copy, if it had one
         self.clock = StepClock()
         mode = "async" if config.async_save else "sync"
-        self.committer = Committer(store, journal, dist.get_world_size(group), mode)  # rank 0's part
+        writer = "process" if in_process else "thread"
+        self.committer = Committer(store, journal, dist.get_world_size(group), mode, writer)  # rank 0's part
         self.best = BestK(self.policy, self._shared_listing(Role.BEST_K))
 
     def _shared_listing(self, role: Role) -> list[Checkpoint]:

@@ -20,12 +20,13 @@ from curry_train.journal import Deferred, Journal
 
 class Committer:
     """Commits saves into `store`, journaling each event. `world_size` goes into every manifest (a resume needs it
-    before loading); `mode` ("async" or "sync") into every save's journal line. Retention follows the policy each
-    call is given: an automatic cadence changes the checkpointer's policy as the run goes."""
+    before loading); `mode` ("async" or "sync") and `writer` ("process" or "thread") into every save's journal line,
+    so that a journal read later says how its figures were made. Retention follows the policy each call is given: an
+    automatic cadence changes the checkpointer's policy as the run goes."""
 
-    def __init__(self, store: RunDir, journal: Journal, world_size: int, mode: str) -> None:
+    def __init__(self, store: RunDir, journal: Journal, world_size: int, mode: str, writer: str) -> None:
         self.store, self.journal = store, journal
-        self.world_size, self.mode = world_size, mode
+        self.world_size, self.mode, self.writer = world_size, mode, writer
         self._removals: list[threading.Thread] = []
 
     def close(self) -> None:
@@ -65,6 +66,7 @@ class Committer:
             write_cpu_seconds=round(max(w.cpu_seconds for w in pending.written), 4),
             direct_io=all(w.direct for w in pending.written),
             mode=self.mode,
+            writer=self.writer,
         )
         for checkpoint in pending.checkpoints[1:]:
             linked = self.store.link(first, checkpoint)
@@ -81,6 +83,7 @@ class Committer:
                 seconds=round(time.perf_counter() - pending.started, 4),
                 write_seconds=round(max(w.seconds for w in copy.written), 4),
                 mode=self.mode,
+                writer=self.writer,
                 params_of=first.relpath,  # the save it shares a staged copy (and a step) with
             )
         self.apply_retention(first.step, policy)
