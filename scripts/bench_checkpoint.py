@@ -388,9 +388,10 @@ def save_extras(run_dir: Path, save_every: int, steps: int) -> list[float]:
     return [sum(interval[d] - base for d in ds) for ds in affected.values() if ds]
 
 
-def journal_costs(run_dir: Path) -> list[float]:
+def journal_saves(run_dir: Path, field: str) -> list[float]:
+    """`field` of each save line of the run's journal (rank 0's figures), in order."""
     events = read_journal(run_dir / "journal.jsonl")
-    return [e["cost_seconds"] for e in events if e["event"] == "save" and e.get("cost_seconds") is not None]
+    return [e[field] for e in events if e["event"] == "save" and e.get(field) is not None]
 
 
 def launch_loop(args: argparse.Namespace, extra: list[str], run_dir: Path) -> Path:
@@ -420,6 +421,7 @@ def loop_rows(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     saves = len([s for s in range(1, args.loop_steps + 1) if s % args.save_every == 0 and s < args.loop_steps])
     windows: dict[str, list[float]] = {name: [] for name in variants}
     extras: dict[str, list[float]] = {name: [] for name in variants}
+    blocking: dict[str, list[float]] = {name: [] for name in variants if name != "off"}
     costs: list[float] = []
     names = list(variants)
     for rep in range(args.reps):
@@ -427,13 +429,15 @@ def loop_rows(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             run_dir = launch_loop(args, variants[name], scratch / f"loop-{name}")
             windows[name].append(window(run_dir, 1, args.loop_steps))
             extras[name] += save_extras(run_dir, args.save_every, args.loop_steps)
+            if name != "off":  # what the training thread itself spends in each save (the journal's figure)
+                blocking[name] += journal_saves(run_dir, "blocking_seconds")[:saves]
             if name == "async":
-                costs += journal_costs(run_dir)[:saves]
+                costs += journal_saves(run_dir, "cost_seconds")[:saves]
             shutil.rmtree(run_dir)  # measured: 685 MB a save of model=small fills a disk fast
             if saves:  # progress: a loop section runs for many minutes
                 mean = statistics.fmean(extras[name][-saves:])
                 print(f"loop {rep + 1}/{args.reps} {name}: {mean:+.3f} s a save over the other steps", flush=True)
-    return {"windows": windows, "extras": extras, "saves": saves, "journal_costs": costs}
+    return {"windows": windows, "extras": extras, "saves": saves, "journal_costs": costs, "blocking": blocking}
 
 
 def policy_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> dict[str, list[float]]:
@@ -502,6 +506,8 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
                 "extra_stderr_s": statistics.stdev(extras) / len(extras) ** 0.5 if len(extras) > 1 else float("nan"),
                 "window_extra_per_save_s": (w[mode] - w["off"]) / n,
             }
+            if loops.get("blocking", {}).get(mode):
+                rows[f"loop_{mode}"]["blocking_s"] = statistics.fmean(loops["blocking"][mode])
         journal = statistics.fmean(loops["journal_costs"]) if loops["journal_costs"] else float("nan")
         rows["async_journal_cost"] = {"seconds": journal}
         # A save's stall: its extra over the same positions of the run without saves (the measure's own offset).
@@ -542,13 +548,14 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['machine']}")
-    print(f"{'row':<28}{'seconds':>10}{'MB/s':>10}{'extra/save s':>14}{'+-':>8}{'stall s':>9}")
+    print(f"{'row':<28}{'seconds':>10}{'MB/s':>10}{'extra/save s':>14}{'+-':>8}{'stall s':>9}{'blocking s':>12}")
     for name, row in result["rows"].items():
         mbs = f"{row['mb_per_s']:.0f}" if "mb_per_s" in row else ""
         extra = f"{row['extra_per_save_s']:.3f}" if "extra_per_save_s" in row else ""
         err = f"{row['extra_stderr_s']:.3f}" if "extra_stderr_s" in row else ""
         stall = f"{row['stall_s']:.3f}" if "stall_s" in row else ""
-        print(f"{name:<28}{row['seconds']:>10.3f}{mbs:>10}{extra:>14}{err:>8}{stall:>9}")
+        blocking = f"{row['blocking_s']:.4f}" if "blocking_s" in row else ""
+        print(f"{name:<28}{row['seconds']:>10.3f}{mbs:>10}{extra:>14}{err:>8}{stall:>9}{blocking:>12}")
     print("ratios:")
     for name, value in result["ratios"].items():
         goal = result["goals"].get(name)

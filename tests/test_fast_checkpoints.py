@@ -17,6 +17,8 @@ import pytest
 import torch
 from torch import nn
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 
 from curry_train import distributed
 from curry_train.checkpoint import io
@@ -24,7 +26,7 @@ from curry_train.checkpoint import state as state_module
 from curry_train.checkpoint.checkpointer import Checkpointer
 from curry_train.checkpoint.policy import Checkpoint, Role
 from curry_train.checkpoint.staging import Segment, Stager
-from curry_train.checkpoint.state import Contents, Progress, app_state, param_digest
+from curry_train.checkpoint.state import Contents, Progress, StateDictCache, app_state, param_digest
 from curry_train.checkpoint.store import RunDir
 from curry_train.journal import Journal, read_journal
 from tests.conftest import _env, tiny_model_after_one_step
@@ -116,10 +118,13 @@ def world_of_one(tmp_path: Path) -> Iterator[dict[str, Any]]:
         cfg, model, optimizer = tiny_model_after_one_step(env)
         progress = Progress(step=1, cursor=8)
         saved: dict[str, Any] = {}
+        state_dicts = StateDictCache(model, optimizer)  # as the loop's TrainState has it
 
         def state(contents: Contents) -> dict:
             fidelity = (lambda: [8, 9], saved.update)
-            return app_state(contents, model, optimizer, progress, {"step": 1}, 0, env.device, fidelity=fidelity)
+            return app_state(
+                contents, model, optimizer, progress, {"step": 1}, 0, env.device, fidelity=fidelity, cache=state_dicts
+            )
 
         run = tmp_path / "run"
         run.mkdir()
@@ -130,6 +135,72 @@ def world_of_one(tmp_path: Path) -> Iterator[dict[str, Any]]:
         journal.close()
     finally:
         distributed.shutdown()
+
+
+def assert_same_state_dict(built: Any, dcp: Any, path: str = "") -> None:
+    """`built` is what DCP gave: the same keys in the same order, views of the same bytes, equal values."""
+    assert type(built) is type(dcp), path
+    if isinstance(dcp, dict):
+        assert list(built) == list(dcp), path
+        for k in dcp:
+            assert_same_state_dict(built[k], dcp[k], f"{path}/{k}")
+    elif isinstance(dcp, list | tuple):
+        assert len(built) == len(dcp), path
+        for i, (a, b) in enumerate(zip(built, dcp, strict=True)):
+            assert_same_state_dict(a, b, f"{path}/{i}")
+    elif isinstance(dcp, torch.Tensor):
+        a, b = (t._local_tensor if isinstance(t, DTensor) else t for t in (built, dcp))
+        assert a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr(), f"{path}: not the same tensor"
+        assert (a.shape, a.stride(), built.requires_grad) == (b.shape, b.stride(), dcp.requires_grad), path
+    else:
+        assert built == dcp, path
+
+
+def test_state_dicts_built_without_dcp_are_dcps_and_read_the_live_state(world_of_one: dict[str, Any]) -> None:
+    """The loop's saves take the model's and optimizer's state dicts from a `StateDictCache`: after DCP's first
+    answer it builds them itself, and what it builds must be exactly what DCP would give at that moment, whatever
+    the update, the schedule or a load changed since."""
+    model, optimizer = world_of_one["model"], world_of_one["optimizer"]
+    cache = StateDictCache(model, optimizer)
+
+    def check(built_by_cache: int) -> None:
+        """The cache's model and optimizer state dicts are DCP's; `built_by_cache` of the two were not asked of it."""
+        hits = cache.hits
+        built = (cache.model_state_dict(), cache.optimizer_state_dict())
+        assert cache.hits == hits + built_by_cache
+        assert_same_state_dict(built, (get_model_state_dict(model), get_optimizer_state_dict(model, optimizer)))
+
+    check(built_by_cache=0)  # DCP's, and its names kept
+    for lr in (5e-4, 2e-4):  # an update, and the schedule's next lr: both read live
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        model(torch.randint(0, 256, (2, 32))).sum().backward()
+        optimizer.step()
+        check(built_by_cache=2)
+    assert cache.optimizer_state_dict()["param_groups"][0]["lr"] == 2e-4
+    # A load makes new state tensors and new groups (their keys in the saved order): DCP answers once more.
+    optimizer.load_state_dict(optimizer.state_dict())
+    check(built_by_cache=1)
+    check(built_by_cache=2)
+    built = cache.optimizer_state_dict()
+    name, param = built["param_groups"][0]["params"][0], optimizer.param_groups[0]["params"][0]
+    assert built["state"][name]["exp_avg"] is optimizer.state[param]["exp_avg"], "an earlier state tensor was kept"
+    optimizer.zero_grad()
+    optimizer.state.clear()  # what a parameters-only resume does: DCP answers (and creates the state) again
+    hits = cache.hits
+    assert_same_state_dict(cache.optimizer_state_dict(), get_optimizer_state_dict(model, optimizer))
+    assert cache.hits == hits, "the state of an optimizer without state was built, not asked of DCP"
+    check(built_by_cache=2)
+
+
+def test_state_dicts_of_a_model_dcp_names_otherwise_are_always_dcps() -> None:
+    """Tied weights: DCP names the shared parameter twice, `named_parameters()` once; such a model is never built."""
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 10, bias=False))
+    model[1].weight = model[0].weight
+    cache = StateDictCache(model, torch.optim.AdamW(model.parameters()))
+    for _ in range(2):
+        assert list(cache.model_state_dict()) == ["0.weight", "1.weight"]
+    assert cache.hits == 0
 
 
 def test_best_k_at_a_step_with_a_full_save_in_flight_writes_its_staged_parameters(
@@ -266,6 +337,9 @@ def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
     assert set(result["rows"]) == rows
     journal_rows = {"async_journal_cost", "policy_default_journal_cost"}  # zero when no save fell in the window
     assert all(row["seconds"] > 0 for name, row in result["rows"].items() if name not in journal_rows)
+    saving = {name for name in rows if name.startswith("loop_") and name != "loop_off"}
+    assert all(result["rows"][name]["blocking_s"] > 0 for name in saving), "a loop row lacks what saves blocked"
+    assert "blocking_s" not in result["rows"]["loop_off"]
     assert set(result["goals"]) == {
         "async_stall_vs_sync",
         "journal_cost_vs_outside",

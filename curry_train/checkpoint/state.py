@@ -20,9 +20,11 @@ so keying by rank is what keeps rank 1's data position from being overwritten by
 
 from __future__ import annotations
 
+import itertools
 import json
 import pickle
 import random
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -128,23 +130,141 @@ class DataLoaderState(Stateful):
         self.progress.load_data_state(state_dict)
 
 
-class ModelState(Stateful):
-    def __init__(self, model: nn.Module) -> None:
+class StateDictCache:
+    """DCP's state dicts of a model and its optimizer, built without DCP's name resolution once DCP's own result
+    showed what the names are.
+
+    `get_model_state_dict` and `get_optimizer_state_dict` work every parameter's name out anew at each call: 12 ms of
+    the training thread per save of model=small, half of an asynchronous save's blocking part. Their results are
+    the module's and optimizer's own state dicts under those names (detached parameters and buffers; the optimizer's
+    per-parameter state and its hyperparameters). So the first call asks DCP, and keeps only the names, where the
+    same dict built directly from the live model and optimizer is exactly DCP's (the same tensors, keys, order and
+    values); later calls build it directly while the modules' parameters and the optimizer's are the same ones.
+    Nothing but names is kept: every value is read live. Anything else (wrapped modules DCP names otherwise, tied
+    weights, an optimizer parameter without state yet, which DCP creates) is asked of DCP.
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
         self.model = model
+        self.optimizer = optimizer
+        self._model: tuple[tuple, list[str], type] | None = None  # (the modules' names and types, DCP's keys, its dict)
+        self._optim: tuple[list[weakref.ref], tuple, dict[int, str], list[list[str]]] | None = None
+        self.hits = 0  # calls answered without DCP
+
+    def model_state_dict(self) -> dict[str, Any]:
+        walk = list(itertools.chain(self.model.named_parameters(), self.model.named_buffers()))
+        key = tuple((name, type(t)) for name, t in walk)
+        live = dict(walk)
+        if self._model is not None and self._model[0] == key:
+            self.hits += 1
+            _, names, kind = self._model
+            return kind((name, live[name].detach()) for name in names)
+        state = get_model_state_dict(self.model)
+        exact = all(name in live and _same_tensor(value, live[name]) for name, value in state.items())
+        self._model = (key, list(state), type(state)) if exact else None
+        return state
+
+    def optimizer_state_dict(self) -> dict[str, Any]:
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if self._reusable(params):
+            self.hits += 1
+            assert self._optim is not None
+            return self._build(*self._optim[2:])
+        result = get_optimizer_state_dict(self.model, self.optimizer)
+        self._optim = None
+        names = [list(group["params"]) for group in result["param_groups"]]
+        if [len(n) for n in names] != [len(g["params"]) for g in self.optimizer.param_groups]:
+            return result
+        fqn = {id(p): name for p, name in zip(params, itertools.chain(*names), strict=True)}
+        try:
+            exact = _same_state_dict(self._build(fqn, names), result)
+        except (KeyError, RuntimeError, TypeError, ValueError):  # a name it lacks; a value that is not a plain one
+            exact = False
+        if exact:
+            self._optim = ([weakref.ref(p) for p in params], self._group_keys(), fqn, names)
+        return result
+
+    def _reusable(self, params: list[torch.Tensor]) -> bool:
+        if self._optim is None:
+            return False
+        refs, group_keys = self._optim[:2]
+        state = self.optimizer.state
+        return (
+            len(refs) == len(params)
+            and all(r() is p for r, p in zip(refs, params, strict=True))
+            and group_keys == self._group_keys()
+            and len(state) == len(params)
+            and all(p in state for p in params)
+        )
+
+    def _group_keys(self) -> tuple:
+        return tuple(tuple(group) for group in self.optimizer.param_groups)
+
+    def _build(self, fqn: dict[int, str], names: list[list[str]]) -> dict[str, Any]:
+        """What `Optimizer.state_dict()` holds, under DCP's names (its order: the state's, then each group's keys
+        with `params` last)."""
+        groups = [
+            {**{k: v for k, v in group.items() if k != "params"}, "params": list(group_names)}
+            for group, group_names in zip(self.optimizer.param_groups, names, strict=True)
+        ]
+        return {"state": {fqn[id(p)]: s for p, s in self.optimizer.state.items()}, "param_groups": groups}
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor._local_tensor if isinstance(tensor, DTensor) else tensor
+
+
+def _same_tensor(view: Any, tensor: torch.Tensor) -> bool:
+    """`view` shows exactly `tensor`'s bytes, as the detached tensor DCP's state dict holds for it."""
+    if not isinstance(view, torch.Tensor) or isinstance(view, DTensor) != isinstance(tensor, DTensor):
+        return False
+    a, b = _local(view), _local(tensor)
+    return (
+        a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+        and a.storage_offset() == b.storage_offset()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+        and not view.requires_grad
+    )
+
+
+def _same_state_dict(built: dict[str, Any], dcp: dict[str, Any]) -> bool:
+    """`built` is `dcp`: the same keys in the same order, the same tensor objects, equal plain values."""
+    if list(built) != list(dcp) or list(built["state"]) != list(dcp["state"]):
+        return False
+    for name, values in dcp["state"].items():
+        mine = built["state"][name]
+        if list(mine) != list(values) or any(
+            mine[k] is not v and (isinstance(v, torch.Tensor) or mine[k] != v) for k, v in values.items()
+        ):
+            return False
+    return [list(g) for g in built["param_groups"]] == [list(g) for g in dcp["param_groups"]] and bool(
+        built["param_groups"] == dcp["param_groups"]
+    )
+
+
+class ModelState(Stateful):
+    def __init__(self, model: nn.Module, cache: StateDictCache | None = None) -> None:
+        self.model = model
+        self.cache = cache
 
     def state_dict(self) -> dict[str, Any]:
-        return get_model_state_dict(self.model)
+        return self.cache.model_state_dict() if self.cache is not None else get_model_state_dict(self.model)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         set_model_state_dict(self.model, state_dict, options=StateDictOptions(strict=True))
 
 
 class OptimState(Stateful):
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, cache: StateDictCache | None = None) -> None:
         self.model = model
         self.optimizer = optimizer
+        self.cache = cache
 
     def state_dict(self) -> dict[str, Any]:
+        if self.cache is not None:
+            return self.cache.optimizer_state_dict()
         return get_optimizer_state_dict(self.model, self.optimizer)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -293,17 +413,19 @@ def app_state(
     rank: int,
     device: torch.device,
     fidelity: tuple[Callable[[], list[int]], Callable[[dict[str, Any]], None]] | None = None,
+    cache: StateDictCache | None = None,
 ) -> dict[str, Stateful]:
     """The DCP state dict of a checkpoint with `contents`: Stateful objects that DCP saves and loads in place.
 
-    `fidelity`: where the next batch starts (its sample indices) and where a loaded fidelity record goes."""
+    `fidelity`: where the next batch starts (its sample indices) and where a loaded fidelity record goes; `cache`:
+    the model's and optimizer's state dicts of earlier calls, reused while they hold the live tensors."""
     state: dict[str, Stateful] = {  # PARAMS_ONLY_KEYS
-        "model": ModelState(model),
+        "model": ModelState(model, cache),
         "progress": ProgressState(progress),
         "dataloader": DataLoaderState(progress),
     }
     if contents is Contents.FULL:
-        state["optim"] = OptimState(model, optimizer)
+        state["optim"] = OptimState(model, optimizer, cache)
         state["scheduler"] = DictState(scheduler)
         state["rng"] = PerRankState(rank, lambda: capture_rng(device), lambda s: restore_rng(s, device))
         if fidelity is not None:
@@ -336,10 +458,21 @@ class TrainState:
     schedule: dict[str, int | float] = field(default_factory=lambda: {"step": 0, "lr": 0.0})  # saved as `scheduler`
     saved_fidelity: dict[str, Any] = field(default_factory=dict)  # filled by loading a full checkpoint
 
+    def __post_init__(self) -> None:
+        self.state_dicts = StateDictCache(self.model, self.optimizer)
+
     def state(self, contents: Contents) -> dict[str, Stateful]:
         fidelity = (lambda: self.next_indices(self.progress.cursor), self.saved_fidelity.update)
         return app_state(
-            contents, self.model, self.optimizer, self.progress, self.schedule, self.rank, self.device, fidelity
+            contents,
+            self.model,
+            self.optimizer,
+            self.progress,
+            self.schedule,
+            self.rank,
+            self.device,
+            fidelity,
+            self.state_dicts,
         )
 
     def fidelity_now(self, algorithm: str) -> dict[str, Any]:
