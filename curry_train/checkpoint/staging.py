@@ -170,10 +170,14 @@ class Stager:
         """A copy of `state_dict` that later training steps cannot change once its snapshot is taken: containers
         rebuilt and other values copied now, each tensor's copy into its buffer left to the returned snapshot."""
         self.wait_populated()
-        self._allocate(state_dict)
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         with torch.no_grad():  # (to_local without autograd's bookkeeping)
-            staged = self._copy(state_dict, "", copies)
+            try:  # every buffer there already (every save but a state's first): one walk of the state
+                copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+                staged = self._copy(state_dict, "", copies, allocated=True)
+            except _Unstaged:
+                self._allocate(state_dict)
+                copies = []
+                staged = self._copy(state_dict, "", copies)
         return staged, Snapshot(copies)
 
     def layout(self, state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -195,9 +199,7 @@ class Stager:
         """The buffers this state needs and lacks, together in one new segment (None: it lacks none)."""
         with torch.no_grad():
             tensors = list(_tensors(state_dict, ""))
-        needed = [
-            (p, t) for p, t in tensors if not self._fits(p, t) and t.numel() > 0 and (self.shared or not t.is_cuda)
-        ]
+        needed = [(p, t) for p, t in tensors if not self._fits(p, t) and self._segmented(t)]
         if not needed:
             return None
         spans, offset = [], 0
@@ -219,6 +221,10 @@ class Stager:
         self._where = {ptr: loc for ptr, loc in self._where.items() if loc.segment in live}
         return segment
 
+    def _segmented(self, tensor: torch.Tensor) -> bool:
+        """Whether `_allocate` gives this tensor a buffer in a segment (on CUDA, unshared: each its own pinned one)."""
+        return tensor.numel() > 0 and (self.shared or not tensor.is_cuda)
+
     def _fits(self, path: str, tensor: torch.Tensor) -> bool:
         buf = self.buffers.get(path)
         return (
@@ -228,9 +234,13 @@ class Stager:
             and (buf.stride() == tensor.stride())
         )
 
-    def _copy(self, obj: Any, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    def _copy(
+        self, obj: Any, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]], allocated: bool = False
+    ) -> Any:
+        """`obj` with each tensor replaced by its buffer; `allocated`: raise `_Unstaged` where a tensor that
+        `_allocate` gives a buffer lacks one."""
         if isinstance(obj, DTensor):
-            local = self._tensor(obj.to_local(), path, copies)
+            local = self._tensor(obj.to_local(), path, copies, allocated)
             # The host copy under the source's spec (what DCP plans from), made once per buffer: from_local would
             # run an autograd function per tensor per save, and on CUDA would move the copy back to the device.
             spec = obj._spec
@@ -240,19 +250,23 @@ class Stager:
                 self._wrappers[path] = cached
             return cached[1]
         if isinstance(obj, torch.Tensor):
-            return self._tensor(obj, path, copies)
+            return self._tensor(obj, path, copies, allocated)
         if isinstance(obj, dict):
-            return {k: self._copy(v, f"{path}/{k}", copies) for k, v in obj.items()}
+            return {k: self._copy(v, f"{path}/{k}", copies, allocated) for k, v in obj.items()}
         if isinstance(obj, list | tuple):
-            items = [self._copy(v, f"{path}/{i}", copies) for i, v in enumerate(obj)]
+            items = [self._copy(v, f"{path}/{i}", copies, allocated) for i, v in enumerate(obj)]
             return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
         if isinstance(obj, _IMMUTABLE) or hasattr(obj, "resolve_for_save"):
             return obj
         return copy.deepcopy(obj)  # anything else may be mutated by the next step
 
-    def _tensor(self, tensor: torch.Tensor, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    def _tensor(
+        self, tensor: torch.Tensor, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]], allocated: bool
+    ) -> torch.Tensor:
         tensor = tensor.detach()
         if not self._fits(path, tensor):  # (buffers in segments were allocated by _allocate: CUDA or empty ones here)
+            if allocated and self._segmented(tensor):
+                raise _Unstaged(path)
             pin = tensor.is_cuda
             buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=pin)
             self.buffers[path] = buf
@@ -261,6 +275,10 @@ class Stager:
         buf = self.buffers[path]
         copies.append((buf, tensor))
         return buf
+
+
+class _Unstaged(Exception):
+    """A tensor of the state being staged has no buffer yet (its path): `stage` allocates the missing ones."""
 
 
 def _tensors(obj: Any, path: str) -> Any:
