@@ -191,6 +191,13 @@ def test_state_dicts_built_without_dcp_are_dcps_and_read_the_live_state(world_of
     assert_same_state_dict(cache.optimizer_state_dict(), get_optimizer_state_dict(model, optimizer))
     assert cache.hits == hits, "the state of an optimizer without state was built, not asked of DCP"
     check(built_by_cache=2)
+    # Unsharded (as between a forward and its backward without resharding) the modules hold plain tensors: DCP
+    # answers, and its pre-save hook reshards them; the sharded model is built again after that.
+    model.unshard()
+    assert not isinstance(next(model.parameters()), DTensor)
+    check(built_by_cache=1)
+    assert isinstance(next(model.parameters()), DTensor), "DCP's hook did not reshard the model"
+    check(built_by_cache=2)
 
 
 def test_state_dicts_of_a_model_dcp_names_otherwise_are_always_dcps() -> None:

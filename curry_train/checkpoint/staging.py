@@ -173,7 +173,7 @@ class Stager:
         with torch.no_grad():  # (to_local without autograd's bookkeeping)
             try:  # every buffer there already (every save but a state's first): one walk of the state
                 copies: list[tuple[torch.Tensor, torch.Tensor]] = []
-                staged = self._copy(state_dict, "", copies, allocated=True)
+                staged = self._copy(state_dict, "", copies, existing_only=True)
             except _Unstaged:
                 self._allocate(state_dict)
                 copies = []
@@ -235,12 +235,12 @@ class Stager:
         )
 
     def _copy(
-        self, obj: Any, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]], allocated: bool = False
+        self, obj: Any, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]], existing_only: bool = False
     ) -> Any:
-        """`obj` with each tensor replaced by its buffer; `allocated`: raise `_Unstaged` where a tensor that
+        """`obj` with each tensor replaced by its buffer; `existing_only`: raise `_Unstaged` where a tensor that
         `_allocate` gives a buffer lacks one."""
         if isinstance(obj, DTensor):
-            local = self._tensor(obj.to_local(), path, copies, allocated)
+            local = self._tensor(obj.to_local(), path, copies, existing_only)
             # The host copy under the source's spec (what DCP plans from), made once per buffer: from_local would
             # run an autograd function per tensor per save, and on CUDA would move the copy back to the device.
             spec = obj._spec
@@ -250,22 +250,22 @@ class Stager:
                 self._wrappers[path] = cached
             return cached[1]
         if isinstance(obj, torch.Tensor):
-            return self._tensor(obj, path, copies, allocated)
+            return self._tensor(obj, path, copies, existing_only)
         if isinstance(obj, dict):
-            return {k: self._copy(v, f"{path}/{k}", copies, allocated) for k, v in obj.items()}
+            return {k: self._copy(v, f"{path}/{k}", copies, existing_only) for k, v in obj.items()}
         if isinstance(obj, list | tuple):
-            items = [self._copy(v, f"{path}/{i}", copies, allocated) for i, v in enumerate(obj)]
+            items = [self._copy(v, f"{path}/{i}", copies, existing_only) for i, v in enumerate(obj)]
             return type(obj)(items) if not hasattr(obj, "_fields") else type(obj)(*items)
         if isinstance(obj, _IMMUTABLE) or hasattr(obj, "resolve_for_save"):
             return obj
         return copy.deepcopy(obj)  # anything else may be mutated by the next step
 
     def _tensor(
-        self, tensor: torch.Tensor, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]], allocated: bool
+        self, tensor: torch.Tensor, path: str, copies: list[tuple[torch.Tensor, torch.Tensor]], existing_only: bool
     ) -> torch.Tensor:
         tensor = tensor.detach()
         if not self._fits(path, tensor):  # (buffers in segments were allocated by _allocate: CUDA or empty ones here)
-            if allocated and self._segmented(tensor):
+            if existing_only and self._segmented(tensor):
                 raise _Unstaged(path)
             pin = tensor.is_cuda
             buf = torch.empty_strided(tensor.shape, tensor.stride(), dtype=tensor.dtype, device="cpu", pin_memory=pin)
