@@ -16,6 +16,9 @@ shared machine cancels; a figure is the median over repetitions, the slowest ran
   resume load         curry-train's resume load (DCP load plus the fidelity check)
   resume verified     what +resume=latest does: check every file against the manifest, then the resume load
   ... warm            dcp.load and the resume load with the files in the page cache: the harness's own overhead
+  blocking ...        what an asynchronous save holds the training thread (`Checkpointer.save` until it returns),
+                      with the model's and optimizer's state dicts asked of DCP at each save against built by the
+                      run's StateDictCache, alternated, --blocking-saves of each
   loop off/async/     a training run of --loop-steps steps, a full save every --save-every steps (none for off;
   async_thread/sync   async: the writer process, async_thread: the writer thread, async_buffered: the writer
                       process with direct_io=false), each launched by torchrun as a user launches one (a fresh
@@ -34,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import mmap
 import os
@@ -66,7 +70,7 @@ from curry_train.metrics import read_metrics
 from curry_train.optim import build_optimizer
 
 SCRIPTS = Path(__file__).resolve().parent
-SECTIONS = ["io", "loop", "step", "policy"]
+SECTIONS = ["io", "blocking", "loop", "step", "policy"]
 LOOPS = ["off", "async", "async_thread", "sync", "async_buffered"]
 CHECKPOINT_OFF = ["checkpoint.rollback_every=0", "checkpoint.recovery_every=0", "checkpoint.best_k=0"]
 GOALS = {  # name: (target, "max" or "min" or "band")
@@ -88,6 +92,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--dir", type=Path, default=Path("bench-checkpoint"), help="scratch directory (removed after)")
     p.add_argument("--reps", type=int, default=3, help="repetitions of the loop runs")
     p.add_argument("--io-reps", type=int, default=6, help="repetitions of the I/O rows (seconds each)")
+    p.add_argument("--blocking-saves", type=int, default=15, help="asynchronous saves of each blocking row")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4, help="global sequences per step")
     p.add_argument("--loop-steps", type=int, default=29, help="steps of each loop run")
@@ -353,6 +358,40 @@ def io_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> t
     return times, bench.shared_bytes()
 
 
+def blocking_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) -> dict[str, list[float]]:
+    """What an asynchronous save holds the training thread (`Checkpointer.save`, until it returns) with the model's
+    and optimizer's state dicts asked of DCP at every save (`blocking_dcp_state_dicts`, as before session 31) and
+    built by the run's `StateDictCache` (`blocking_cached_state_dicts`, what the loop does), alternated in one
+    process; each save is written and committed before the next, outside the timed part."""
+    bench = IoBench(args, env, scratch)
+    run = scratch / "blocking-run"
+    if env.is_main:
+        run.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    journal = Journal(run / "journal.jsonl", enabled=env.is_main)
+    cfg = config(args, "train.steps=1000")
+    where = {"store": RunDir(run), "journal": journal, "group": env.checkpoint_group, "rank": env.rank}
+    ckpt = Checkpointer(dataclasses.replace(cfg.checkpoint, async_save=True), **where)
+    state, cache = bench.train_state, bench.train_state.state_dicts
+    ckpt.prepare(state.state(Contents.FULL))
+    times: dict[str, list[float]] = {"blocking_dcp_state_dicts": [], "blocking_cached_state_dicts": []}
+    names = list(times)
+    for rep in range(args.blocking_saves + 1):  # the first round warms both paths: not counted
+        for name in names[rep % 2 :] + names[: rep % 2]:
+            state.state_dicts = cache if name == "blocking_cached_state_dicts" else None  # None: DCP's, each save
+            bench.progress.step += 1
+            save = functools.partial(ckpt.save, bench.progress.step, [Role.ROLLBACK], Contents.FULL)
+            seconds = timed(functools.partial(save, state.state(Contents.FULL)))
+            ckpt.before_update()
+            ckpt.wait()
+            if rep > 0:
+                times[name].append(seconds)
+    state.state_dicts = cache
+    ckpt.close()
+    journal.close()
+    return times
+
+
 # ------------------------------------------------------------------------------------------------ loop runs
 
 
@@ -485,8 +524,14 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
     ratios: dict[str, float] = {}
     med = {name: statistics.median(t) for name, t in io.items()}
     for name, seconds in med.items():
-        rows[name] = {"seconds": seconds, "bytes": nbytes, "mb_per_s": nbytes / seconds / 1e6}
-    if med:
+        rows[name] = {"seconds": seconds}
+        if not name.startswith("blocking_"):
+            rows[name] |= {"bytes": nbytes, "mb_per_s": nbytes / seconds / 1e6}
+    if "blocking_dcp_state_dicts" in med:
+        ratios["save_blocking_cached_vs_dcp_state_dicts"] = (
+            med["blocking_cached_state_dicts"] / med["blocking_dcp_state_dicts"]
+        )
+    if "sync_save" in med:
         ratios["sync_save_vs_disk_write"] = med["disk_write"] / med["sync_save"]  # a throughput ratio
         ratios["dcp_save_vs_disk_write"] = med["disk_write"] / med["dcp_save"]
         ratios["resume_load_vs_dcp_load"] = med["resume_load"] / med["dcp_load"]
@@ -608,6 +653,8 @@ def inner(args: argparse.Namespace) -> None:
             scratch.mkdir(parents=True)
         dist.barrier()
         io, nbytes = io_rows(args, env, scratch) if "io" in args.only else ({}, 0)
+        if "blocking" in args.only:
+            io |= blocking_rows(args, env, scratch)
         steps = step_rows(args, env) if "step" in args.only else {}
         policy = policy_rows(args, env, scratch) if args.policy_steps > 0 and "policy" in args.only else {}
         if env.is_main:

@@ -326,6 +326,7 @@ def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--model", "tiny", "--nproc", "2", "--reps", "1", "--io-reps", "1", "--loop-steps", "6"]
     args += ["--save-every", "2", "--step-rounds", "2", "--step-steps", "2", "--policy-steps", "4", "--json", str(out)]
+    args += ["--blocking-saves", "2"]
     args += ["--dir", str(tmp_path / "scratch")]
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_checkpoint.py"), *args],
@@ -341,12 +342,15 @@ def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
     rows |= {"loop_sync", "async_journal_cost", "plain_step", "harness_step", "policy_off", "policy_default"}
     rows |= {"disk_write_direct", "sync_save_buffered", "resume_verified", "loop_async_buffered", "loop_async_thread"}
     rows |= {"policy_default_journal_cost", "dcp_load_warm", "resume_load_warm"}
+    rows |= {"blocking_dcp_state_dicts", "blocking_cached_state_dicts"}
     assert set(result["rows"]) == rows
     journal_rows = {"async_journal_cost", "policy_default_journal_cost"}  # zero when no save fell in the window
     assert all(row["seconds"] > 0 for name, row in result["rows"].items() if name not in journal_rows)
     saving = {name for name in rows if name.startswith("loop_") and name != "loop_off"}
     assert all(result["rows"][name]["blocking_s"] > 0 for name in saving), "a loop row lacks what saves blocked"
     assert "blocking_s" not in result["rows"]["loop_off"]
+    assert result["ratios"]["save_blocking_cached_vs_dcp_state_dicts"] > 0
+    assert len(result["raw"]["io"]["blocking_cached_state_dicts"]) == 2
     assert set(result["goals"]) == {
         "async_stall_vs_sync",
         "journal_cost_vs_outside",
