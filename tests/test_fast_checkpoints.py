@@ -55,6 +55,22 @@ def test_stager_reuses_its_buffers_and_holds_the_state_of_its_call() -> None:
     assert all(torch.equal(second["model"][k], v) for k, v in model.state_dict().items())
 
 
+def test_stager_allocates_only_what_a_changed_state_lacks_and_stages_it_all() -> None:
+    """A save walks its state once while every buffer exists; a tensor that is new, or changed shape, gets a buffer
+    (the first save after the optimizer made its state) and the others keep theirs."""
+    stager = Stager()
+    staged, snapshot = stager.stage({"w": torch.ones(4)})
+    snapshot.take()
+    kept = staged["w"].data_ptr()
+    for state in ({"w": torch.full((4,), 2.0), "m": torch.full((3,), 3.0)}, {"w": torch.full((5,), 4.0)}):
+        staged, snapshot = stager.stage(state)
+        snapshot.take()
+        assert all(torch.equal(staged[k], v) and staged[k] is not v for k, v in state.items())
+        assert all(stager.locate(staged[k]) is not None for k in state), "a buffer outside the stager's segments"
+    assert stager.allocations == 3, "a buffer was allocated that the state did not lack"
+    assert stager.buffers["/m"].shape == (3,) and staged["w"].data_ptr() != kept
+
+
 def test_snapshot_copies_are_made_by_take_and_waited_for_before_the_update() -> None:
     """Staging builds the structure at once and leaves the tensor copies to the snapshot, which the writer takes
     while the next forward and backward run; `wait` (before the update) returns only once it is taken."""
