@@ -159,7 +159,9 @@ def save_costs(run_dir: Path, async_save: bool) -> list[float]:
     """What training paid for each full save in this run's journal, in order.
 
     Asynchronous saves cost training their ``cost_seconds`` (blocked time plus the extra time of the steps they
-    overlapped), synchronous ones their ``seconds``. Hard-linked saves (``linked_from``) cost nothing and are skipped.
+    overlapped), at least their ``blocking_seconds``: the journal's estimate of the extra carries the steps' noise
+    either way, but training paid the blocked time for sure. Synchronous saves cost their ``seconds``. Hard-linked
+    saves (``linked_from``) cost nothing and are skipped.
     """
     path = RunFiles(run_dir).journal
     if not path.is_file():
@@ -173,7 +175,8 @@ def save_costs(run_dir: Path, async_save: bool) -> list[float]:
             continue
         value = next((r[k] for k in keys if isinstance(r.get(k), (int, float))), None)
         if value is not None:
-            values.append(float(value))
+            floor = r.get("blocking_seconds") if async_save else None
+            values.append(max(float(value), float(floor)) if isinstance(floor, (int, float)) else float(value))
     return values
 
 

@@ -93,9 +93,10 @@ def test_each_decision_is_dalys_interval_on_its_own_inputs(runs: tuple[Path, Pat
             assert (e["every"], e["clamped"]) == (again.every, again.clamped), e
             if e["clamped"] is None:
                 assert e["every"] == max(1, round(e["optimum_steps"]))
-            # The save cost is what the run directory held: the median cost of the newest full saves before it.
+            # The save cost is what the run directory held: the median cost of the newest full saves before it,
+            # each at least the time it blocked training.
             before = events[: events.index(e)]
-            costs = [s["cost_seconds"] or s["blocking_seconds"] for s in before if s["event"] == "save"]
+            costs = [max(s["cost_seconds"] or 0.0, s["blocking_seconds"]) for s in before if s["event"] == "save"]
             assert e["save_seconds"] == pytest.approx(statistics.median(costs[-5:]))
     assert any(e["clamped"] is None for e in cadences(straight) if e["optimum_steps"] is not None)
 

@@ -21,11 +21,12 @@ from curry_train.checkpoint.cadence import (
     wasted_fraction,
     young_interval,
 )
-from curry_train.checkpoint.policy import Policy
+from curry_train.checkpoint.pending import PendingSave
+from curry_train.checkpoint.policy import Contents, Policy
 from curry_train.checkpoint.sizes import ModelSize, checkpoint_size
 from curry_train.checkpoint.store import RunDir
 from curry_train.cli import main
-from curry_train.history import measured_save_seconds, measured_step_seconds
+from curry_train.history import measured_save_seconds, measured_step_seconds, save_costs
 from curry_train.journal import Journal
 from curry_train.units import human_bytes
 from tests.conftest import FAST, only_run_dir, run_train
@@ -91,6 +92,26 @@ def test_save_and_step_times_are_measured_from_the_run_directory(tmp_path: Path)
     lines = [(1, 0.0), (2, 2.0), (3, 4.0), (4, 6.0), (3, 3600.0), (4, 3602.5)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "time": t}) + "\n" for s, t in lines))
     assert measured_step_seconds(tmp_path) == (2.0, 4)
+
+
+def test_an_async_save_costs_at_least_what_it_blocked_though_its_journaled_estimate_may_be_lower(
+    tmp_path: Path,
+) -> None:
+    # The journal keeps each save's estimate unclamped (so means over saves are unbiased); the plan reads at least
+    # the blocked time.
+    with Journal(tmp_path / "journal.jsonl") as journal:
+        for step, cost in ((10, -0.2), (20, 0.05), (30, 0.9)):
+            journal.append("save", step, role="rollback", seconds=3.0, blocking_seconds=0.1, cost_seconds=cost)
+    assert save_costs(tmp_path, async_save=True) == [0.1, 0.1, 0.9]
+    assert measured_save_seconds(tmp_path, async_save=True) == (0.1, 3)
+
+
+def test_a_saves_journaled_cost_is_not_clamped_so_noise_averages_out() -> None:
+    pending = PendingSave(checkpoints=[], contents=Contents.FULL, started=0.0, blocking_seconds=0.02)
+    pending.overlapped, pending.baseline = [1.9], 2.0  # the step it overlapped ran faster than the median step
+    assert pending.costs(now=0.0) == (0.02, pytest.approx(-0.08))
+    pending.overlapped = [2.1, 2.05]
+    assert pending.costs(now=0.0) == (0.02, pytest.approx(0.17))
 
 
 # ------------------------------------------------------------------------------------ worst-case resume point
