@@ -24,10 +24,11 @@ shared machine cancels; a figure is the median over repetitions, the slowest ran
                       process with direct_io=false), each launched by torchrun as a user launches one (a fresh
                       process per run: run one after another in one process, a run's first save cost 0.1-0.3 s
                       more than its others, in every mode, which no launch of its own shows); the extra wall
-                      time of the steps after each save over the other steps of the same run (`save_extras`; for
-                      off, the noise of that measure), its stall (that extra minus off's at the same positions),
-                      and the window of each run (first to last step's metrics line) against off; each run's
-                      directory is removed once measured
+                      time of the --after-steps steps after each save over the median of the other steps of the
+                      same run (`save_extras`; for off, the noise of that measure), its stall (that extra minus
+                      off's at the same positions), each with its standard error from the runs' means (a run's
+                      saves share its baseline), and the window of each run (first to last step's metrics line)
+                      against off; each run's directory is removed once measured
   plain / harness     one optimizer step: a minimal hand-written FSDP2 loop against the harness (bench_step.py)
   policy off/default  `loop.train` at the `default` checkpoint cadences against checkpointing off
 Goals compare these ratios with the targets of the fast-checkpoints issue.
@@ -39,6 +40,7 @@ import argparse
 import dataclasses
 import functools
 import json
+import math
 import mmap
 import os
 import shutil
@@ -95,8 +97,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--blocking-saves", type=int, default=15, help="asynchronous saves of each blocking row")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4, help="global sequences per step")
-    p.add_argument("--loop-steps", type=int, default=29, help="steps of each loop run")
-    p.add_argument("--save-every", type=int, default=5, help="full-save cadence of the async and sync loop runs")
+    p.add_argument("--loop-steps", type=int, default=43, help="steps of each loop run")
+    p.add_argument("--save-every", type=int, default=8, help="full-save cadence of the async and sync loop runs")
+    p.add_argument("--after-steps", type=int, default=3, help="steps after each save that its stall is measured on")
     p.add_argument("--step-rounds", type=int, default=3, help="bench_step rounds (plain against harness)")
     p.add_argument("--step-steps", type=int, default=10, help="bench_step timed steps per round and variant")
     p.add_argument("--policy-steps", type=int, default=110, help="steps of each default-policy run (0: skip)")
@@ -105,7 +108,15 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--only", nargs="*", default=SECTIONS, choices=SECTIONS, help="sections to run (a rerun)")
     p.add_argument("--partial", type=Path, default=None, help=argparse.SUPPRESS)  # where the torchrun part reports
-    return p.parse_args()
+    args = p.parse_args()
+    if "loop" in args.only and not 1 <= args.after_steps < args.save_every:
+        p.error(f"--after-steps must be at least 1 and below --save-every ({args.save_every}), got {args.after_steps}")
+    if "loop" in args.only and not measured_saves(args.save_every, args.loop_steps, args.after_steps):
+        p.error(
+            f"--loop-steps {args.loop_steps} leaves no save with its {args.after_steps} steps after it inside the "
+            f"run: at least {args.save_every + args.after_steps} needed"
+        )
+    return args
 
 
 def relaunch(args: argparse.Namespace, sections: list[str], partial: Path) -> dict[str, Any]:
@@ -410,21 +421,26 @@ def window(run_dir: Path, first: int, last: int) -> float:
     return metrics[last]["time"] - metrics[first]["time"]
 
 
-def save_extras(run_dir: Path, save_every: int, steps: int) -> list[float]:
+def measured_saves(save_every: int, steps: int, after: int) -> list[int]:
+    """The steps of a run's saves whose `after` steps all lie inside the run (a later save's are cut short)."""
+    return [s for s in range(save_every, steps, save_every) if s + after <= steps]
+
+
+def save_extras(run_dir: Path, save_every: int, steps: int, after: int) -> list[float]:
     """What each save cost the steps after it, measured from outside (rank 0's metrics lines, one as each step
-    ends), against steps of the same run: a save after step s shows in the intervals of steps s+1 .. s+k (k =
-    save_every - 2, at least 1: the save, or its background write, and the commit); the other steps of each cycle
-    are the baseline (their median). Comparing steps within one run cancels the drift between runs that a shared
-    machine shows. On a run without saves (`off`) the same positions give the noise of the measure."""
+    ends), against steps of the same run: a save after step s shows in the intervals of steps s+1 .. s+after (the
+    save, or its background write, and the commit); every other step after the first save is the baseline (their
+    median). Comparing steps within one run cancels the drift between runs that a shared machine shows; the
+    baseline is shared by the run's saves, so a cadence with more steps between saves than `after` (more
+    baseline steps) is what makes the measure quiet. On a run without saves (`off`) the same positions give the
+    noise of the measure."""
     metrics = read_metrics(run_dir / "metrics.jsonl")
     interval = {d: metrics[d]["time"] - metrics[d - 1]["time"] for d in range(2, steps + 1)}
-    k = max(1, save_every - 2)
-    saves = list(range(save_every, steps, save_every))
-    affected = {s: [d for d in range(s + 1, s + k + 1) if d in interval] for s in saves}
-    touched = {d for ds in affected.values() for d in ds}
+    touched = {d for s in range(save_every, steps, save_every) for d in range(s + 1, s + after + 1)}
     clean = [t for d, t in interval.items() if d > save_every and d not in touched]
     base = statistics.median(clean)
-    return [sum(interval[d] - base for d in ds) for ds in affected.values() if ds]
+    saves = measured_saves(save_every, steps, after)
+    return [sum(interval[d] - base for d in range(s + 1, s + after + 1)) for s in saves]
 
 
 def journal_saves(run_dir: Path, field: str) -> list[float]:
@@ -456,10 +472,10 @@ def loop_rows(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         "async_buffered": [*common, *saving, "checkpoint.async_save=true", "checkpoint.direct_io=false"],
     }
     variants = {name: extra for name, extra in variants.items() if name == "off" or name in args.loops}
-    # Saves inside the window only: a save in the last steps would be waited for at exit, outside it.
-    saves = len([s for s in range(1, args.loop_steps + 1) if s % args.save_every == 0 and s < args.loop_steps])
+    # Saves whose steps after them lie inside the run: a save in the last steps would be waited for at exit.
+    saves = len(measured_saves(args.save_every, args.loop_steps, args.after_steps))
     windows: dict[str, list[float]] = {name: [] for name in variants}
-    extras: dict[str, list[float]] = {name: [] for name in variants}
+    extras: dict[str, list[list[float]]] = {name: [] for name in variants}  # one list a run
     blocking: dict[str, list[float]] = {name: [] for name in variants if name != "off"}
     costs: list[float] = []
     names = list(variants)
@@ -467,14 +483,14 @@ def loop_rows(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         for name in names[rep % len(names) :] + names[: rep % len(names)]:
             run_dir = launch_loop(args, variants[name], scratch / f"loop-{name}")
             windows[name].append(window(run_dir, 1, args.loop_steps))
-            extras[name] += save_extras(run_dir, args.save_every, args.loop_steps)
+            extras[name].append(save_extras(run_dir, args.save_every, args.loop_steps, args.after_steps))
             if name != "off":  # what the training thread itself spends in each save (the journal's figure)
                 blocking[name] += journal_saves(run_dir, "blocking_seconds")[:saves]
             if name == "async":
                 costs += journal_saves(run_dir, "cost_seconds")[:saves]
             shutil.rmtree(run_dir)  # measured: 685 MB a save of model=small fills a disk fast
             if saves:  # progress: a loop section runs for many minutes
-                mean = statistics.fmean(extras[name][-saves:])
+                mean = statistics.fmean(extras[name][-1])
                 print(f"loop {rep + 1}/{args.reps} {name}: {mean:+.3f} s a save over the other steps", flush=True)
     return {"windows": windows, "extras": extras, "saves": saves, "journal_costs": costs, "blocking": blocking}
 
@@ -518,6 +534,14 @@ def step_rows(args: argparse.Namespace, env: distributed.Dist) -> dict[str, Any]
 # --------------------------------------------------------------------------------------------------- report
 
 
+def run_stderr(runs: list[list[float]]) -> float:
+    """The standard error of the mean extra a save, from the runs' own means: a run's saves share its baseline
+    (the median of its other steps), so they are not independent of each other, and the spread of the run means
+    is what says how far the mean could move. NaN with one run."""
+    means = [statistics.fmean(run) for run in runs if run]
+    return statistics.stdev(means) / len(means) ** 0.5 if len(means) > 1 else float("nan")
+
+
 def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict, policy: dict) -> dict[str, Any]:
     """Rows and ratios of the sections that ran (all of them unless --only)."""
     rows: dict[str, dict[str, float]] = {}
@@ -544,11 +568,11 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
         # without saves) are kept beside them, as `window_extra_per_save_s`.
         w = {name: statistics.median(t) for name, t in loops["windows"].items()}
         n = max(1, loops["saves"])
-        for mode, extras in loops["extras"].items():
+        for mode, runs in loops["extras"].items():
             rows[f"loop_{mode}"] = {
                 "seconds": w[mode],
-                "extra_per_save_s": statistics.fmean(extras),
-                "extra_stderr_s": statistics.stdev(extras) / len(extras) ** 0.5 if len(extras) > 1 else float("nan"),
+                "extra_per_save_s": statistics.fmean(x for run in runs for x in run),
+                "extra_stderr_s": run_stderr(runs),
                 "window_extra_per_save_s": (w[mode] - w["off"]) / n,
             }
             if loops.get("blocking", {}).get(mode):
@@ -556,9 +580,11 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
         journal = statistics.fmean(loops["journal_costs"]) if loops["journal_costs"] else float("nan")
         rows["async_journal_cost"] = {"seconds": journal}
         # A save's stall: its extra over the same positions of the run without saves (the measure's own offset).
-        noise = rows["loop_off"]["extra_per_save_s"]
+        noise, noise_err = rows["loop_off"]["extra_per_save_s"], rows["loop_off"]["extra_stderr_s"]
         for mode in loops["extras"]:
-            rows[f"loop_{mode}"]["stall_s"] = rows[f"loop_{mode}"]["extra_per_save_s"] - noise
+            row = rows[f"loop_{mode}"]
+            row["stall_s"] = row["extra_per_save_s"] - noise
+            row["stall_stderr_s"] = math.hypot(row["extra_stderr_s"], noise_err) if mode != "off" else 0.0
         stall = {mode: rows[f"loop_{mode}"]["stall_s"] for mode in loops["extras"]}
 
         def ratio(name: str, mode: str, against: str) -> None:  # only for the variants that ran
@@ -593,14 +619,16 @@ def summarize(io: dict[str, list[float]], nbytes: int, loops: dict, steps: dict,
 
 def print_table(result: dict[str, Any]) -> None:
     print(f"\n{result['machine']}")
-    print(f"{'row':<28}{'seconds':>10}{'MB/s':>10}{'extra/save s':>14}{'+-':>8}{'stall s':>9}{'blocking s':>12}")
+    head = f"{'row':<28}{'seconds':>10}{'MB/s':>10}{'extra/save s':>14}{'+-':>8}{'stall s':>9}{'+-':>8}"
+    print(f"{head}{'blocking s':>12}")
     for name, row in result["rows"].items():
         mbs = f"{row['mb_per_s']:.0f}" if "mb_per_s" in row else ""
         extra = f"{row['extra_per_save_s']:.3f}" if "extra_per_save_s" in row else ""
         err = f"{row['extra_stderr_s']:.3f}" if "extra_stderr_s" in row else ""
         stall = f"{row['stall_s']:.3f}" if "stall_s" in row else ""
+        stall_err = f"{row['stall_stderr_s']:.3f}" if "stall_stderr_s" in row else ""
         blocking = f"{row['blocking_s']:.4f}" if "blocking_s" in row else ""
-        print(f"{name:<28}{row['seconds']:>10.3f}{mbs:>10}{extra:>14}{err:>8}{stall:>9}{blocking:>12}")
+        print(f"{name:<28}{row['seconds']:>10.3f}{mbs:>10}{extra:>14}{err:>8}{stall:>9}{stall_err:>8}{blocking:>12}")
     print("ratios:")
     for name, value in result["ratios"].items():
         goal = result["goals"].get(name)

@@ -4,6 +4,7 @@ off the load path, and the benchmark's smoke run. Real DCP files on a real (worl
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 import subprocess
@@ -338,11 +339,37 @@ def test_fidelity_digest_comes_from_the_save_and_is_not_computed_on_load(
     assert saved["params"] == param_digest(model) and saved["next_indices"] == [8, 9]
 
 
+def _bench() -> Any:
+    spec = importlib.util.spec_from_file_location("bench_checkpoint", REPO / "scripts" / "bench_checkpoint.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_measures_each_save_on_the_steps_after_it_against_the_runs_other_steps(tmp_path: Path) -> None:
+    bench = _bench()
+    # 20 steps of 2 s, a save every 6 steps, each slowing the 3 steps after it by 0.5, 0.25 and 0.1 s; step 16 is
+    # slow for another reason and moves the baseline (a median) not at all.
+    extra = {7: 0.5, 8: 0.25, 9: 0.1, 13: 0.5, 14: 0.25, 15: 0.1, 19: 0.5, 20: 0.25, 16: 1.0}
+    times, now = [], 0.0
+    for step in range(1, 21):
+        now += 2.0 + extra.get(step, 0.0)
+        times.append({"step": step, "time": now})
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in times))
+    # The save after step 18 has only 2 steps after it in the run: not measured, and its steps are no baseline.
+    assert bench.measured_saves(6, 20, 3) == [6, 12]
+    assert bench.save_extras(tmp_path, 6, 20, 3) == pytest.approx([0.85, 0.85])
+    # The standard error comes from the runs' means (a run's saves share its baseline).
+    assert bench.run_stderr([[1.0, 3.0], [2.0, 2.0], [3.0, 1.0]]) == 0.0
+    assert bench.run_stderr([[0.0, 0.0], [2.0, 2.0]]) == pytest.approx(1.0)
+
+
 def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     args = ["--model", "tiny", "--nproc", "2", "--reps", "1", "--io-reps", "1", "--loop-steps", "6"]
-    args += ["--save-every", "2", "--step-rounds", "2", "--step-steps", "2", "--policy-steps", "4", "--json", str(out)]
-    args += ["--blocking-saves", "2"]
+    args += ["--save-every", "2", "--after-steps", "1", "--step-rounds", "2", "--step-steps", "2"]
+    args += ["--policy-steps", "4", "--blocking-saves", "2", "--json", str(out)]
     args += ["--dir", str(tmp_path / "scratch")]
     proc = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "bench_checkpoint.py"), *args],
@@ -365,6 +392,8 @@ def test_benchmark_smoke_run_reports_every_row(tmp_path: Path) -> None:
     saving = {name for name in rows if name.startswith("loop_") and name != "loop_off"}
     assert all(result["rows"][name]["blocking_s"] > 0 for name in saving), "a loop row lacks what saves blocked"
     assert "blocking_s" not in result["rows"]["loop_off"]
+    assert all("stall_stderr_s" in result["rows"][name] for name in saving)
+    assert [len(run) for run in result["raw"]["loops"]["extras"]["async"]] == [2]  # saves after steps 2 and 4
     assert result["ratios"]["save_blocking_cached_vs_dcp_state_dicts"] > 0
     assert len(result["raw"]["io"]["blocking_cached_state_dicts"]) == 2
     assert set(result["goals"]) == {
