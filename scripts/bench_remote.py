@@ -11,7 +11,8 @@ rows compare runs with and without one.
 Rows:
   loop local / remote  `loop.train` for --steps steps with a full save every --save-every steps, without and with
                        checkpoint.remote; each save's extra wall time from outside (bench_checkpoint.save_extras: the
-                       steps after a save against the other steps of the same run). The upload's cost per save is
+                       --save-every minus 2 steps after a save, while its upload runs, against the other steps of the
+                       same run). The upload's cost per save is
                        remote minus local; it is also given as a share of the interval between two saves at the
                        `default` cadence (checkpoint.recovery_every steps of the median step).
   upload / put         one committed checkpoint uploaded as the uploader does (each rank its own files, rank 0 the
@@ -151,7 +152,8 @@ def loop_rows(args: argparse.Namespace, env: distributed.Dist, scratch: Path) ->
             cfg = config(args, *saving, *(remote if name == "remote" else []))
             run_dir = bc.run_loop(cfg, env, scratch / f"loop-{name}")
             if env.is_main:
-                extras[name] += bc.save_extras(run_dir, args.save_every, args.steps)
+                after = max(1, args.save_every - 2)  # the upload runs through most of the interval
+                extras[name] += bc.save_extras(run_dir, args.save_every, args.steps, after)
                 metrics = read_metrics(run_dir / "metrics.jsonl")
                 steps += [metrics[s]["time"] - metrics[s - 1]["time"] for s in range(2, args.steps + 1)]
                 if name == "remote":
